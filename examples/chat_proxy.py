@@ -1,0 +1,158 @@
+"""A chat proxy in front of any OpenAI-compatible API, in one command.
+
+    python examples/chat_proxy.py [--host 127.0.0.1] [--port 8000] [--upstream URL]
+        [--api-key KEY] [--model NAME] [--heartbeat SECONDS] [--first-event-timeout SECONDS]
+
+Without ``--upstream`` (or ``UPSTREAM_URL``) it starts an embedded fake model that streams
+deterministic tokens, so it works offline. Routes:
+
+- ``POST /v1/chat/completions``: OpenAI-compatible pass-through (point the ``openai`` SDK's
+  ``base_url`` at ``http://HOST:PORT/v1``);
+- ``POST /chat``: ``{"messages": [...]}`` in, ``event: token`` ``{"text"}`` events out, then
+  ``event: done`` with stats; errors as ``event: error``;
+- ``GET /``: a small chat page.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from pathlib import Path
+from typing import Any
+
+from sanic import HTTPResponse, Request, Sanic, html
+from sanic.response import json as json_response
+
+from sanic_streamplus import ServerSentEvent, StreamPlus, stream_post, upstream_events
+from sanic_streamplus.errors import UpstreamBadResponse
+from sanic_streamplus.testing import FakeUpstream
+
+PAGE = Path(__file__).with_name("chat.html")
+
+
+def bad_request(message: str) -> HTTPResponse:
+    body = {"error": {"type": "invalid_request", "message": message, "upstream_status": None}}
+    return json_response(body, status=400)
+
+
+def create_app(
+    upstream: str | None = None,
+    *,
+    api_key: str | None = None,
+    model: str = "gpt-4o-mini",
+    heartbeat: float = 15.0,
+    first_event_timeout: float = 120.0,
+    name: str = "chat_proxy",
+) -> Sanic[Any, Any]:
+    """Build the proxy app. ``upstream`` is an OpenAI-compatible base URL, or None for the
+    embedded fake model."""
+    app: Sanic[Any, Any] = Sanic(name)
+    app.config.STREAMPLUS_UPSTREAM_URL = upstream
+    app.config.STREAMPLUS_UPSTREAM_API_KEY = api_key
+    app.config.STREAMPLUS_HEARTBEAT = heartbeat
+    app.config.STREAMPLUS_FIRST_EVENT_TIMEOUT = first_event_timeout
+
+    if upstream is None:
+
+        @app.before_server_start(priority=100)  # before StreamPlus opens its client
+        async def start_fake_model(app: Sanic[Any, Any]) -> None:
+            app.ctx.fake_model = await FakeUpstream(tokens=40, delay=0.04).start()
+            app.config.STREAMPLUS_UPSTREAM_URL = app.ctx.fake_model.url
+
+        @app.after_server_stop
+        async def stop_fake_model(app: Sanic[Any, Any]) -> None:
+            await app.ctx.fake_model.close()
+
+    app.extend(extensions=[StreamPlus])
+
+    @app.get("/")
+    async def index(request: Request) -> HTTPResponse:
+        return html(PAGE.read_text(encoding="utf-8"))
+
+    @app.post("/v1/chat/completions")
+    @stream_post(dialect="openai")
+    async def chat_completions(request: Request) -> Any:
+        body = request.json
+        if not isinstance(body, dict) or not body.get("stream"):
+            return bad_request("this proxy only streams: send a JSON object with \"stream\": true")
+        return upstream_events(request, "/chat/completions", json=body)
+
+    @app.post("/chat")
+    @stream_post(dialect="plain")
+    async def chat(request: Request) -> Any:
+        messages = request.json.get("messages") if isinstance(request.json, dict) else None
+        if not isinstance(messages, list) or not messages:
+            return bad_request("send {\"messages\": [{\"role\": \"user\", \"content\": ...}]}")
+        fake = request.json.get("fake")  # knobs of the embedded fake model, for tests
+        payload = {"model": model, "messages": messages, "stream": True}
+        if fake is not None:
+            payload["fake"] = fake
+        return tokens(request, payload)
+
+    async def tokens(request: Request, payload: dict[str, Any]) -> AsyncIterator[ServerSentEvent]:
+        started, count, usage = time.monotonic(), 0, None
+        async with aclosing(upstream_events(request, "/chat/completions", json=payload)) as events:
+            async for event in events:
+                if event.data == "[DONE]":
+                    break
+                try:
+                    chunk = json.loads(event.data)
+                except ValueError:
+                    raise UpstreamBadResponse("upstream sent an event that is not JSON") from None
+                for choice in chunk.get("choices") or ():
+                    text = (choice.get("delta") or {}).get("content")
+                    if text:
+                        count += 1
+                        yield ServerSentEvent(json.dumps({"text": text}), event="token")
+                usage = chunk.get("usage") or usage
+        stats = {"tokens": count, "seconds": round(time.monotonic() - started, 3), "usage": usage}
+        yield ServerSentEvent(json.dumps(stats), event="done")
+
+    return app
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument(
+        "--upstream",
+        default=os.environ.get("UPSTREAM_URL"),
+        help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:9000/v1 "
+        "(env UPSTREAM_URL; default: an embedded fake model, offline)",
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("UPSTREAM_API_KEY"),
+        help="sent upstream as Authorization: Bearer (env UPSTREAM_API_KEY)",
+    )
+    parser.add_argument(
+        "--model", default=os.environ.get("UPSTREAM_MODEL", "gpt-4o-mini"),
+        help="model name for POST /chat (env UPSTREAM_MODEL)",
+    )
+    parser.add_argument("--heartbeat", type=float, default=15.0, help="seconds (default 15)")
+    parser.add_argument(
+        "--first-event-timeout", type=float, default=120.0, help="seconds (default 120)"
+    )
+    args = parser.parse_args()
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.getLogger("sanic_streamplus").addHandler(handler)
+    logging.getLogger("sanic_streamplus").setLevel(logging.INFO)
+    app = create_app(
+        args.upstream,
+        api_key=args.api_key,
+        model=args.model,
+        heartbeat=args.heartbeat,
+        first_event_timeout=args.first_event_timeout,
+    )
+    app.run(host=args.host, port=args.port, single_process=True, access_log=False, motd=False)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""sanic-streamplus: streaming POST endpoints for Sanic that relay a Server-Sent Events stream.
+
+The public API::
+
+    StreamPlus          the sanic-ext extension: app.extend(extensions=[StreamPlus])
+    stream_post         the decorator for streaming POST handlers
+    upstream_events     stream the events of an upstream request on the shared httpx client
+    ServerSentEvent     one event; SSEDecoder / encode / encode_comment: the sans-IO codec
+    errors              StreamPlusError and its subclasses
+"""
+
+from .decorators import stream_post
+from .errors import (
+    EventTooLarge,
+    ExtensionMissing,
+    StreamPlusError,
+    UpstreamBadResponse,
+    UpstreamDisconnected,
+    UpstreamError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from .extension import StreamPlus
+from .sse import ServerSentEvent, SSEDecoder, encode, encode_comment
+from .upstream import stream_events, upstream_events
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "EventTooLarge",
+    "ExtensionMissing",
+    "SSEDecoder",
+    "ServerSentEvent",
+    "StreamPlus",
+    "StreamPlusError",
+    "UpstreamBadResponse",
+    "UpstreamDisconnected",
+    "UpstreamError",
+    "UpstreamStatusError",
+    "UpstreamTimeout",
+    "UpstreamUnreachable",
+    "encode",
+    "encode_comment",
+    "stream_events",
+    "stream_post",
+    "upstream_events",
+]

@@ -1,0 +1,111 @@
+"""Two asyncio tools the relay and the upstream client share: a close that survives cancellation,
+and a cheap resettable deadline."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable
+from typing import Any
+
+
+async def close_completely(closing: Awaitable[Any]) -> None:
+    """Run ``closing`` to its end even if the calling task is cancelled meanwhile.
+
+    A cancellation that lands while a connection is being closed would otherwise abandon the
+    close half-way and leave the upstream connection open. The close runs in its own task; a
+    cancellation of the caller is held until the close is done, then re-raised. Errors raised
+    by the close itself are swallowed: the resource is gone either way.
+
+    Raises:
+        asyncio.CancelledError: the caller was cancelled while it waited (after the close ended).
+    """
+    task = asyncio.ensure_future(closing)
+    cancelled = False
+    while not task.done():
+        try:
+            await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if task.done() and task.cancelled():
+                break
+            cancelled = True
+        except Exception:
+            break
+    if not task.cancelled():
+        task.exception()  # mark it retrieved
+    if cancelled:
+        raise asyncio.CancelledError
+
+
+class Deadline:
+    """A deadline that cancels one task while it waits inside :meth:`guard`.
+
+    Resetting it (:meth:`set`) costs one float assignment: a single ``loop.call_at`` timer
+    follows the deadline and re-arms itself when the deadline moved. The task is only cancelled
+    while it is inside ``guard()`` (e.g. waiting for upstream bytes), never while it is doing
+    something else (e.g. waiting for the client to drain), and the cancellation it causes comes
+    out of ``guard()`` as ``TimeoutError``.
+    """
+
+    __slots__ = ("_at", "_fired", "_handle", "_loop", "_task", "_waiting")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._task: asyncio.Task[Any] | None = None
+        self._at: float | None = None
+        self._handle: asyncio.TimerHandle | None = None
+        self._waiting = False
+        self._fired = False
+
+    def set(self, at: float | None) -> None:
+        """Move the deadline to loop time ``at`` (seconds), or remove it with None."""
+        self._at = at
+        if at is not None and (self._handle is None or self._handle.when() > at):
+            if self._handle is not None:
+                self._handle.cancel()
+            self._handle = self._loop.call_at(at, self._check)
+
+    def _check(self) -> None:
+        self._handle = None
+        at = self._at
+        if at is None:
+            return
+        if self._loop.time() < at:
+            self._handle = self._loop.call_at(at, self._check)
+        elif self._waiting and self._task is not None and not self._fired:
+            self._fired = True
+            self._task.cancel()
+
+    async def guard(self, awaitable: Awaitable[Any]) -> Any:
+        """Await ``awaitable``, cancelling it if the deadline passes first.
+
+        Raises:
+            TimeoutError: the deadline passed before ``awaitable`` finished.
+            asyncio.CancelledError: the task was cancelled from outside.
+        """
+        at = self._at
+        if at is not None and self._loop.time() >= at:
+            if asyncio.iscoroutine(awaitable):
+                awaitable.close()
+            raise TimeoutError
+        self._task = asyncio.current_task()
+        self._waiting = True
+        try:
+            return await awaitable
+        except asyncio.CancelledError:
+            if not self._fired:
+                raise
+            self._fired = False
+            task = self._task
+            uncancel = getattr(task, "uncancel", None)
+            if uncancel is not None and uncancel() > 0:
+                raise  # cancelled from outside as well: that wins
+            raise TimeoutError from None
+        finally:
+            self._waiting = False
+
+    def close(self) -> None:
+        """Cancel the timer."""
+        self._at = None
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None

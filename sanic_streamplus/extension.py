@@ -1,0 +1,96 @@
+"""``StreamPlus``: the sanic-ext extension. It only wires: settings, the shared client, checks."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+from sanic import Sanic
+from sanic_ext import Extend
+from sanic_ext.extensions.base import Extension
+
+from .config import Settings
+from .errors import ExtensionMissing
+from .upstream import create_client
+
+__all__ = ["StreamPlus", "StreamPlusState"]
+
+
+@dataclass
+class StreamPlusState:
+    """What the extension keeps per worker at ``app.ctx.streamplus``.
+
+    Attributes:
+        settings: the :class:`~sanic_streamplus.config.Settings` read at server start.
+        client: the shared ``httpx.AsyncClient``; None outside ``before_server_start`` ..
+            ``after_server_stop``.
+    """
+
+    settings: Settings
+    client: httpx.AsyncClient | None = None
+
+
+class StreamPlus(Extension):  # type: ignore[no-untyped-call]
+    """The sanic-streamplus extension: ``app.extend(extensions=[StreamPlus])``.
+
+    Reads the ``STREAMPLUS_*`` keys of ``app.config`` (see
+    :class:`~sanic_streamplus.config.Settings`) when the server starts, and owns one shared
+    ``httpx.AsyncClient`` per worker, opened in ``before_server_start`` and closed in
+    ``after_server_stop``. ``startup()`` does no I/O: it runs in every process that builds the app.
+
+    Raises:
+        ValueError: at server start, for a malformed ``STREAMPLUS_*`` value.
+    """
+
+    name = "StreamPlus"
+
+    def startup(self, bootstrap: Any) -> None:
+        app = self.app
+        app.ctx.streamplus = StreamPlusState(Settings.from_config(app.config))
+        app.before_server_start(_open_client, priority=-10)
+        app.after_server_stop(_close_client)
+
+    def label(self) -> str:
+        return "upstream relay"
+
+
+async def _open_client(app: Sanic[Any, Any]) -> None:
+    state: StreamPlusState = app.ctx.streamplus
+    state.settings = Settings.from_config(app.config)
+    state.client = create_client(state.settings)
+
+
+async def _close_client(app: Sanic[Any, Any]) -> None:
+    state: StreamPlusState = app.ctx.streamplus
+    if state.client is not None:
+        await state.client.aclose()
+        state.client = None
+
+
+class StreamPlusGuard(Extension):  # type: ignore[no-untyped-call]
+    """Fails the server start of an app that has ``@stream_post`` routes but not StreamPlus.
+
+    Pre-registered with sanic-ext (``Extend.register``) for every app, so the mistake shows at
+    startup with a message that says what to add, instead of as a 500 on the first request.
+    """
+
+    name = "StreamPlusGuard"
+
+    def startup(self, bootstrap: Any) -> None:
+        self.app.before_server_start(_check_routes, priority=100)
+
+    def included(self) -> bool:
+        return False
+
+
+def _check_routes(app: Sanic[Any, Any]) -> None:
+    if isinstance(getattr(app.ctx, "streamplus", None), StreamPlusState):
+        return
+    for route in app.router.routes:
+        if getattr(route.handler, "__streamplus__", False):
+            raise ExtensionMissing()
+
+
+if StreamPlusGuard not in Extend._pre_registry:
+    Extend.register(StreamPlusGuard)

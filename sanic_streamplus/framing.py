@@ -1,0 +1,162 @@
+"""How events become bytes on the downstream wire: output formats and dialects.
+
+A *format* turns one event into bytes (``sse``, ``ndjson``, ``text``). A *dialect* says how a
+stream of that kind ends and how it reports an error once the response has started:
+
+======== ============================================ ==============================================
+dialect  normal end                                   error after the commit point
+======== ============================================ ==============================================
+plain    the body ends                                ``event: error`` with data
+                                                      ``{"error": {"type", "message",
+                                                      "upstream_status"}}``
+openai   ``data: [DONE]`` (once, even if the upstream ``data: {"error": {"message", "type",
+         sent it), then the body ends at once         "code"}}`` then ``data: [DONE]``
+======== ============================================ ==============================================
+
+The ``ndjson`` and ``text`` formats carry no end marker: only ``sse`` writes ``[DONE]``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import StreamPlusError, error_body
+from .sse import ServerSentEvent, encode, encode_comment
+
+__all__ = ["DIALECTS", "Dialect", "Format", "get_format", "to_event"]
+
+_DONE = ServerSentEvent("[DONE]")
+_DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+
+
+def to_event(item: Any) -> ServerSentEvent:
+    """Turn what a handler yields into an event.
+
+    ``ServerSentEvent`` as is; ``str`` becomes its data; ``dict`` or ``list`` becomes compact
+    JSON data; ``bytes`` are decoded as UTF-8 (with replacement) into data.
+
+    Raises:
+        TypeError: any other type.
+    """
+    if isinstance(item, ServerSentEvent):
+        return item
+    if isinstance(item, str):
+        return ServerSentEvent(item)
+    if isinstance(item, (dict, list)):
+        return ServerSentEvent(_DUMPS(item))
+    if isinstance(item, (bytes, bytearray)):
+        return ServerSentEvent(bytes(item).decode("utf-8", "replace"))
+    raise TypeError(
+        f"a stream handler yielded {type(item).__name__}; yield ServerSentEvent, str, dict or list"
+    )
+
+
+class Dialect:
+    """The ``plain`` dialect: no end marker; errors as ``event: error`` with a JSON body."""
+
+    name = "plain"
+
+    def is_end(self, event: ServerSentEvent) -> bool:
+        """True if ``event`` is the stream's end marker (nothing may follow it)."""
+        return False
+
+    def end_events(self) -> list[ServerSentEvent]:
+        """Events that end a stream that completed normally."""
+        return []
+
+    def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
+        """Events that report ``error`` after the commit point, and end the stream."""
+        return [ServerSentEvent(_DUMPS(error_body(error)), event="error")]
+
+
+class OpenAIDialect(Dialect):
+    """The OpenAI chat-completions dialect: ``data: [DONE]`` ends a stream; an error is a data
+    event ``{"error": {"message", "type", "code"}}`` (``code`` is the upstream HTTP status or
+    null), then ``[DONE]``. Never writes an event without data (the official SDK crashes on one).
+    """
+
+    name = "openai"
+
+    def is_end(self, event: ServerSentEvent) -> bool:
+        return event.data == "[DONE]"
+
+    def end_events(self) -> list[ServerSentEvent]:
+        return [_DONE]
+
+    def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
+        code = error.upstream_status
+        body = {"error": {"message": error.message, "type": error.type, "code": code}}
+        return [ServerSentEvent(_DUMPS(body)), _DONE]
+
+
+DIALECTS: dict[str, Dialect] = {"plain": Dialect(), "openai": OpenAIDialect()}
+
+
+@dataclass(frozen=True)
+class Format:
+    """An output format.
+
+    Attributes:
+        name: ``sse``, ``ndjson`` or ``text``.
+        content_type: the response ``Content-Type``.
+        heartbeat: the bytes written while idle, or None if the format has no way to say nothing.
+        writes_end: whether the dialect's end events are written.
+    """
+
+    name: str
+    content_type: str
+    heartbeat: bytes | None
+    writes_end: bool
+
+    def encode(self, event: ServerSentEvent) -> bytes:
+        """The bytes of ``event`` in this format.
+
+        - ``sse``: the event stream encoding (:func:`sanic_streamplus.sse.encode`);
+        - ``ndjson``: one JSON value and LF: the data itself when it is a JSON object or array,
+          else ``{"event": type, "data": data}`` (plus ``"id"`` when set);
+        - ``text``: the data alone, nothing between events.
+        """
+        if self.name == "sse":
+            return encode(event)
+        data = event.data
+        if self.name == "text":
+            return data.encode("utf-8", "replace")
+        if event.event == "message" and data[:1] in ("{", "[") and "\n" not in data:
+            return data.encode("utf-8", "replace") + b"\n"
+        obj: dict[str, str] = {"event": event.event, "data": data}
+        if event.id is not None:
+            obj["id"] = event.id
+        return _DUMPS(obj).encode("utf-8", "replace") + b"\n"
+
+
+_FORMATS = {
+    "sse": Format("sse", "text/event-stream; charset=utf-8", encode_comment("ping"), True),
+    "ndjson": Format("ndjson", "application/x-ndjson", b"\n", False),
+    "text": Format("text", "text/plain; charset=utf-8", None, False),
+}
+
+
+def get_format(name: str) -> Format:
+    """The :class:`Format` called ``name``.
+
+    Raises:
+        ValueError: unknown format name.
+    """
+    try:
+        return _FORMATS[name]
+    except KeyError:
+        raise ValueError(f"unknown format {name!r}; use one of {sorted(_FORMATS)}") from None
+
+
+def get_dialect(name: str) -> Dialect:
+    """The :class:`Dialect` called ``name``.
+
+    Raises:
+        ValueError: unknown dialect name.
+    """
+    try:
+        return DIALECTS[name]
+    except KeyError:
+        raise ValueError(f"unknown dialect {name!r}; use one of {sorted(DIALECTS)}") from None

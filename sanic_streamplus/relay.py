@@ -1,0 +1,270 @@
+"""The downstream side of a stream: commit point, backpressure, heartbeats, disconnects, errors.
+
+:func:`relay` writes the events of an async iterable to a Sanic response:
+
+- **commit point**: the status line and headers go out with the first event, or with the first
+  heartbeat that is due, whichever comes first. A failure before that is a real HTTP status with a
+  JSON body ``{"error": {"type", "message", "upstream_status"}}``; after it, an error frame in the
+  stream's dialect, then a clean end.
+- **backpressure**: each write awaits ``response.send()``, which returns only once the client's
+  transport has drained below its high-water mark; the next event is pulled only after that, so
+  a slow client slows the upstream read and memory stays bounded.
+- **heartbeats**: a comment (``: ping``) whenever nothing was written for ``heartbeat`` seconds.
+- **disconnects**: the source is closed the moment the client goes away (Sanic cancels the
+  handler; under ASGI the relay watches for ``http.disconnect`` itself), and the close completes
+  even if another cancellation lands while it runs.
+- one INFO log line per stream with its outcome, duration, events and bytes.
+
+It knows nothing of httpx: the source is any async iterable of events.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterable
+from dataclasses import dataclass
+from typing import Any
+
+from sanic import Request
+from sanic.exceptions import SanicException
+from sanic.response import HTTPResponse, json
+
+from ._aio import close_completely
+from .errors import StreamPlusError, UpstreamStatusError, UpstreamTimeout, error_body
+from .framing import Dialect, Format, to_event
+
+__all__ = ["StreamOptions", "error_response", "relay", "to_stream_error"]
+
+logger = logging.getLogger("sanic_streamplus")
+
+_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@dataclass(frozen=True)
+class StreamOptions:
+    """How one stream is written.
+
+    Attributes:
+        format: the output :class:`~sanic_streamplus.framing.Format`.
+        dialect: the :class:`~sanic_streamplus.framing.Dialect` for end and error frames.
+        heartbeat: seconds of silence before a heartbeat is written (float), or None for none.
+        high_water_mark: the client transport's write-buffer high-water mark, in bytes.
+    """
+
+    format: Format
+    dialect: Dialect
+    heartbeat: float | None
+    high_water_mark: int
+
+
+def to_stream_error(exc: BaseException) -> StreamPlusError:
+    """Map any exception to the :class:`StreamPlusError` the client is told about.
+
+    A ``StreamPlusError`` is itself; a Sanic ``SanicException`` (e.g. ``BadRequest`` raised by a
+    handler) keeps its status and message; anything else is an ``internal_error`` (HTTP 500)
+    whose message says nothing of the cause; the caller logs the traceback.
+    """
+    if isinstance(exc, StreamPlusError):
+        return exc
+    if isinstance(exc, SanicException):
+        status = int(exc.status_code)
+        error = StreamPlusError(str(exc.message or exc) if status < 500 else "server error")
+        error.status = status
+        error.type = "invalid_request" if status < 500 else "internal_error"
+        return error
+    return StreamPlusError("internal server error")
+
+
+def error_response(error: StreamPlusError) -> HTTPResponse:
+    """The JSON response for ``error`` before the commit point (429 keeps ``Retry-After``)."""
+    headers = {}
+    if isinstance(error, UpstreamStatusError) and error.retry_after:
+        headers["Retry-After"] = error.retry_after
+    return json(error_body(error), status=error.status, headers=headers)
+
+
+def _outcome(error: StreamPlusError) -> str:
+    if isinstance(error, UpstreamTimeout):
+        return "timeout"
+    if error.type in ("internal_error", "invalid_request"):
+        return error.type
+    return "upstream_error"
+
+
+class _Stream:
+    """The state of one relayed stream (see :func:`relay`)."""
+
+    def __init__(self, request: Request, options: StreamOptions) -> None:
+        self.request = request
+        self.options = options
+        self.loop = asyncio.get_running_loop()
+        self.started = self.last_write = self.loop.time()
+        self.first_byte: float | None = None
+        self.response: Any = None
+        self.sealed = False  # no commit may happen any more
+        self.commit_lock = asyncio.Lock()
+        self.disconnected = False
+        self.events = 0
+        self.bytes = 0
+
+    async def commit(self) -> None:
+        async with self.commit_lock:
+            if self.response is not None or self.sealed:
+                return
+            request = self.request
+            self.response = await request.respond(
+                status=200,
+                headers=_STREAM_HEADERS,
+                content_type=self.options.format.content_type,
+            )
+            transport = request.transport
+            if hasattr(transport, "set_write_buffer_limits"):
+                transport.set_write_buffer_limits(high=self.options.high_water_mark)
+
+    async def write(self, data: bytes) -> None:
+        await self.response.send(data)
+        now = self.last_write = self.loop.time()
+        if self.first_byte is None:
+            self.first_byte = now
+        self.bytes += len(data)
+
+    async def heartbeats(self, interval: float, beat: bytes) -> None:
+        try:
+            while True:
+                delay = self.last_write + interval - self.loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                    continue
+                await self.commit()
+                if self.response is None:
+                    return
+                await self.write(beat)
+        except (Exception, asyncio.CancelledError):
+            return  # the main task sees the same failure and reports it
+
+    async def watch_disconnect(self, task: asyncio.Task[Any]) -> None:
+        """ASGI only: Sanic never notices ``http.disconnect``, so wait for it here."""
+        receive = self.request.transport.receive  # type: ignore[attr-defined]
+        while True:
+            message = await receive()
+            if message.get("type") == "http.disconnect":
+                self.disconnected = True
+                task.cancel()
+                return
+
+    async def seal(self) -> bool:
+        """Forbid any further commit; return True if the response was committed."""
+        async with self.commit_lock:
+            self.sealed = True
+            return self.response is not None
+
+    def log(self, outcome: str, status: int) -> None:
+        now = self.loop.time()
+        ttfb = "-" if self.first_byte is None else f"{self.first_byte - self.started:.3f}s"
+        logger.info(
+            "stream %s %s outcome=%s status=%d duration=%.3fs ttfb=%s events=%d bytes=%d",
+            self.request.method,
+            self.request.path,
+            outcome,
+            status,
+            now - self.started,
+            ttfb,
+            self.events,
+            self.bytes,
+        )
+
+
+def _is_asgi(request: Request) -> bool:
+    return bool(getattr(request.app, "asgi", False)) and not getattr(
+        request.stream, "request_body", False
+    )
+
+
+async def relay(
+    request: Request, source: AsyncIterable[Any], options: StreamOptions
+) -> HTTPResponse | None:
+    """Write the events of ``source`` to the client of ``request``.
+
+    Args:
+        request: the Sanic request being answered.
+        source: an async iterable of ``ServerSentEvent``, ``str``, ``dict`` or ``list`` items; it
+            is closed (``aclose()``) when the stream ends for any reason.
+        options: format, dialect, heartbeat interval and high-water mark.
+
+    Returns:
+        None once the response was committed and ended (Sanic needs nothing more), or an
+        ``HTTPResponse`` with the JSON error body when the stream failed before its commit point.
+
+    Raises:
+        asyncio.CancelledError: the client disconnected (native server); the source is closed
+            first. Under ASGI the relay ends quietly instead.
+    """
+    stream = _Stream(request, options)
+    fmt, dialect = options.format, options.dialect
+    task = asyncio.current_task()
+    assert task is not None
+    helpers: list[asyncio.Task[None]] = []
+    if options.heartbeat and fmt.heartbeat is not None:
+        helpers.append(asyncio.ensure_future(stream.heartbeats(options.heartbeat, fmt.heartbeat)))
+    if _is_asgi(request):
+        helpers.append(asyncio.ensure_future(stream.watch_disconnect(task)))
+
+    iterator = source.__aiter__()
+    outcome, status = "completed", 200
+    error: StreamPlusError | None = None
+    try:
+        try:
+            async for item in iterator:
+                event = to_event(item)
+                if stream.response is None:
+                    await stream.commit()
+                if dialect.is_end(event):
+                    if fmt.writes_end:
+                        await stream.write(fmt.encode(event))
+                    break
+                await stream.write(fmt.encode(event))
+                stream.events += 1
+            else:
+                if fmt.writes_end:
+                    for event in dialect.end_events():
+                        if stream.response is None:
+                            await stream.commit()
+                        await stream.write(fmt.encode(event))
+        except asyncio.CancelledError:
+            outcome, status = "client_disconnected", 499
+            raise
+        except Exception as exc:
+            error = to_stream_error(exc)
+            outcome = _outcome(error)
+            if error.type == "internal_error":
+                logger.exception("stream handler failed", exc_info=exc)
+        for helper in helpers:
+            helper.cancel()
+        if error is None:
+            if stream.response is None:  # an empty source: commit so the client gets a body
+                await stream.commit()
+            await stream.response.eof()
+            return None
+        if not await stream.seal():
+            status = error.status
+            return error_response(error)
+        for event in dialect.error_events(error):
+            await stream.write(fmt.encode(event))
+        await stream.response.eof()
+        return None
+    except asyncio.CancelledError:
+        outcome, status = "client_disconnected", 499
+        if stream.disconnected:  # ASGI: we cancelled ourselves; end quietly
+            uncancel = getattr(task, "uncancel", None)
+            if uncancel is not None:
+                uncancel()
+            return None
+        raise
+    finally:
+        for helper in helpers:
+            helper.cancel()
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await close_completely(aclose())
+        stream.log(outcome, status)

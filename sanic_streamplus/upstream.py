@@ -1,0 +1,214 @@
+"""The upstream side: the shared ``httpx.AsyncClient`` and streaming requests that yield events.
+
+``stream_events()`` opens one streaming request, checks that the answer is an event stream, feeds
+the body to an :class:`~sanic_streamplus.sse.SSEDecoder` and yields its events. Every upstream
+failure becomes a typed :class:`~sanic_streamplus.errors.UpstreamError`; the upstream response is
+closed the moment the consumer stops (end, break, exception or cancellation), and the close
+completes even if a second cancellation lands while it runs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import httpx
+
+from ._aio import Deadline, close_completely
+from .config import Settings
+from .errors import (
+    ExtensionMissing,
+    UpstreamBadResponse,
+    UpstreamDisconnected,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    UpstreamUnreachable,
+)
+from .sse import ServerSentEvent, SSEDecoder
+
+__all__ = ["create_client", "stream_events", "upstream_events"]
+
+logger = logging.getLogger("sanic_streamplus")
+_ERROR_BODY_LIMIT = 2048  # bytes of a non-2xx upstream body kept for the log
+
+
+def create_client(settings: Settings) -> httpx.AsyncClient:
+    """Build the shared upstream client from ``settings``.
+
+    The client's base URL is ``settings.upstream_url``; ``settings.upstream_api_key`` is sent as
+    ``Authorization: Bearer``. Its read timeout is off: the first-event, idle and total timeouts
+    of :func:`stream_events` replace it, because they must not count time spent waiting for a slow
+    client to drain.
+    """
+    headers = {"Accept": "text/event-stream"}
+    if settings.upstream_api_key:
+        headers["Authorization"] = f"Bearer {settings.upstream_api_key}"
+    connect = settings.connect_timeout
+    return httpx.AsyncClient(
+        base_url=settings.upstream_url or "",
+        headers=headers,
+        timeout=httpx.Timeout(connect=connect, read=None, write=connect, pool=connect),
+        limits=httpx.Limits(
+            max_connections=settings.max_connections,
+            max_keepalive_connections=min(settings.max_connections, 100),
+        ),
+    )
+
+
+def _later(now: float, limit: float | None, total_at: float | None) -> float | None:
+    at = None if limit is None else now + limit
+    if total_at is not None and (at is None or total_at < at):
+        return total_at
+    return at
+
+
+async def stream_events(
+    client: httpx.AsyncClient,
+    method: str,
+    url: str,
+    *,
+    settings: Settings,
+    json: Any = None,
+    content: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Open a streaming request on ``client`` and yield the events of its answer.
+
+    Args:
+        client: the shared ``httpx.AsyncClient``.
+        method: HTTP method, e.g. ``"POST"``.
+        url: absolute URL, or a path joined to the client's base URL.
+        settings: timeouts (``first_event_timeout``, ``idle_timeout``, ``total_timeout``, seconds)
+            and ``max_event_size`` (bytes).
+        json: a JSON-serialisable request body, or None.
+        content: a raw request body (bytes), or None.
+        headers: extra request headers; nothing of the downstream request is forwarded unless
+            passed here.
+
+    Yields:
+        :class:`ServerSentEvent`, in stream order.
+
+    Raises:
+        UpstreamUnreachable: the connection could not be made.
+        UpstreamTimeout: ``phase`` is ``connect``, ``first_event``, ``idle`` or ``total``.
+        UpstreamStatusError: the upstream answered non-2xx (``retry_after`` kept for a 429).
+        UpstreamBadResponse: the answer is not ``text/event-stream``.
+        UpstreamDisconnected: the connection broke in the middle of the body.
+        EventTooLarge: one event exceeded ``settings.max_event_size``.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = Deadline()
+    start = loop.time()
+    total_at = None if settings.total_timeout is None else start + settings.total_timeout
+
+    def timeout(first: bool) -> UpstreamTimeout:
+        if total_at is not None and loop.time() >= total_at:
+            return UpstreamTimeout("total", settings.total_timeout or 0.0)
+        if first:
+            return UpstreamTimeout("first_event", settings.first_event_timeout or 0.0)
+        return UpstreamTimeout("idle", settings.idle_timeout or 0.0)
+
+    request = client.build_request(method, url, json=json, content=content, headers=headers)
+    deadline.set(_later(start, settings.first_event_timeout, total_at))
+    try:
+        try:
+            response = await deadline.guard(client.send(request, stream=True))
+        except TimeoutError:
+            raise timeout(True) from None
+        except httpx.ConnectTimeout:
+            raise UpstreamTimeout("connect", settings.connect_timeout or 0.0) from None
+        except httpx.TimeoutException:
+            raise timeout(True) from None
+        except httpx.TransportError as exc:
+            raise UpstreamUnreachable(f"upstream unreachable ({type(exc).__name__})") from None
+    except BaseException:
+        deadline.close()
+        raise
+
+    try:
+        if not response.is_success:
+            body = bytearray()
+            try:
+                async for chunk in response.aiter_bytes():
+                    body += chunk
+                    if len(body) >= _ERROR_BODY_LIMIT:
+                        break
+            except httpx.HTTPError:
+                pass
+            logger.warning(
+                "upstream %s %s answered %d: %s",
+                method,
+                request.url,
+                response.status_code,
+                bytes(body[:_ERROR_BODY_LIMIT]).decode("utf-8", "replace"),
+            )
+            raise UpstreamStatusError(
+                response.status_code, retry_after=response.headers.get("retry-after")
+            )
+        content_type = response.headers.get("content-type", "")
+        if not content_type.lower().startswith("text/event-stream"):
+            raise UpstreamBadResponse(
+                f"upstream answered {content_type or 'no content type'}, not text/event-stream",
+                upstream_status=response.status_code,
+            )
+        decoder = SSEDecoder(settings.max_event_size)
+        next_chunk = response.aiter_bytes().__anext__
+        first = True
+        while True:
+            try:
+                chunk = await deadline.guard(next_chunk())
+            except StopAsyncIteration:
+                return
+            except TimeoutError:
+                raise timeout(first) from None
+            except httpx.TransportError as exc:
+                raise UpstreamDisconnected(
+                    f"upstream connection broke mid-stream ({type(exc).__name__})",
+                    upstream_status=response.status_code,
+                ) from None
+            events = decoder.feed(chunk)
+            if events:
+                first = False
+                for event in events:
+                    yield event
+                deadline.set(_later(loop.time(), settings.idle_timeout, total_at))
+    finally:
+        deadline.close()
+        await close_completely(response.aclose())
+
+
+def upstream_events(
+    request: Any,
+    url: str,
+    *,
+    method: str = "POST",
+    json: Any = None,
+    content: bytes | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> AsyncIterator[ServerSentEvent]:
+    """Stream the events of an upstream request on the app's shared client.
+
+    The usual body of a ``@stream_post`` handler: ``return upstream_events(request, "/chat",
+    json=request.json)``. Uses the client and settings of the StreamPlus extension of
+    ``request.app``; ``url`` is joined to ``STREAMPLUS_UPSTREAM_URL`` unless absolute. Nothing of
+    the downstream request (its ``Authorization`` included) is forwarded unless passed in
+    ``headers``. See :func:`stream_events` for what it yields and raises.
+
+    Raises:
+        ExtensionMissing: the app has not registered the StreamPlus extension, or its server has
+            not started.
+    """
+    state = getattr(request.app.ctx, "streamplus", None)
+    if state is None or state.client is None:
+        raise ExtensionMissing()
+    return stream_events(
+        state.client,
+        method,
+        url,
+        settings=state.settings,
+        json=json,
+        content=content,
+        headers=headers,
+    )
