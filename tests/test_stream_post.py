@@ -1,0 +1,322 @@
+"""@stream_post handler forms, formats, heartbeats, timeouts, startup checks and OpenAPI docs."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from contextlib import aclosing
+from typing import Any
+
+import httpx
+import pytest
+from conftest import app_name, chat_body
+from sanic import Request, Sanic
+from sanic.exceptions import BadRequest
+from sanic.response import json as json_response
+from sanic_ext import openapi
+
+from sanic_streamplus import (
+    ExtensionMissing,
+    ServerSentEvent,
+    SSEDecoder,
+    StreamPlus,
+    stream_post,
+    upstream_events,
+)
+from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app
+
+
+def make_app(**config: Any) -> Sanic[Any, Any]:
+    app: Sanic[Any, Any] = Sanic(app_name("forms"))
+    for key, value in config.items():
+        app.config[key] = value
+    app.extend(extensions=[StreamPlus])
+    return app
+
+
+async def post(url: str, body: Any = None) -> tuple[httpx.Response, bytes]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        async with client.stream("POST", url, json={} if body is None else body) as response:
+            raw = b"".join([chunk async for chunk in response.aiter_raw()])
+    return response, raw
+
+
+async def test_generator_items_become_events() -> None:
+    app = make_app()
+
+    @app.post("/s")
+    @stream_post
+    async def handler(request: Request) -> AsyncIterator[Any]:
+        yield "plain text"
+        yield {"a": 1, "b": "é"}
+        yield [1, 2]
+        yield ServerSentEvent("two\nlines", event="custom", id="7")
+
+    async with serve_app(app) as url:
+        response, raw = await post(url + "/s")
+    assert response.status_code == 200
+    assert raw == (
+        b'data: plain text\n\ndata: {"a":1,"b":"\xc3\xa9"}\n\ndata: [1,2]\n\n'
+        b"event: custom\nid: 7\ndata: two\ndata: lines\n\n"
+    )
+
+
+async def test_coroutine_may_return_an_iterable_or_a_response() -> None:
+    app = make_app()
+
+    async def numbers() -> AsyncIterator[str]:
+        for n in range(3):
+            yield str(n)
+
+    @app.post("/s")
+    @stream_post
+    async def handler(request: Request) -> Any:
+        if request.json.get("bad"):
+            return json_response({"error": {"type": "invalid_request"}}, status=400)
+        return numbers()
+
+    async with serve_app(app) as url:
+        ok, raw = await post(url + "/s")
+        bad, _ = await post(url + "/s", {"bad": True})
+    assert ok.status_code == 200
+    assert raw == b"data: 0\n\ndata: 1\n\ndata: 2\n\n"
+    assert bad.status_code == 400
+
+
+@pytest.mark.parametrize(
+    ("fmt", "content_type", "expected"),
+    [
+        ("ndjson", "application/x-ndjson", b'{"n":1}\n{"event":"message","data":"hi"}\n'),
+        ("text", "text/plain; charset=utf-8", b'{"n":1}hi'),
+    ],
+)
+async def test_ndjson_and_text_formats(fmt: str, content_type: str, expected: bytes) -> None:
+    app = make_app()
+
+    @app.post("/s")
+    @stream_post(format=fmt)
+    async def handler(request: Request) -> AsyncIterator[Any]:
+        yield {"n": 1}
+        yield "hi"
+
+    async with serve_app(app) as url:
+        response, raw = await post(url + "/s")
+    assert response.headers["content-type"] == content_type
+    assert raw == expected
+
+
+async def test_openai_dialect_ends_with_one_done_and_nothing_after() -> None:
+    app = make_app()
+
+    @app.post("/once")
+    @stream_post(dialect="openai")
+    async def once(request: Request) -> AsyncIterator[Any]:
+        yield {"x": 1}
+
+    @app.post("/early")
+    @stream_post(dialect="openai")
+    async def early(request: Request) -> AsyncIterator[Any]:
+        yield "[DONE]"
+        yield "never sent"
+
+    async with serve_app(app) as url:
+        _, once_raw = await post(url + "/once")
+        _, early_raw = await post(url + "/early")
+    assert once_raw == b'data: {"x":1}\n\ndata: [DONE]\n\n'
+    assert early_raw == b"data: [DONE]\n\n"
+
+
+async def test_handler_errors_before_and_after_the_commit_point() -> None:
+    app = make_app()
+
+    @app.post("/before")
+    @stream_post
+    async def before(request: Request) -> AsyncIterator[Any]:
+        raise RuntimeError("secret detail")
+        yield "unreachable"
+
+    @app.post("/bad")
+    @stream_post
+    async def bad(request: Request) -> AsyncIterator[Any]:
+        raise BadRequest("field x is required")
+        yield "unreachable"
+
+    @app.post("/after")
+    @stream_post
+    async def after(request: Request) -> AsyncIterator[Any]:
+        yield "first"
+        raise RuntimeError("secret detail")
+
+    async with serve_app(app) as url:
+        before_response, before_raw = await post(url + "/before")
+        bad_response, bad_raw = await post(url + "/bad")
+        after_response, after_raw = await post(url + "/after")
+    assert before_response.status_code == 500
+    assert json.loads(before_raw)["error"]["type"] == "internal_error"
+    assert b"secret" not in before_raw and b"Traceback" not in before_raw
+    assert bad_response.status_code == 400
+    assert json.loads(bad_raw)["error"]["message"] == "field x is required"
+    assert after_response.status_code == 200
+    events = SSEDecoder().feed(after_raw)
+    assert [e.event for e in events] == ["message", "error"]
+    assert json.loads(events[1].data)["error"]["type"] == "internal_error"
+    assert b"secret" not in after_raw
+
+
+async def test_heartbeat_keeps_a_silent_stream_alive_past_response_timeout() -> None:
+    async with FakeUpstream(tokens=3, delay=0.01, stall=2.5) as upstream:
+        app = make_app(
+            RESPONSE_TIMEOUT=1, STREAMPLUS_UPSTREAM_URL=upstream.url, STREAMPLUS_HEARTBEAT=30
+        )
+
+        @app.post("/s")
+        @stream_post(dialect="openai")
+        async def handler(request: Request) -> Any:
+            return upstream_events(request, "/chat/completions", json=request.json)
+
+        async with serve_app(app) as url:
+            response, raw = await post(url + "/s", {"stream": True})
+    assert response.status_code == 200
+    assert raw.startswith(b": ping\n")  # committed by the first heartbeat, well before 1 s
+    assert raw.count(b": ping\n") >= 3  # heartbeat clamped to RESPONSE_TIMEOUT / 2
+    events = SSEDecoder().feed(raw)
+    assert events[-1].data == "[DONE]"
+    assert len(events) == 3 + 3
+
+
+async def test_first_event_timeout_before_commit_is_a_504() -> None:
+    async with FakeUpstream(stall=3) as upstream:
+        app = make_app(
+            STREAMPLUS_UPSTREAM_URL=upstream.url,
+            STREAMPLUS_HEARTBEAT=0,
+            STREAMPLUS_FIRST_EVENT_TIMEOUT=0.3,
+        )
+
+        @app.post("/s")
+        @stream_post
+        async def handler(request: Request) -> Any:
+            return upstream_events(request, "/chat/completions", json=request.json)
+
+        async with serve_app(app) as url:
+            response, raw = await post(url + "/s")
+        closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
+    assert response.status_code == 504
+    error = json.loads(raw)["error"]
+    assert error["type"] == "upstream_timeout"
+    assert "first event" in error["message"]
+    assert closed is not None
+
+
+async def test_idle_timeout_after_commit_is_an_error_frame() -> None:
+    async with FakeUpstream(tokens=10, delay=0.001, stall=5, stall_after=3) as upstream:
+        app = make_app(STREAMPLUS_UPSTREAM_URL=upstream.url, STREAMPLUS_IDLE_TIMEOUT=0.3)
+
+        @app.post("/s")
+        @stream_post
+        async def handler(request: Request) -> Any:
+            return upstream_events(request, "/chat/completions", json=request.json)
+
+        async with serve_app(app) as url:
+            response, raw = await post(url + "/s")
+        closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
+    events = SSEDecoder().feed(raw)
+    assert response.status_code == 200
+    assert len(events) == 4
+    assert events[-1].event == "error"
+    error = json.loads(events[-1].data)["error"]
+    assert error["type"] == "upstream_timeout" and "idle" in error["message"]
+    assert closed is not None
+
+
+async def test_upstream_unreachable_is_a_502() -> None:
+    with __import__("socket").socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    app = make_app(STREAMPLUS_UPSTREAM_URL=f"http://127.0.0.1:{port}/v1")
+
+    @app.post("/s")
+    @stream_post
+    async def handler(request: Request) -> Any:
+        return upstream_events(request, "/chat/completions", json=request.json)
+
+    async with serve_app(app) as url:
+        response, raw = await post(url + "/s")
+    assert response.status_code == 502
+    assert json.loads(raw)["error"]["type"] == "upstream_unreachable"
+
+
+async def test_a_generator_handler_closes_its_upstream_when_the_client_leaves() -> None:
+    async with FakeUpstream(tokens=500, delay=0.01) as upstream:
+        app = make_app(STREAMPLUS_UPSTREAM_URL=upstream.url)
+
+        @app.post("/s")
+        @stream_post
+        async def handler(request: Request) -> AsyncIterator[Any]:
+            events = upstream_events(request, "/chat/completions", json=request.json)
+            async with aclosing(events):
+                async for event in events:
+                    yield event.data.upper()
+
+        async with serve_app(app) as url, httpx.AsyncClient() as client:
+            async with client.stream("POST", url + "/s", json={}) as response:
+                async for _ in response.aiter_raw():
+                    break
+            closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
+    assert closed is not None
+    assert not upstream.requests[-1].completed
+
+
+async def test_stream_post_without_the_extension_fails_at_startup() -> None:
+    app: Sanic[Any, Any] = Sanic(app_name("bare"))
+
+    @app.post("/s")
+    @stream_post
+    async def handler(request: Request) -> AsyncIterator[str]:
+        yield "x"
+
+    with pytest.raises(ExtensionMissing, match=r"app\.extend\(extensions=\[StreamPlus\]\)"):
+        async with serve_app(app):
+            pass
+
+
+def test_unknown_dialect_or_format_is_an_error_at_decoration() -> None:
+    with pytest.raises(ValueError, match="dialect"):
+        stream_post(dialect="klingon")
+    with pytest.raises(ValueError, match="format"):
+        stream_post(format="xml")
+
+
+async def test_openapi_documents_the_route_as_an_event_stream() -> None:
+    app = make_app()
+
+    @app.post("/s")
+    @stream_post
+    @openapi.summary("Stream some tokens")
+    async def handler(request: Request) -> AsyncIterator[str]:
+        """Streams tokens."""
+        yield "x"
+
+    async with serve_app(app) as url, httpx.AsyncClient() as client:
+        spec = (await client.get(url + "/docs/openapi.json")).json()
+    operation = spec["paths"]["/s"]["post"]
+    assert operation["summary"] == "Stream some tokens"
+    assert "text/event-stream" in operation["responses"]["200"]["content"]
+
+
+async def test_tokens_flow_before_the_upstream_finishes(client: httpx.AsyncClient) -> None:
+    """The first token reaches the client long before the slow upstream is done."""
+    async with FakeUpstream(tokens=20, delay=0.1) as upstream:
+        from chat_proxy import create_app
+
+        app = create_app(upstream.url, name=app_name("flow"))
+        async with serve_app(app) as url:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            async with client.stream("POST", url + "/chat", json=chat_body()) as response:
+                async for chunk in response.aiter_raw():
+                    if b"event: token" in chunk:
+                        first = loop.time() - started
+                        break
+            assert first < 1.0  # the whole stream takes >= 2 s
+            assert fake_tokens(1)[0] in chunk.decode()
