@@ -20,13 +20,14 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .errors import StreamPlusError, error_body
 from .sse import ServerSentEvent, encode, encode_comment
 
-__all__ = ["DIALECTS", "Dialect", "Format", "get_format", "to_event"]
+__all__ = ["DIALECTS", "Dialect", "Format", "get_dialect", "get_format", "to_event"]
 
+T = TypeVar("T")
 _DONE = ServerSentEvent("[DONE]")
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
@@ -144,10 +145,7 @@ def get_format(name: str) -> Format:
     Raises:
         ValueError: unknown format name.
     """
-    try:
-        return _FORMATS[name]
-    except KeyError:
-        raise ValueError(f"unknown format {name!r}; use one of {sorted(_FORMATS)}") from None
+    return _lookup(_FORMATS, "format", name)
 
 
 def get_dialect(name: str) -> Dialect:
@@ -156,7 +154,11 @@ def get_dialect(name: str) -> Dialect:
     Raises:
         ValueError: unknown dialect name.
     """
+    return _lookup(DIALECTS, "dialect", name)
+
+
+def _lookup(table: dict[str, T], kind: str, name: str) -> T:
     try:
-        return DIALECTS[name]
+        return table[name]
     except KeyError:
-        raise ValueError(f"unknown dialect {name!r}; use one of {sorted(DIALECTS)}") from None
+        raise ValueError(f"unknown {kind} {name!r}; use one of {sorted(table)}") from None

@@ -127,6 +127,7 @@ async def stream_events(
         deadline.close()
         raise
 
+    chunks: AsyncIterator[bytes] | None = None
     try:
         if not response.is_success:
             body = bytearray()
@@ -154,7 +155,8 @@ async def stream_events(
                 upstream_status=response.status_code,
             )
         decoder = SSEDecoder(settings.max_event_size)
-        next_chunk = response.aiter_bytes().__anext__
+        chunks = response.aiter_bytes()
+        next_chunk = chunks.__anext__
         first = True
         while True:
             try:
@@ -176,7 +178,13 @@ async def stream_events(
                 deadline.set(_later(loop.time(), settings.idle_timeout, total_at))
     finally:
         deadline.close()
-        await close_completely(response.aclose())
+        await close_completely(_close(chunks, response))
+
+
+async def _close(chunks: Any, response: httpx.Response) -> None:
+    if chunks is not None:
+        await chunks.aclose()
+    await response.aclose()
 
 
 def upstream_events(

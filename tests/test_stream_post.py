@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import socket
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from typing import Any
@@ -32,6 +33,18 @@ def make_app(**config: Any) -> Sanic[Any, Any]:
     for key, value in config.items():
         app.config[key] = value
     app.extend(extensions=[StreamPlus])
+    return app
+
+
+def relay_app(upstream_url: str, **config: Any) -> Sanic[Any, Any]:
+    """An app whose ``POST /s`` relays the upstream's chat completions stream."""
+    app = make_app(STREAMPLUS_UPSTREAM_URL=upstream_url, **config)
+
+    @app.post("/s")
+    @stream_post
+    async def handler(request: Request) -> Any:
+        return upstream_events(request, "/chat/completions", json=request.json)
+
     return app
 
 
@@ -187,16 +200,7 @@ async def test_heartbeat_keeps_a_silent_stream_alive_past_response_timeout() -> 
 
 async def test_first_event_timeout_before_commit_is_a_504() -> None:
     async with FakeUpstream(stall=3) as upstream:
-        app = make_app(
-            STREAMPLUS_UPSTREAM_URL=upstream.url,
-            STREAMPLUS_HEARTBEAT=0,
-            STREAMPLUS_FIRST_EVENT_TIMEOUT=0.3,
-        )
-
-        @app.post("/s")
-        @stream_post
-        async def handler(request: Request) -> Any:
-            return upstream_events(request, "/chat/completions", json=request.json)
+        app = relay_app(upstream.url, STREAMPLUS_HEARTBEAT=0, STREAMPLUS_FIRST_EVENT_TIMEOUT=0.3)
 
         async with serve_app(app) as url:
             response, raw = await post(url + "/s")
@@ -210,12 +214,7 @@ async def test_first_event_timeout_before_commit_is_a_504() -> None:
 
 async def test_idle_timeout_after_commit_is_an_error_frame() -> None:
     async with FakeUpstream(tokens=10, delay=0.001, stall=5, stall_after=3) as upstream:
-        app = make_app(STREAMPLUS_UPSTREAM_URL=upstream.url, STREAMPLUS_IDLE_TIMEOUT=0.3)
-
-        @app.post("/s")
-        @stream_post
-        async def handler(request: Request) -> Any:
-            return upstream_events(request, "/chat/completions", json=request.json)
+        app = relay_app(upstream.url, STREAMPLUS_IDLE_TIMEOUT=0.3)
 
         async with serve_app(app) as url:
             response, raw = await post(url + "/s")
@@ -230,15 +229,10 @@ async def test_idle_timeout_after_commit_is_an_error_frame() -> None:
 
 
 async def test_upstream_unreachable_is_a_502() -> None:
-    with __import__("socket").socket() as sock:
+    with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]  # nothing listens here once closed
-    app = make_app(STREAMPLUS_UPSTREAM_URL=f"http://127.0.0.1:{port}/v1")
-
-    @app.post("/s")
-    @stream_post
-    async def handler(request: Request) -> Any:
-        return upstream_events(request, "/chat/completions", json=request.json)
+    app = relay_app(f"http://127.0.0.1:{port}/v1")
 
     async with serve_app(app) as url:
         response, raw = await post(url + "/s")
