@@ -63,14 +63,17 @@ class EventTooLarge(StreamPlusError):
 
     Attributes:
         limit: the maximum event size in bytes.
+        events: the events completed by the same ``feed()`` call before the limit was hit
+            (a list of ``ServerSentEvent``), to be delivered before the error.
     """
 
     status = 502
     type = "event_too_large"
 
-    def __init__(self, limit: int) -> None:
+    def __init__(self, limit: int, events: list[Any] | None = None) -> None:
         super().__init__(f"an upstream event exceeded the maximum event size of {limit} bytes")
         self.limit = limit
+        self.events = events or []
 
 
 class UpstreamError(StreamPlusError):

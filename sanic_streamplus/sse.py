@@ -110,8 +110,9 @@ class SSEDecoder:
             list of :class:`ServerSentEvent`, possibly empty.
 
         Raises:
-            EventTooLarge: the current event exceeds ``max_event_size`` bytes. The decoder must
-                not be fed again after that.
+            EventTooLarge: the current event exceeds ``max_event_size`` bytes (each line ending
+                counted as one byte). Its ``events`` are the events this call completed before
+                that, so none is lost. The decoder must not be fed again after that.
         """
         if self._skip_lf and data:
             self._skip_lf = False
@@ -143,7 +144,7 @@ class SSEDecoder:
         self._partial = bytearray(rest)
         events = self._lines(complete.splitlines())
         if rest and self._block_size + len(rest) > self.max_event_size:
-            raise EventTooLarge(self.max_event_size)
+            raise EventTooLarge(self.max_event_size, events)
         return events
 
     def _lines(self, lines: list[bytes]) -> list[ServerSentEvent]:
@@ -157,7 +158,7 @@ class SSEDecoder:
                 continue
             self._block_size += len(line) + 1
             if self._block_size > limit:
-                raise EventTooLarge(limit)
+                raise EventTooLarge(limit, events)
             colon = line.find(b":")
             if colon == 0:
                 continue  # comment

@@ -19,6 +19,7 @@ import httpx
 from ._aio import Deadline, close_completely
 from .config import Settings
 from .errors import (
+    EventTooLarge,
     ExtensionMissing,
     UpstreamBadResponse,
     UpstreamDisconnected,
@@ -170,7 +171,12 @@ async def stream_events(
                     f"upstream connection broke mid-stream ({type(exc).__name__})",
                     upstream_status=response.status_code,
                 ) from None
-            events = decoder.feed(chunk)
+            try:
+                events = decoder.feed(chunk)
+            except EventTooLarge as exc:
+                for event in exc.events:
+                    yield event
+                raise
             if events:
                 first = False
                 for event in events:

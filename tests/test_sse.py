@@ -507,6 +507,16 @@ def test_limit_is_per_event_not_per_stream() -> None:
     assert len(events) == 1000
 
 
+@pytest.mark.parametrize(
+    "tail", [b"data: " + b"x" * 200, b"data: " + b"x" * 200 + b"\n", b"data: x\n" * 40]
+)
+def test_events_completed_before_the_limit_travel_with_the_error(tail: bytes) -> None:
+    decoder = SSEDecoder(max_event_size=100)
+    with pytest.raises(EventTooLarge) as caught:
+        decoder.feed(b"data: a\n\nid: 2\ndata: b\n\n" + tail)
+    assert [(e.data, e.last_event_id) for e in caught.value.events] == [("a", ""), ("b", "2")]
+
+
 # ------------------------------------------------------------------------------- linear cost
 
 

@@ -228,6 +228,20 @@ async def test_idle_timeout_after_commit_is_an_error_frame() -> None:
     assert closed is not None
 
 
+async def test_an_oversized_upstream_event_after_the_commit_point_is_an_error_frame() -> None:
+    async with FakeUpstream(tokens=3, delay=0.05, token_size=8192) as upstream:
+        app = relay_app(upstream.url, STREAMPLUS_MAX_EVENT_SIZE=4096)
+        async with serve_app(app) as url:
+            response, raw = await post(url + "/s")
+        closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
+    events = SSEDecoder().feed(raw)
+    assert response.status_code == 200
+    assert json.loads(events[0].data)["choices"][0]["delta"]["role"] == "assistant"
+    assert [e.event for e in events] == ["message", "error"]
+    assert json.loads(events[1].data)["error"]["type"] == "event_too_large"
+    assert closed is not None and not upstream.requests[-1].completed
+
+
 async def test_upstream_unreachable_is_a_502() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
