@@ -183,6 +183,7 @@ class _Connection(asyncio.Protocol):
                     return
                 self.current = request
                 self.server.requests.append(request)
+                self.server.arrived.set()
                 await self.respond(request)
                 self.current = None
 
@@ -271,6 +272,7 @@ class FakeUpstream:
         self.model = (model or FakeModel()).override(knobs)
         self.requests: list[UpstreamRequest] = []
         self.connections: set[_Connection] = set()
+        self.arrived = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -295,6 +297,23 @@ class FakeUpstream:
                     connection.transport.abort()
             await self._server.wait_closed()
             self._server = None
+
+    async def wait_requests(self, count: int, timeout: float) -> UpstreamRequest:
+        """Wait up to ``timeout`` seconds until ``count`` requests have arrived; return the last.
+
+        Raises:
+            TimeoutError: fewer than ``count`` requests arrived in time.
+        """
+        async def arrivals() -> None:
+            while len(self.requests) < count:
+                self.arrived.clear()
+                await self.arrived.wait()
+
+        try:
+            await asyncio.wait_for(arrivals(), timeout)
+        except asyncio.TimeoutError:
+            raise TimeoutError(f"{len(self.requests)} of {count} requests arrived") from None
+        return self.requests[-1]
 
     async def wait_closed(self, request: UpstreamRequest, timeout: float) -> float | None:
         """Wait up to ``timeout`` seconds for ``request``'s connection to close; return the

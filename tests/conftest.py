@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import itertools
+import socket
+import subprocess
 import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -14,7 +18,8 @@ from sanic import Sanic
 
 from sanic_streamplus.testing import FakeUpstream, serve_app
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "examples"))
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+sys.path.insert(0, str(EXAMPLES))
 
 Sanic.test_mode = True
 _names = itertools.count()
@@ -60,3 +65,37 @@ def completions_body(**fake: Any) -> dict[str, Any]:
     if fake:
         body["fake"] = fake
     return body
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def run_example(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+    """Run ``examples/chat_proxy.py`` as its own process on a free port; yield it and its URL
+    once it answers."""
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(EXAMPLES / "chat_proxy.py"),
+        *("--port", str(port), *args),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with httpx.AsyncClient() as client:
+            for _ in range(400):
+                try:
+                    await client.get(url + "/")
+                    break
+                except httpx.TransportError:
+                    assert process.returncode is None, "the example exited"
+                    await asyncio.sleep(0.05)
+        yield process, url
+    finally:
+        process.terminate()
+        await asyncio.wait_for(process.wait(), 10)

@@ -86,6 +86,20 @@ async def test_disconnect_closes_upstream_on_the_native_server(
     assert not [r for r in caplog.records if r.exc_info], "a disconnect logged a traceback"
 
 
+async def test_disconnect_before_the_first_event_closes_upstream(
+    upstream: FakeUpstream, proxy: str
+) -> None:
+    """Nothing committed yet: the proxy is waiting for the upstream's headers."""
+    import json
+
+    body = json.dumps(completions_body(stall=5)).encode()
+    _, writer = await open_stream(proxy, "/v1/chat/completions", body)
+    record = await upstream.wait_requests(1, timeout=5)
+    writer.close()
+    closed = await upstream.wait_closed(record, timeout=2.0)
+    assert closed is not None, "upstream still open 2 s after the client left"
+
+
 @contextlib.asynccontextmanager
 async def serve_uvicorn(upstream: FakeUpstream) -> AsyncIterator[str]:
     from chat_proxy import create_app
