@@ -123,6 +123,8 @@ class _Stream:
                 transport.set_write_buffer_limits(high=self.options.high_water_mark)
 
     async def write(self, data: bytes) -> None:
+        if self.response is None:
+            await self.commit()
         await self.response.send(data)
         now = self.last_write = self.loop.time()
         if self.first_byte is None:
@@ -137,7 +139,7 @@ class _Stream:
                     await asyncio.sleep(delay)
                     continue
                 await self.commit()
-                if self.response is None:
+                if self.response is None:  # sealed: the stream ended before it committed
                     return
                 await self.write(beat)
         except (Exception, asyncio.CancelledError):
@@ -217,8 +219,6 @@ async def relay(
         try:
             async for item in iterator:
                 event = to_event(item)
-                if stream.response is None:
-                    await stream.commit()
                 if dialect.is_end(event):
                     if fmt.writes_end:
                         await stream.write(fmt.encode(event))
@@ -228,12 +228,7 @@ async def relay(
             else:
                 if fmt.writes_end:
                     for event in dialect.end_events():
-                        if stream.response is None:
-                            await stream.commit()
                         await stream.write(fmt.encode(event))
-        except asyncio.CancelledError:
-            outcome, status = "client_disconnected", 499
-            raise
         except Exception as exc:
             error = to_stream_error(exc)
             outcome = _outcome(error)
