@@ -113,39 +113,20 @@ async def stream_events(
 
     request = client.build_request(method, url, json=json, content=content, headers=headers)
     deadline.set(_later(start, settings.first_event_timeout, total_at))
+    response: httpx.Response | None = None
+    chunks: AsyncIterator[bytes] | None = None
     try:
         try:
             response = await deadline.guard(client.send(request, stream=True))
         except TimeoutError:
             raise timeout(True) from None
-        except httpx.ConnectTimeout:
+        except httpx.TimeoutException:  # connect, pool or write: httpx's read timeout is off
             raise UpstreamTimeout("connect", settings.connect_timeout or 0.0) from None
-        except httpx.TimeoutException:
-            raise timeout(True) from None
         except httpx.TransportError as exc:
             raise UpstreamUnreachable(f"upstream unreachable ({type(exc).__name__})") from None
-    except BaseException:
-        deadline.close()
-        raise
-
-    chunks: AsyncIterator[bytes] | None = None
-    try:
+        assert response is not None
         if not response.is_success:
-            body = bytearray()
-            try:
-                async for chunk in response.aiter_bytes():
-                    body += chunk
-                    if len(body) >= _ERROR_BODY_LIMIT:
-                        break
-            except httpx.HTTPError:
-                pass
-            logger.warning(
-                "upstream %s %s answered %d: %s",
-                method,
-                request.url,
-                response.status_code,
-                bytes(body[:_ERROR_BODY_LIMIT]).decode("utf-8", "replace"),
-            )
+            await _log_refusal(response, deadline)
             raise UpstreamStatusError(
                 response.status_code, retry_after=response.headers.get("retry-after")
             )
@@ -184,12 +165,37 @@ async def stream_events(
                 deadline.set(_later(loop.time(), settings.idle_timeout, total_at))
     finally:
         deadline.close()
-        await close_completely(_close(chunks, response))
+        if response is not None:
+            await close_completely(_close(chunks, response))
 
 
-async def _close(chunks: Any, response: httpx.Response) -> None:
+async def _log_refusal(response: httpx.Response, deadline: Deadline) -> None:
+    """Log the start of a non-2xx upstream answer (read within the same deadline)."""
+
+    async def head() -> bytes:
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) >= _ERROR_BODY_LIMIT:
+                break
+        return bytes(body[:_ERROR_BODY_LIMIT])
+
+    try:
+        body = await deadline.guard(head())
+    except (TimeoutError, httpx.HTTPError):
+        body = b""
+    logger.warning(
+        "upstream %s %s answered %d: %s",
+        response.request.method,
+        response.request.url,
+        response.status_code,
+        body.decode("utf-8", "replace"),
+    )
+
+
+async def _close(chunks: AsyncIterator[bytes] | None, response: httpx.Response) -> None:
     if chunks is not None:
-        await chunks.aclose()
+        await chunks.aclose()  # type: ignore[attr-defined]
     await response.aclose()
 
 

@@ -228,6 +228,20 @@ async def test_idle_timeout_after_commit_is_an_error_frame() -> None:
     assert closed is not None
 
 
+async def test_total_timeout_cuts_a_long_stream_with_an_error_frame() -> None:
+    async with FakeUpstream(tokens=200, delay=0.02) as upstream:
+        app = relay_app(upstream.url, STREAMPLUS_TOTAL_TIMEOUT=0.5)
+        async with serve_app(app) as url:
+            response, raw = await post(url + "/s")
+        closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
+    events = SSEDecoder().feed(raw)
+    assert response.status_code == 200
+    assert 3 < len(events) < 200
+    error = json.loads(events[-1].data)["error"]
+    assert error["type"] == "upstream_timeout" and "total" in error["message"]
+    assert closed is not None and not upstream.requests[-1].completed
+
+
 async def test_an_oversized_upstream_event_after_the_commit_point_is_an_error_frame() -> None:
     async with FakeUpstream(tokens=3, delay=0.05, token_size=8192) as upstream:
         app = relay_app(upstream.url, STREAMPLUS_MAX_EVENT_SIZE=4096)
