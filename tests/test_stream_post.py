@@ -212,47 +212,50 @@ async def test_first_event_timeout_before_commit_is_a_504() -> None:
     assert closed is not None
 
 
-async def test_idle_timeout_after_commit_is_an_error_frame() -> None:
-    async with FakeUpstream(tokens=10, delay=0.001, stall=5, stall_after=3) as upstream:
-        app = relay_app(upstream.url, STREAMPLUS_IDLE_TIMEOUT=0.3)
-
+@pytest.mark.parametrize(
+    ("knobs", "config", "relayed", "error_type", "says"),
+    [
+        pytest.param(
+            {"tokens": 10, "delay": 0.001, "stall": 5, "stall_after": 3},
+            {"STREAMPLUS_IDLE_TIMEOUT": 0.3},
+            range(3, 4),
+            "upstream_timeout",
+            "idle",
+            id="idle-timeout",
+        ),
+        pytest.param(
+            {"tokens": 200, "delay": 0.02},
+            {"STREAMPLUS_TOTAL_TIMEOUT": 0.5},
+            range(3, 200),
+            "upstream_timeout",
+            "total",
+            id="total-timeout",
+        ),
+        pytest.param(
+            {"tokens": 3, "delay": 0.05, "token_size": 8192},
+            {"STREAMPLUS_MAX_EVENT_SIZE": 4096},
+            range(1, 2),
+            "event_too_large",
+            "maximum event size",
+            id="oversized-event",
+        ),
+    ],
+)
+async def test_upstream_failure_after_the_commit_point_is_an_error_frame(
+    knobs: dict[str, Any], config: dict[str, Any], relayed: range, error_type: str, says: str
+) -> None:
+    async with FakeUpstream(**knobs) as upstream:
+        app = relay_app(upstream.url, **config)
         async with serve_app(app) as url:
             response, raw = await post(url + "/s")
         closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
     events = SSEDecoder().feed(raw)
     assert response.status_code == 200
-    assert len(events) == 4
+    assert len(events) - 1 in relayed
+    assert all(e.event == "message" for e in events[:-1])
     assert events[-1].event == "error"
     error = json.loads(events[-1].data)["error"]
-    assert error["type"] == "upstream_timeout" and "idle" in error["message"]
-    assert closed is not None
-
-
-async def test_total_timeout_cuts_a_long_stream_with_an_error_frame() -> None:
-    async with FakeUpstream(tokens=200, delay=0.02) as upstream:
-        app = relay_app(upstream.url, STREAMPLUS_TOTAL_TIMEOUT=0.5)
-        async with serve_app(app) as url:
-            response, raw = await post(url + "/s")
-        closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
-    events = SSEDecoder().feed(raw)
-    assert response.status_code == 200
-    assert 3 < len(events) < 200
-    error = json.loads(events[-1].data)["error"]
-    assert error["type"] == "upstream_timeout" and "total" in error["message"]
-    assert closed is not None and not upstream.requests[-1].completed
-
-
-async def test_an_oversized_upstream_event_after_the_commit_point_is_an_error_frame() -> None:
-    async with FakeUpstream(tokens=3, delay=0.05, token_size=8192) as upstream:
-        app = relay_app(upstream.url, STREAMPLUS_MAX_EVENT_SIZE=4096)
-        async with serve_app(app) as url:
-            response, raw = await post(url + "/s")
-        closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
-    events = SSEDecoder().feed(raw)
-    assert response.status_code == 200
-    assert json.loads(events[0].data)["choices"][0]["delta"]["role"] == "assistant"
-    assert [e.event for e in events] == ["message", "error"]
-    assert json.loads(events[1].data)["error"]["type"] == "event_too_large"
+    assert error["type"] == error_type and says in error["message"]
     assert closed is not None and not upstream.requests[-1].completed
 
 
