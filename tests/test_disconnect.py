@@ -123,11 +123,17 @@ async def serve_uvicorn(upstream: FakeUpstream) -> AsyncIterator[str]:
 
 
 @pytest.mark.parametrize("path", ["/chat", "/v1/chat/completions"])
-async def test_disconnect_closes_upstream_under_uvicorn(upstream: FakeUpstream, path: str) -> None:
-    async with serve_uvicorn(upstream) as url:
-        delays = await disconnect_rounds(url, upstream, path)
+async def test_disconnect_closes_upstream_under_uvicorn(
+    upstream: FakeUpstream, path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    with caplog.at_level(logging.INFO):
+        async with serve_uvicorn(upstream) as url:
+            delays = await disconnect_rounds(url, upstream, path)
     assert max(delays) < 2.0
     assert len(upstream.connections) == 0
+    outcomes = [r.getMessage() for r in caplog.records if r.name == "sanic_streamplus"]
+    assert sum("outcome=client_disconnected" in m for m in outcomes) == ROUNDS
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR or r.exc_info]
 
 
 async def test_a_complete_stream_under_uvicorn(upstream: FakeUpstream) -> None:

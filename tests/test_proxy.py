@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import httpx
@@ -82,6 +83,17 @@ async def test_openai_sdk_streams_the_exact_upstream_text(proxy: str) -> None:
         text += chunk.choices[0].delta.content or ""
     await sdk.close()
     assert text == "".join(fake_tokens(12))
+
+
+async def test_sync_openai_sdk_streams_the_exact_upstream_text(proxy: str) -> None:
+    def sync_chat() -> str:
+        with openai.OpenAI(base_url=proxy + "/v1", api_key="anything", max_retries=0) as sdk:
+            stream = sdk.chat.completions.create(
+                model="fake", messages=[{"role": "user", "content": "hi"}], stream=True
+            )
+            return "".join(chunk.choices[0].delta.content or "" for chunk in stream)
+
+    assert await asyncio.to_thread(sync_chat) == "".join(fake_tokens(12))
 
 
 async def test_openai_sdk_sees_a_mid_stream_failure_as_an_error(proxy: str) -> None:
