@@ -13,6 +13,7 @@ from .decorators import stream_post
 from .errors import (
     EventTooLarge,
     ExtensionMissing,
+    InvalidRequest,
     StreamPlusError,
     UpstreamBadResponse,
     UpstreamDisconnected,
@@ -30,6 +31,7 @@ __version__ = "0.1.0"
 __all__ = [
     "EventTooLarge",
     "ExtensionMissing",
+    "InvalidRequest",
     "SSEDecoder",
     "ServerSentEvent",
     "StreamPlus",

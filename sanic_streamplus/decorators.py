@@ -14,7 +14,7 @@ from sanic_ext.extensions.openapi import openapi
 from sanic_ext.extensions.openapi.builders import OperationStore
 
 from .config import Settings
-from .errors import ExtensionMissing, StreamPlusError
+from .errors import ExtensionMissing, InvalidRequest
 from .framing import get_dialect, get_format
 from .relay import StreamOptions, error_response, relay, to_stream_error
 
@@ -39,12 +39,6 @@ def _options(request: Request, settings: Settings, overrides: dict[str, Any]) ->
         heartbeat=heartbeat or None,
         high_water_mark=overrides.get("high_water_mark") or settings.high_water_mark,
     )
-
-
-def _bad_request(message: str) -> HTTPResponse:
-    error = StreamPlusError(message)
-    error.status, error.type = 400, "invalid_request"
-    return error_response(error)
 
 
 @overload
@@ -128,7 +122,7 @@ def stream_post(
                 except Exception:
                     body = None
                 if body is None:
-                    return _bad_request("the request body must be a JSON document")
+                    return error_response(InvalidRequest("the request body must be JSON"))
             options = _options(request, state.settings, overrides)
             try:
                 if is_generator:

@@ -3,6 +3,7 @@
 Catch the class that says what you can act on::
 
     StreamPlusError                  base of everything this package raises
+    ├── InvalidRequest               the downstream request is bad (400, or a Sanic error's 4xx)
     ├── EventTooLarge                an SSE event grew past the decoder's maximum event size
     ├── UpstreamError                the upstream failed; carries the upstream HTTP status if any
     │   ├── UpstreamUnreachable      connecting to the upstream failed
@@ -24,6 +25,7 @@ from typing import Any
 __all__ = [
     "EventTooLarge",
     "ExtensionMissing",
+    "InvalidRequest",
     "StreamPlusError",
     "UpstreamBadResponse",
     "UpstreamDisconnected",
@@ -52,6 +54,21 @@ class StreamPlusError(Exception):
         super().__init__(message)
         self.message = message
         self.upstream_status = upstream_status
+
+
+class InvalidRequest(StreamPlusError):
+    """The downstream request is bad: not JSON, or refused by the handler with a 4xx.
+
+    Attributes:
+        status: 400 unless given (e.g. the status of a Sanic ``NotFound``).
+    """
+
+    status = 400
+    type = "invalid_request"
+
+    def __init__(self, message: str, *, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 class EventTooLarge(StreamPlusError):

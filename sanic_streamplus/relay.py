@@ -31,7 +31,13 @@ from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
 from ._aio import close_completely
-from .errors import StreamPlusError, UpstreamStatusError, UpstreamTimeout, error_body
+from .errors import (
+    InvalidRequest,
+    StreamPlusError,
+    UpstreamStatusError,
+    UpstreamTimeout,
+    error_body,
+)
 from .framing import Dialect, Format, to_event
 
 __all__ = ["StreamOptions", "error_response", "relay", "to_stream_error"]
@@ -61,18 +67,15 @@ class StreamOptions:
 def to_stream_error(exc: BaseException) -> StreamPlusError:
     """Map any exception to the :class:`StreamPlusError` the client is told about.
 
-    A ``StreamPlusError`` is itself; a Sanic ``SanicException`` (e.g. ``BadRequest`` raised by a
-    handler) keeps its status and message; anything else is an ``internal_error`` (HTTP 500)
-    whose message says nothing of the cause; the caller logs the traceback.
+    A ``StreamPlusError`` is itself; a 4xx Sanic ``SanicException`` (e.g. ``BadRequest`` raised
+    by a handler) becomes an :class:`InvalidRequest` with its status and message; anything else
+    is an ``internal_error`` (HTTP 500) whose message says nothing of the cause (the caller logs
+    the traceback).
     """
     if isinstance(exc, StreamPlusError):
         return exc
-    if isinstance(exc, SanicException):
-        status = int(exc.status_code)
-        error = StreamPlusError(str(exc.message or exc) if status < 500 else "server error")
-        error.status = status
-        error.type = "invalid_request" if status < 500 else "internal_error"
-        return error
+    if isinstance(exc, SanicException) and int(exc.status_code) < 500:
+        return InvalidRequest(str(exc.message or exc), status=int(exc.status_code))
     return StreamPlusError("internal server error")
 
 
