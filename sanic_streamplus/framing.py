@@ -19,6 +19,7 @@ The ``ndjson`` and ``text`` formats carry no end marker: only ``sse`` writes ``[
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -95,6 +96,23 @@ class OpenAIDialect(Dialect):
 DIALECTS: dict[str, Dialect] = {"plain": Dialect(), "openai": OpenAIDialect()}
 
 
+def encode_ndjson(event: ServerSentEvent) -> bytes:
+    """One JSON value and LF: the data itself when it is a JSON object or array, else
+    ``{"event": type, "data": data}`` (plus ``"id"`` when set)."""
+    data = event.data
+    if event.event == "message" and data[:1] in ("{", "[") and "\n" not in data:
+        return data.encode("utf-8", "replace") + b"\n"
+    obj: dict[str, str] = {"event": event.event, "data": data}
+    if event.id is not None:
+        obj["id"] = event.id
+    return _DUMPS(obj).encode("utf-8", "replace") + b"\n"
+
+
+def encode_text(event: ServerSentEvent) -> bytes:
+    """The data alone, nothing between events."""
+    return event.data.encode("utf-8", "replace")
+
+
 @dataclass(frozen=True)
 class Format:
     """An output format.
@@ -102,40 +120,23 @@ class Format:
     Attributes:
         name: ``sse``, ``ndjson`` or ``text``.
         content_type: the response ``Content-Type``.
+        encode: turns one event into its bytes (``sse``: :func:`sanic_streamplus.sse.encode`,
+            ``ndjson``: :func:`encode_ndjson`, ``text``: :func:`encode_text`).
         heartbeat: the bytes written while idle, or None if the format has no way to say nothing.
         writes_end: whether the dialect's end events are written.
     """
 
     name: str
     content_type: str
+    encode: Callable[[ServerSentEvent], bytes]
     heartbeat: bytes | None
     writes_end: bool
 
-    def encode(self, event: ServerSentEvent) -> bytes:
-        """The bytes of ``event`` in this format.
-
-        - ``sse``: the event stream encoding (:func:`sanic_streamplus.sse.encode`);
-        - ``ndjson``: one JSON value and LF: the data itself when it is a JSON object or array,
-          else ``{"event": type, "data": data}`` (plus ``"id"`` when set);
-        - ``text``: the data alone, nothing between events.
-        """
-        if self.name == "sse":
-            return encode(event)
-        data = event.data
-        if self.name == "text":
-            return data.encode("utf-8", "replace")
-        if event.event == "message" and data[:1] in ("{", "[") and "\n" not in data:
-            return data.encode("utf-8", "replace") + b"\n"
-        obj: dict[str, str] = {"event": event.event, "data": data}
-        if event.id is not None:
-            obj["id"] = event.id
-        return _DUMPS(obj).encode("utf-8", "replace") + b"\n"
-
 
 _FORMATS = {
-    "sse": Format("sse", "text/event-stream; charset=utf-8", encode_comment("ping"), True),
-    "ndjson": Format("ndjson", "application/x-ndjson", b"\n", False),
-    "text": Format("text", "text/plain; charset=utf-8", None, False),
+    "sse": Format("sse", "text/event-stream; charset=utf-8", encode, encode_comment("ping"), True),
+    "ndjson": Format("ndjson", "application/x-ndjson", encode_ndjson, b"\n", False),
+    "text": Format("text", "text/plain; charset=utf-8", encode_text, None, False),
 }
 
 

@@ -207,6 +207,7 @@ async def relay(
     """
     stream = _Stream(request, options)
     fmt, dialect = options.format, options.dialect
+    encode = fmt.encode  # chosen once per stream
     task = asyncio.current_task()
     assert task is not None
     helpers: list[asyncio.Task[None]] = []
@@ -224,14 +225,14 @@ async def relay(
                 event = to_event(item)
                 if dialect.is_end(event):
                     if fmt.writes_end:
-                        await stream.write(fmt.encode(event))
+                        await stream.write(encode(event))
                     break
-                await stream.write(fmt.encode(event))
+                await stream.write(encode(event))
                 stream.events += 1
             else:
                 if fmt.writes_end:
                     for event in dialect.end_events():
-                        await stream.write(fmt.encode(event))
+                        await stream.write(encode(event))
         except Exception as exc:
             error = to_stream_error(exc)
             outcome = _outcome(error)
@@ -248,7 +249,7 @@ async def relay(
             status = error.status
             return error_response(error)
         for event in dialect.error_events(error):
-            await stream.write(fmt.encode(event))
+            await stream.write(encode(event))
         await stream.response.eof()
         return None
     except asyncio.CancelledError:
