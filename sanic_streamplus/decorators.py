@@ -138,7 +138,7 @@ def stream_post(
                         )
             except Exception as exc:
                 error = to_stream_error(exc)
-                if error.type == "internal_error":
+                if error.outcome == "internal_error":
                     logger.exception("stream handler failed", exc_info=exc)
                 return error_response(error)
             return await relay(request, source, options)

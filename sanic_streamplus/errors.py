@@ -45,10 +45,13 @@ class StreamPlusError(Exception):
         type: short machine-readable error type (str), used in JSON bodies and error frames.
         message: human-readable message (str); never contains a stack trace or a secret.
         upstream_status: the upstream's HTTP status (int) when one is known, else None.
+        outcome: the stream outcome logged for it (str): ``internal_error`` here (a bug: the
+            traceback is logged), ``invalid_request``, ``upstream_error`` or ``timeout``.
     """
 
     status: int = 500
     type: str = "internal_error"
+    outcome: str = "internal_error"
 
     def __init__(self, message: str, *, upstream_status: int | None = None) -> None:
         super().__init__(message)
@@ -65,6 +68,7 @@ class InvalidRequest(StreamPlusError):
 
     status = 400
     type = "invalid_request"
+    outcome = "invalid_request"
 
     def __init__(self, message: str, *, status: int = 400) -> None:
         super().__init__(message)
@@ -86,6 +90,7 @@ class EventTooLarge(StreamPlusError):
 
     status = 502
     type = "event_too_large"
+    outcome = "upstream_error"
 
     def __init__(self, limit: int, events: list[Any] | None = None) -> None:
         super().__init__(f"an upstream event exceeded the maximum event size of {limit} bytes")
@@ -98,6 +103,7 @@ class UpstreamError(StreamPlusError):
 
     status = 502
     type = "upstream_error"
+    outcome = "upstream_error"
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -151,6 +157,7 @@ class UpstreamTimeout(UpstreamError):
 
     status = 504
     type = "upstream_timeout"
+    outcome = "timeout"
 
     def __init__(self, phase: str, seconds: float) -> None:
         super().__init__(f"upstream {phase.replace('_', ' ')} timeout ({seconds:g} s) expired")

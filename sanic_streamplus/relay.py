@@ -35,7 +35,6 @@ from .errors import (
     InvalidRequest,
     StreamPlusError,
     UpstreamStatusError,
-    UpstreamTimeout,
     error_body,
 )
 from .framing import Dialect, Format, to_event
@@ -85,14 +84,6 @@ def error_response(error: StreamPlusError) -> HTTPResponse:
     if isinstance(error, UpstreamStatusError) and error.retry_after:
         headers["Retry-After"] = error.retry_after
     return json(error_body(error), status=error.status, headers=headers)
-
-
-def _outcome(error: StreamPlusError) -> str:
-    if isinstance(error, UpstreamTimeout):
-        return "timeout"
-    if error.type in ("internal_error", "invalid_request"):
-        return error.type
-    return "upstream_error"
 
 
 class _Stream:
@@ -235,8 +226,8 @@ async def relay(
                         await stream.write(encode(event))
         except Exception as exc:
             error = to_stream_error(exc)
-            outcome = _outcome(error)
-            if error.type == "internal_error":
+            outcome = error.outcome
+            if outcome == "internal_error":
                 logger.exception("stream handler failed", exc_info=exc)
         for helper in helpers:
             helper.cancel()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import socket
 import struct
@@ -44,8 +45,6 @@ async def read_until(reader: asyncio.StreamReader, marker: bytes, count: int) ->
 
 async def disconnect_rounds(url: str, upstream: FakeUpstream, path: str) -> list[float]:
     """Disconnect ROUNDS times after 1..ROUNDS events; return the close delays in seconds."""
-    import json
-
     make = chat_body if path == "/chat" else completions_body
     body = json.dumps(make(tokens=1000, delay=0.01)).encode()
     delays = []
@@ -90,8 +89,6 @@ async def test_disconnect_before_the_first_event_closes_upstream(
     upstream: FakeUpstream, proxy: str
 ) -> None:
     """Nothing committed yet: the proxy is waiting for the upstream's headers."""
-    import json
-
     body = json.dumps(completions_body(stall=5)).encode()
     _, writer = await open_stream(proxy, "/v1/chat/completions", body)
     record = await upstream.wait_requests(1, timeout=5)
