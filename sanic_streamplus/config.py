@@ -8,9 +8,10 @@ from typing import Any
 
 from .sse import DEFAULT_MAX_EVENT_SIZE
 
-__all__ = ["FORMATS", "Settings"]
+__all__ = ["FORMATS", "TRANSPORTS", "Settings"]
 
 FORMATS = ("sse", "ndjson", "text")
+TRANSPORTS = ("aiohttp", "httpcore")
 
 
 def _seconds(value: Any) -> float | None:
@@ -42,6 +43,10 @@ class Settings:
         max_connections: size of the shared client's connection pool.
         format: default output format: ``sse``, ``ndjson`` or ``text``.
         dialect: default dialect for termination and error frames: ``plain`` or ``openai``.
+        transport: what carries the shared ``httpx.AsyncClient``'s requests: ``aiohttp``
+            (httpx-aiohttp's ``AiohttpTransport``, the default: about a fifth of the CPU per
+            upstream read, see docs/benchmarks.md) or ``httpcore`` (httpx's stock transport).
+            The client's API, timeouts and errors are httpx's either way.
     """
 
     upstream_url: str | None = None
@@ -56,6 +61,7 @@ class Settings:
     max_connections: int = 1000
     format: str = "sse"
     dialect: str = "plain"
+    transport: str = "aiohttp"
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> Settings:
@@ -84,4 +90,8 @@ class Settings:
         settings = cls(**values)
         if settings.format not in FORMATS:
             raise ValueError(f"STREAMPLUS_FORMAT must be one of {FORMATS}, not {settings.format!r}")
+        if settings.transport not in TRANSPORTS:
+            raise ValueError(
+                f"STREAMPLUS_TRANSPORT must be one of {TRANSPORTS}, not {settings.transport!r}"
+            )
         return settings

@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import httpx
+from httpx_aiohttp import AiohttpTransport
 
 from ._aio import Deadline, close_completely
 from .config import Settings
@@ -41,21 +42,35 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
     The client's base URL is ``settings.upstream_url``; ``settings.upstream_api_key`` is sent as
     ``Authorization: Bearer``. Its read timeout is off: the first-event, idle and total timeouts
     of :func:`stream_events` replace it, because they must not count time spent waiting for a slow
-    client to drain.
+    client to drain. ``settings.transport`` picks what carries the requests: ``aiohttp``
+    (httpx-aiohttp's ``AiohttpTransport``) or ``httpcore`` (httpx's own).
     """
     headers = {"Accept": "text/event-stream"}
     if settings.upstream_api_key:
         headers["Authorization"] = f"Bearer {settings.upstream_api_key}"
     connect = settings.connect_timeout
+    limits = httpx.Limits(
+        max_connections=settings.max_connections,
+        max_keepalive_connections=min(settings.max_connections, 100),
+    )
+    transport = AiohttpTransport(limits=limits) if settings.transport == "aiohttp" else None
     return httpx.AsyncClient(
         base_url=settings.upstream_url or "",
         headers=headers,
         timeout=httpx.Timeout(connect=connect, read=None, write=connect, pool=connect),
-        limits=httpx.Limits(
-            max_connections=settings.max_connections,
-            max_keepalive_connections=min(settings.max_connections, 100),
-        ),
+        limits=limits,
+        transport=transport,
     )
+
+
+def _timed_out(exc: httpx.TimeoutException) -> bool:
+    """True if a connect-phase ``TimeoutException`` really is a timeout.
+
+    httpx-aiohttp maps every aiohttp ``ClientConnectionError`` (a refused connection included)
+    to ``httpx.ConnectTimeout``; its cause tells a real timeout from a refusal.
+    """
+    cause = exc.__cause__
+    return cause is None or isinstance(cause, asyncio.TimeoutError)
 
 
 def _later(now: float, limit: float | None, total_at: float | None) -> float | None:
@@ -120,7 +135,11 @@ async def stream_events(
             response = await deadline.guard(client.send(request, stream=True))
         except TimeoutError:
             raise timeout(True) from None
-        except httpx.TimeoutException:  # connect, pool or write: httpx's read timeout is off
+        except httpx.TimeoutException as exc:  # connect, pool or write: read timeout is off
+            if not _timed_out(exc):
+                raise UpstreamUnreachable(
+                    f"upstream unreachable ({type(exc.__cause__).__name__})"
+                ) from None
             raise UpstreamTimeout("connect", settings.connect_timeout or 0.0) from None
         except httpx.TransportError as exc:
             raise UpstreamUnreachable(f"upstream unreachable ({type(exc).__name__})") from None

@@ -16,6 +16,7 @@ import httpx
 import pytest
 from sanic import Sanic
 
+from sanic_streamplus.config import TRANSPORTS
 from sanic_streamplus.testing import FakeUpstream, serve_app
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
@@ -30,8 +31,17 @@ def app_name(prefix: str = "app") -> str:
     return f"{prefix}_{next(_names)}"
 
 
+@pytest.fixture(params=TRANSPORTS)
+def transport(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Every test that talks to an upstream runs once per upstream transport: Sanic reads
+    ``SANIC_STREAMPLUS_TRANSPORT`` into ``app.config`` for apps made in-process and in examples
+    run as subprocesses."""
+    monkeypatch.setenv("SANIC_STREAMPLUS_TRANSPORT", request.param)
+    return str(request.param)
+
+
 @pytest.fixture
-async def upstream() -> AsyncIterator[FakeUpstream]:
+async def upstream(transport: str) -> AsyncIterator[FakeUpstream]:
     async with FakeUpstream(tokens=12, delay=0.002) as fake:
         yield fake
 

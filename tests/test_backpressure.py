@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from conftest import completions_body, run_example
 
 from sanic_streamplus.testing import FakeUpstream
@@ -28,6 +29,7 @@ def rss_bytes(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.usefixtures("transport")
 async def test_slow_client_on_a_100_mb_stream_keeps_proxy_memory_bounded() -> None:
     async with (
         FakeUpstream(tokens=TOKENS, delay=0, token_size=TOKEN_SIZE) as upstream,

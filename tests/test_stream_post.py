@@ -177,6 +177,7 @@ async def test_handler_errors_before_and_after_the_commit_point() -> None:
     assert b"secret" not in after_raw
 
 
+@pytest.mark.usefixtures("transport")
 async def test_heartbeat_keeps_a_silent_stream_alive_past_response_timeout() -> None:
     async with FakeUpstream(tokens=3, delay=0.01, stall=2.5) as upstream:
         app = make_app(
@@ -198,6 +199,7 @@ async def test_heartbeat_keeps_a_silent_stream_alive_past_response_timeout() -> 
     assert len(events) == 3 + 3
 
 
+@pytest.mark.usefixtures("transport")
 async def test_first_event_timeout_before_commit_is_a_504() -> None:
     async with FakeUpstream(stall=3) as upstream:
         app = relay_app(upstream.url, STREAMPLUS_HEARTBEAT=0, STREAMPLUS_FIRST_EVENT_TIMEOUT=0.3)
@@ -212,6 +214,7 @@ async def test_first_event_timeout_before_commit_is_a_504() -> None:
     assert closed is not None
 
 
+@pytest.mark.usefixtures("transport")
 @pytest.mark.parametrize(
     ("knobs", "config", "relayed", "error_type", "says"),
     [
@@ -259,6 +262,7 @@ async def test_upstream_failure_after_the_commit_point_is_an_error_frame(
     assert closed is not None and not upstream.requests[-1].completed
 
 
+@pytest.mark.usefixtures("transport")
 async def test_upstream_unreachable_is_a_502() -> None:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -271,6 +275,7 @@ async def test_upstream_unreachable_is_a_502() -> None:
     assert json.loads(raw)["error"]["type"] == "upstream_unreachable"
 
 
+@pytest.mark.usefixtures("transport")
 async def test_a_generator_handler_closes_its_upstream_when_the_client_leaves() -> None:
     async with FakeUpstream(tokens=500, delay=0.01) as upstream:
         app = make_app(STREAMPLUS_UPSTREAM_URL=upstream.url)
@@ -329,6 +334,7 @@ async def test_openapi_documents_the_route_as_an_event_stream() -> None:
     assert "text/event-stream" in operation["responses"]["200"]["content"]
 
 
+@pytest.mark.usefixtures("transport")
 async def test_tokens_flow_before_the_upstream_finishes(client: httpx.AsyncClient) -> None:
     """The first token reaches the client long before the slow upstream is done."""
     async with FakeUpstream(tokens=20, delay=0.1) as upstream:
