@@ -87,7 +87,14 @@ def error_response(error: StreamPlusError) -> HTTPResponse:
 
 
 class _Stream:
-    """The state of one relayed stream (see :func:`relay`)."""
+    """The state of one relayed stream (see :func:`relay`).
+
+    The relay task ``put()``s encoded events; one writer task owns the response and sends
+    everything that is waiting in one ``send()``. It runs whenever the relay task waits (for the
+    upstream, typically), so the events of one upstream read leave in one write, and a lone event
+    leaves at once. The same task writes heartbeats when the stream has been silent for
+    ``heartbeat`` seconds, and makes the commit (status line and headers).
+    """
 
     def __init__(self, request: Request, options: StreamOptions) -> None:
         self.request = request
@@ -96,48 +103,114 @@ class _Stream:
         self.started = self.last_write = self.loop.time()
         self.first_byte: float | None = None
         self.response: Any = None
-        self.sealed = False  # no commit may happen any more
+        self.sealed = False  # no heartbeat may commit any more
         self.commit_lock = asyncio.Lock()
         self.disconnected = False
         self.events = 0
         self.bytes = 0
+        self.pending: list[bytes] = []
+        self.pending_size = 0
+        self.wake = asyncio.Event()  # the writer has something to do
+        self.taken = asyncio.Event()  # the writer took the pending batch
+        self.closing = False
+        self.failure: BaseException | None = None
+        self.beat = options.format.heartbeat if options.heartbeat else None
+        self.beat_due = False
+        self.timer: asyncio.TimerHandle | None = None
+        if self.beat is not None:
+            self.timer = self.loop.call_at(self.started + options.heartbeat, self._check_beat)
+        self.writer = asyncio.ensure_future(self._write_loop())
+
+    def put(self, data: bytes) -> None:
+        """Queue ``data`` for the writer (no wait; see :meth:`backpressure`).
+
+        Raises:
+            BaseException: the writer failed (e.g. Sanic's ``RequestCancelled``).
+        """
+        if self.failure is not None:
+            raise self.failure
+        self.pending.append(data)
+        self.pending_size += len(data)
+        if not self.wake.is_set():
+            self.wake.set()
+
+    async def backpressure(self) -> None:
+        """Wait while a full batch (``high_water_mark`` bytes) waits for the writer."""
+        while self.pending_size >= self.options.high_water_mark and self.failure is None:
+            self.taken.clear()
+            await self.taken.wait()
+        if self.failure is not None:
+            raise self.failure
 
     async def commit(self) -> None:
-        async with self.commit_lock:
-            if self.response is not None or self.sealed:
-                return
-            request = self.request
-            self.response = await request.respond(
-                status=200,
-                headers=_STREAM_HEADERS,
-                content_type=self.options.format.content_type,
-            )
-            transport = request.transport
-            if hasattr(transport, "set_write_buffer_limits"):
-                transport.set_write_buffer_limits(high=self.options.high_water_mark)
+        request = self.request
+        self.response = await request.respond(
+            status=200, headers=_STREAM_HEADERS, content_type=self.options.format.content_type
+        )
+        transport = request.transport
+        if hasattr(transport, "set_write_buffer_limits"):
+            transport.set_write_buffer_limits(high=self.options.high_water_mark)
 
-    async def write(self, data: bytes) -> None:
-        if self.response is None:
-            await self.commit()
+    async def _write_loop(self) -> None:
+        try:
+            while True:
+                await self.wake.wait()
+                self.wake.clear()
+                if self.pending:
+                    pending = self.pending
+                    data = pending[0] if len(pending) == 1 else b"".join(pending)
+                    self.pending = []
+                    self.pending_size = 0
+                    self.taken.set()
+                    if self.response is None:
+                        async with self.commit_lock:
+                            await self.commit()
+                    await self._send(data)
+                elif self.beat_due and self.beat is not None:
+                    async with self.commit_lock:
+                        if self.response is None and not self.sealed:
+                            await self.commit()
+                    if self.response is not None:
+                        await self._send(self.beat)
+                self.beat_due = False
+                if self.closing and not self.pending:
+                    return
+        except BaseException as exc:  # handed to the relay task, which reports it
+            self.failure = exc
+            self.taken.set()
+
+    async def _send(self, data: bytes) -> None:
         await self.response.send(data)
         now = self.last_write = self.loop.time()
         if self.first_byte is None:
             self.first_byte = now
         self.bytes += len(data)
 
-    async def heartbeats(self, interval: float, beat: bytes) -> None:
-        try:
-            while True:
-                delay = self.last_write + interval - self.loop.time()
-                if delay > 0:
-                    await asyncio.sleep(delay)
-                    continue
-                await self.commit()
-                if self.response is None:  # sealed: the stream ended before it committed
-                    return
-                await self.write(beat)
-        except (Exception, asyncio.CancelledError):
-            return  # the main task sees the same failure and reports it
+    def _check_beat(self) -> None:
+        assert self.options.heartbeat is not None
+        due = self.last_write + self.options.heartbeat
+        now = self.loop.time()
+        if now >= due:
+            self.beat_due = True
+            self.wake.set()
+            due = now + self.options.heartbeat
+        self.timer = self.loop.call_at(due, self._check_beat)
+
+    async def flush(self) -> None:
+        """Let the writer send everything queued, then stop it (commits an empty stream).
+
+        Raises:
+            BaseException: the writer failed.
+        """
+        if self.timer is not None:
+            self.timer.cancel()
+        self.closing = True
+        self.wake.set()
+        await asyncio.shield(self.writer)
+        if self.failure is not None:
+            raise self.failure
+        if self.response is None:
+            await self.commit()
 
     async def watch_disconnect(self, task: asyncio.Task[Any]) -> None:
         """ASGI only: Sanic never notices ``http.disconnect``, so wait for it here."""
@@ -150,10 +223,16 @@ class _Stream:
                 return
 
     async def seal(self) -> bool:
-        """Forbid any further commit; return True if the response was committed."""
+        """Forbid a heartbeat to commit; return True if the response is committed, or has
+        events queued (they go out, so the stream counts as committed)."""
         async with self.commit_lock:
             self.sealed = True
-            return self.response is not None
+            return self.response is not None or bool(self.pending)
+
+    def stop(self) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+        self.writer.cancel()
 
     def log(self, outcome: str, status: int) -> None:
         now = self.loop.time()
@@ -199,13 +278,10 @@ async def relay(
     stream = _Stream(request, options)
     fmt, dialect = options.format, options.dialect
     encode = fmt.encode  # chosen once per stream
+    put, limit = stream.put, options.high_water_mark
     task = asyncio.current_task()
     assert task is not None
-    helpers: list[asyncio.Task[None]] = []
-    if options.heartbeat and fmt.heartbeat is not None:
-        helpers.append(asyncio.ensure_future(stream.heartbeats(options.heartbeat, fmt.heartbeat)))
-    if _is_asgi(request):
-        helpers.append(asyncio.ensure_future(stream.watch_disconnect(task)))
+    watcher = asyncio.ensure_future(stream.watch_disconnect(task)) if _is_asgi(request) else None
 
     iterator = source.__aiter__()
     outcome, status = "completed", 200
@@ -216,31 +292,29 @@ async def relay(
                 event = to_event(item)
                 if dialect.is_end(event):
                     if fmt.writes_end:
-                        await stream.write(encode(event))
+                        put(encode(event))
                     break
-                await stream.write(encode(event))
+                put(encode(event))
                 stream.events += 1
+                if stream.pending_size >= limit:
+                    await stream.backpressure()
             else:
                 if fmt.writes_end:
                     for event in dialect.end_events():
-                        await stream.write(encode(event))
+                        put(encode(event))
         except Exception as exc:
             error = to_stream_error(exc)
             outcome = error.outcome
             if outcome == "internal_error":
                 logger.exception("stream handler failed", exc_info=exc)
-        for helper in helpers:
-            helper.cancel()
-        if error is None:
-            if stream.response is None:  # an empty source: commit so the client gets a body
-                await stream.commit()
-            await stream.response.eof()
-            return None
-        if not await stream.seal():
-            status = error.status
-            return error_response(error)
-        for event in dialect.error_events(error):
-            await stream.write(encode(event))
+        if error is not None:
+            if not await stream.seal():
+                status = error.status
+                stream.stop()
+                return error_response(error)
+            for event in dialect.error_events(error):
+                put(encode(event))
+        await stream.flush()
         await stream.response.eof()
         return None
     except asyncio.CancelledError:
@@ -252,8 +326,9 @@ async def relay(
             return None
         raise
     finally:
-        for helper in helpers:
-            helper.cancel()
+        stream.stop()
+        if watcher is not None:
+            watcher.cancel()
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await close_completely(aclose())
