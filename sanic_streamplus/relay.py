@@ -117,7 +117,7 @@ class _Stream:
         self.beat = options.format.heartbeat if options.heartbeat else None
         self.beat_due = False
         self.timer: asyncio.TimerHandle | None = None
-        if self.beat is not None:
+        if self.beat is not None and options.heartbeat:
             self.timer = self.loop.call_at(self.started + options.heartbeat, self._check_beat)
         self.writer = asyncio.ensure_future(self._write_loop())
 
