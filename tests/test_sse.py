@@ -765,6 +765,9 @@ _TOKENS = st.sampled_from(
         b"\x85",
         b"Data",
         b"-",
+        b"data: ",  # these three build the blocks the decoder's fast path takes
+        b"data: x\n\n",
+        "data: \u00e9\n\n".encode(),
     ]
 )
 streams = st.one_of(
@@ -802,3 +805,34 @@ def test_small_limit_only_raises_event_too_large_and_chunking_agrees(
             assert error.limit == limit
             outcomes.append(None)
     assert outcomes[0] == outcomes[1] == outcomes[2]
+
+
+_BLOCKS = st.sampled_from(
+    [
+        b"data: x\n\n",
+        "data: \u00e9\n\n".encode(),
+        b"data: [DONE]\n\n",
+        b"data: \xc3",
+        b"data: a",
+        b"\n",
+        b"\n\n",
+        b"\r\n",
+        b"event: e\n",
+        b": comment\n",
+        b"id: 1\n",
+        b"data:y\n\n",
+        BOM,
+    ]
+)
+
+
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(stream=st.lists(_BLOCKS, max_size=40).map(b"".join), data=st.data())
+def test_fast_path_blocks_agree_with_reference_algorithm(
+    stream: bytes, data: st.DataObject
+) -> None:
+    """Streams made mostly of one-``data:``-line blocks, which the decoder takes in bulk."""
+    expected = reference(stream)
+    assert run([stream]) == expected
+    assert run(random_chunks(data, stream)) == expected
+    assert run(bytewise(stream)) == expected
