@@ -151,7 +151,14 @@ def main() -> None:
         heartbeat=args.heartbeat,
         first_event_timeout=args.first_event_timeout,
     )
-    app.run(host=args.host, port=args.port, single_process=True, access_log=False, motd=False)
+    app.run(
+        host=args.host,
+        port=args.port,
+        single_process=True,
+        access_log=False,
+        motd=False,
+        backlog=2048,  # a burst of new streams must not overflow the accept queue
+    )
 
 
 if __name__ == "__main__":

@@ -156,7 +156,8 @@ async def stream_events(
                 upstream_status=response.status_code,
             )
         decoder = SSEDecoder(settings.max_event_size)
-        chunks = response.aiter_bytes()
+        encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
+        chunks = response.aiter_bytes() if encoded else response.aiter_raw()  # one layer less
         next_chunk = chunks.__anext__
         first = True
         while True:

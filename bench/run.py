@@ -1,0 +1,645 @@
+"""sanic-streamplus against the alternatives, side by side, in one run.
+
+    .venv/bin/pip install -e ".[bench]"
+    .venv/bin/python bench/run.py [--quick] [--json PATH] [--chart PATH] [--peers a,b,...]
+
+Starts one upstream (``bench/upstream.py``) and every peer on its own 127.0.0.1 port, all
+forwarding ``POST /v1/chat/completions`` to that upstream: ``direct`` (no proxy: the limit),
+``nginx`` (``proxy_buffering off``, when nginx is installed), ``sse-starlette``, ``aiohttp``,
+``naive-sanic`` and ``streamplus`` (the example proxy's pass-through route) with
+``streamplus-transform`` (its ``/chat`` route: JSON parse of every chunk, re-emitted as token
+events). Each scenario runs its peers interleaved (A B C … then again in a rotated order) so that
+machine noise hits all of them alike, and takes the median over rounds. Every stream is verified
+(``bench/client.py``): a peer that loses or mangles an event is flagged, and not timed.
+
+CPU is the proxy process tree's own run time (``/proc/<pid>/task/*/schedstat``, nanoseconds),
+memory its resident set (``VmRSS``). Ratios are the headline: absolute figures depend on the
+machine. ``--quick`` runs in under a minute, the full run in under ten.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import os
+import platform
+import random
+import resource
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import client
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+CHAT = "/v1/chat/completions"
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def tree(pid: int) -> list[int]:
+    """``pid`` and all its descendants."""
+    pids, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        pids.append(current)
+        for task in Path(f"/proc/{current}/task").glob("*/children"):
+            with contextlib.suppress(OSError):
+                todo.extend(int(child) for child in task.read_text().split())
+    return pids
+
+
+def cpu_seconds(pid: int) -> float:
+    """Run time of the process tree of ``pid`` so far, in seconds (all threads)."""
+    total = 0
+    for member in tree(pid):
+        for stat in Path(f"/proc/{member}/task").glob("*/schedstat"):
+            with contextlib.suppress(OSError, ValueError):
+                total += int(stat.read_text().split()[0])
+    return total / 1e9
+
+
+def rss_bytes(pid: int) -> int:
+    """Resident set of the process tree of ``pid``, in bytes."""
+    total = 0
+    for member in tree(pid):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{member}/status").read_text().splitlines():
+                if line.startswith("VmRSS:"):
+                    total += int(line.split()[1]) * 1024
+    return total
+
+
+async def wait_port(port: int, process: subprocess.Popen[bytes] | None, name: str) -> None:
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError(f"{name} exited with {process.returncode} before listening")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            return
+        except OSError:
+            await asyncio.sleep(0.05)
+    raise RuntimeError(f"{name} did not listen on {port} within 30 s")
+
+
+@dataclass
+class Peer:
+    """One way of serving the stream: a process (None for ``direct``), its port and route."""
+
+    name: str
+    port: int
+    path: str = CHAT
+    pid: int | None = None
+    transform: bool = False
+
+
+@dataclass
+class Fleet:
+    upstream_port: int
+    upstream_pid: int
+    peers: list[Peer]
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+
+PEER_SCRIPTS = {
+    "sse-starlette": "bench/peers/starlette_sse.py",
+    "aiohttp": "bench/peers/aiohttp_proxy.py",
+    "naive-sanic": "bench/peers/naive_sanic.py",
+}
+ALL_PEERS = [
+    "direct",
+    "nginx",
+    "sse-starlette",
+    "aiohttp",
+    "naive-sanic",
+    "streamplus",
+    "streamplus-transform",
+]
+
+
+@contextlib.asynccontextmanager
+async def fleet(names: list[str], workdir: str, env: dict[str, str]) -> Any:
+    processes: list[subprocess.Popen[bytes]] = []
+
+    def spawn(args: list[str], extra_env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        process = subprocess.Popen(
+            args,
+            cwd=ROOT,
+            env={**os.environ, **env, **(extra_env or {})},
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        processes.append(process)
+        return process
+
+    try:
+        upstream_port = free_port()
+        up = spawn([PY, "bench/upstream.py", "--port", str(upstream_port)])
+        await wait_port(upstream_port, up, "upstream")
+        url = f"http://127.0.0.1:{upstream_port}/v1"
+        peers: list[Peer] = []
+        streamplus: Peer | None = None
+        for name in names:
+            if name == "direct":
+                peers.append(Peer(name, upstream_port))
+                continue
+            if name == "streamplus-transform":
+                if streamplus is None:
+                    raise SystemExit("streamplus-transform needs the streamplus peer")
+                peers.append(Peer(name, streamplus.port, "/chat", streamplus.pid, True))
+                continue
+            port = free_port()
+            if name == "nginx":
+                from peers import nginx
+
+                if not nginx.nginx_available():
+                    print("nginx is not installed: its column is left out", file=sys.stderr)
+                    continue
+                process = nginx.start_nginx(port, url, tempfile.mkdtemp(dir=workdir))
+                processes.append(process)
+            elif name == "streamplus":
+                process = spawn(
+                    [PY, "examples/chat_proxy.py", "--port", str(port), "--upstream", url],
+                    {"SANIC_STREAMPLUS_MAX_CONNECTIONS": "4000"},
+                )
+            elif name in PEER_SCRIPTS:
+                process = spawn([PY, PEER_SCRIPTS[name], "--port", str(port), "--upstream", url])
+            else:
+                raise SystemExit(f"unknown peer {name!r}; peers: {', '.join(ALL_PEERS)}")
+            await wait_port(port, process, name)
+            peer = Peer(name, port, pid=process.pid)
+            peers.append(peer)
+            if name == "streamplus":
+                streamplus = peer
+        yield Fleet(upstream_port, up.pid, peers, processes)
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            try:
+                process.wait(3)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+# --- scenarios ------------------------------------------------------------------------------
+
+Metrics = dict[str, float]
+
+
+class Failed(Exception):
+    """A peer lost or mangled a stream: its figures for this run are not kept."""
+
+
+def checked(results: list[client.Result]) -> list[client.Result]:
+    bad = [result for result in results if not result.ok]
+    if bad:
+        raise Failed(f"{len(bad)}/{len(results)} streams failed: {bad[0].error}")
+    return results
+
+
+@contextlib.contextmanager
+def cpu(peer: Peer) -> Iterator[dict[str, float]]:
+    """Measure the peer's CPU seconds over the block (0 for ``direct``)."""
+    out: dict[str, float] = {}
+    before = cpu_seconds(peer.pid) if peer.pid else 0.0
+    yield out
+    out["cpu"] = (cpu_seconds(peer.pid) - before) if peer.pid else 0.0
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+async def one_stream(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
+    """One stream as fast as possible, repeated until enough time has passed to measure."""
+    events, budget = (20_000, 0.4) if quick else (50_000, 1.5)
+    total_events, elapsed = 0, 0.0
+    with cpu(peer) as used:
+        while elapsed < budget:
+            (result,) = checked(
+                [
+                    await client.stream(
+                        peer.port, peer.path, {"events": events}, transform=peer.transform
+                    )
+                ]
+            )
+            assert result.ended_at is not None
+            elapsed += result.ended_at - result.sent_at
+            total_events += events
+    return {
+        "events_per_s": total_events / elapsed,
+        "cpu_us_per_event": used["cpu"] / total_events * 1e6,
+    }
+
+
+async def concurrent(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
+    """100 streams at once, each as fast as possible."""
+    streams, events = 100, (200 if quick else 1000)
+    with cpu(peer) as used:
+        started = time.monotonic()
+        results = checked(
+            await asyncio.gather(
+                *(
+                    client.stream(
+                        peer.port, peer.path, {"events": events}, transform=peer.transform
+                    )
+                    for _ in range(streams)
+                )
+            )
+        )
+        elapsed = time.monotonic() - started
+    total = sum(result.events for result in results)
+    return {"events_per_s": total / elapsed, "cpu_us_per_event": used["cpu"] / total * 1e6}
+
+
+async def paced(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
+    """200 streams, each one event every 50 ms (one event per upstream write)."""
+    streams, interval = 200, 0.05
+    events = 30 if quick else 100
+    knobs = {"events": events, "interval": interval}
+
+    async def start(delay: float) -> client.Result:
+        await asyncio.sleep(delay)
+        return await client.stream(
+            peer.port, peer.path, knobs, transform=peer.transform, stamps=True, read_size=16384
+        )
+
+    with cpu(peer) as used:
+        results = checked(
+            await asyncio.gather(*(start(interval * i / streams) for i in range(streams)))
+        )
+    latencies = [latency for result in results for latency in result.latencies]
+    if len(latencies) < streams * events * 0.9:
+        raise Failed(f"only {len(latencies)} of {streams * events} events carried a stamp")
+    ttfbs = [result.ttfb for result in results if result.ttfb is not None]
+    total = sum(result.events for result in results)
+    return {
+        "cpu_us_per_event": used["cpu"] / total * 1e6,
+        "latency_p50_ms": percentile(latencies, 0.5) * 1e3,
+        "latency_p99_ms": percentile(latencies, 0.99) * 1e3,
+        "ttfb_p50_ms": percentile(ttfbs, 0.5) * 1e3,
+        "ttfb_p99_ms": percentile(ttfbs, 0.99) * 1e3,
+    }
+
+
+async def slow_client(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
+    """A client reading 128 KB every 4 ms from a fast upstream sending 64 KB events."""
+    if peer.pid is None:
+        return {}
+    size = 65536
+    events = (20 if quick else 100) * (1 << 20) // size
+    before = rss_bytes(peer.pid)
+    peak = before
+    task = asyncio.ensure_future(
+        client.stream(
+            peer.port,
+            peer.path,
+            {"events": events, "size": size},
+            transform=peer.transform,
+            read_size=131072,
+            read_pause=0.004,
+        )
+    )
+    while not task.done():
+        peak = max(peak, rss_bytes(peer.pid))
+        await asyncio.sleep(0.02)
+    checked([task.result()])
+    return {"rss_growth_mb": (peak - before) / (1 << 20), "upstream_mb": events * size / (1 << 20)}
+
+
+async def disconnects(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
+    """Clients that leave after 3 events: how long until the upstream sees its connection close."""
+    count = 20 if quick else 50
+    prefix = f"{peer.name}-{time.monotonic_ns()}-"
+    gone: dict[str, float] = {}
+    for i in range(count):
+        tag = f"{prefix}{i}"
+        (result,) = checked(
+            [
+                await client.stream(
+                    peer.port,
+                    peer.path,
+                    {"events": 10_000, "interval": 0.005, "tag": tag},
+                    transform=peer.transform,
+                    disconnect_after=3,
+                )
+            ]
+        )
+        assert result.disconnected_at is not None
+        gone[tag] = result.disconnected_at
+    deadline = time.monotonic() + 2.0
+    while True:
+        closed = (await client.get_json(fleet_.upstream_port, "/stats"))["closed"]
+        if all(tag in closed for tag in gone) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    delays = [closed[tag] - at for tag, at in gone.items() if tag in closed]
+    return {
+        "close_p50_ms": percentile(delays, 0.5) * 1e3 if delays else float("nan"),
+        "close_p99_ms": percentile(delays, 0.99) * 1e3 if delays else float("nan"),
+        "leaked": float(count - len(delays)),
+    }
+
+
+async def idle(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
+    """Many open streams that got one event and then nothing: resident memory per stream."""
+    if peer.pid is None:
+        return {}
+    count = 200 if quick else 1000
+    release = asyncio.Event()
+    arrived = 0
+    all_arrived = asyncio.Event()
+
+    async def held() -> None:
+        nonlocal arrived
+        arrived += 1
+        if arrived == count:
+            all_arrived.set()
+        await release.wait()
+
+    before = rss_bytes(peer.pid)
+    tasks = [
+        asyncio.ensure_future(
+            client.stream(
+                peer.port,
+                peer.path,
+                {"events": 1, "hold": True},
+                transform=peer.transform,
+                hold=held,
+            )
+        )
+        for _ in range(count)
+    ]
+    try:
+        await asyncio.wait_for(all_arrived.wait(), 60)
+    except TimeoutError:
+        release.set()
+        await asyncio.gather(*tasks)
+        raise Failed(f"only {arrived} of {count} idle streams got their first event") from None
+    await asyncio.sleep(0.5)
+    during = rss_bytes(peer.pid)
+    release.set()
+    checked(await asyncio.gather(*tasks))
+    return {"rss_kb_per_stream": (during - before) / count / 1024}
+
+
+Scenario = Callable[[Peer, Fleet, bool], Awaitable[Metrics]]
+SCENARIOS: dict[str, tuple[Scenario, int]] = {  # name: (function, rounds in a full run)
+    "one_stream": (one_stream, 3),
+    "concurrent_100": (concurrent, 3),
+    "paced_200x20": (paced, 3),
+    "slow_client": (slow_client, 1),
+    "disconnect": (disconnects, 1),
+    "idle": (idle, 1),
+}
+
+
+async def run(args: argparse.Namespace) -> dict[str, Any]:
+    names = args.peers.split(",") if args.peers else ALL_PEERS
+    chosen = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
+    report: dict[str, Any] = {
+        "mode": "quick" if args.quick else "full",
+        "machine": {
+            "cpus": os.cpu_count(),
+            "python": platform.python_version(),
+            "platform": platform.platform(),
+        },
+        "scenarios": {},
+    }
+    with tempfile.TemporaryDirectory() as workdir:
+        async with fleet(names, workdir, {}) as fl:
+            # warm every peer up (imports, pools, JIT-free but cache-warm)
+            for peer in fl.peers:
+                checked(
+                    await asyncio.gather(
+                        *(
+                            client.stream(
+                                peer.port, peer.path, {"events": 200}, transform=peer.transform
+                            )
+                            for _ in range(4)
+                        )
+                    )
+                )
+            for name in chosen:
+                function, full_rounds = SCENARIOS[name]
+                rounds = 1 if args.quick else full_rounds
+                runs: dict[str, list[Metrics]] = {peer.name: [] for peer in fl.peers}
+                failures: dict[str, str] = {}
+                started = time.monotonic()
+                for round_ in range(rounds):
+                    order = fl.peers[round_ % len(fl.peers) :] + fl.peers[: round_ % len(fl.peers)]
+                    for peer in order:
+                        print(f"  {name} round {round_ + 1}/{rounds}: {peer.name}", file=sys.stderr)
+                        try:
+                            metrics = await function(peer, fl, args.quick)
+                        except Failed as exc:
+                            failures[peer.name] = str(exc)
+                            continue
+                        if metrics:
+                            runs[peer.name].append(metrics)
+                report["scenarios"][name] = {
+                    "seconds": round(time.monotonic() - started, 1),
+                    "peers": {
+                        peer: {
+                            key: statistics.median(run_[key] for run_ in peer_runs)
+                            for key in peer_runs[0]
+                        }
+                        | {"runs": len(peer_runs)}
+                        for peer, peer_runs in runs.items()
+                        if peer_runs
+                    },
+                    "failures": failures,
+                }
+                print(table(name, report["scenarios"][name]), file=sys.stderr)
+    report["headline"] = headline(report["scenarios"])
+    return report
+
+
+# --- reporting ------------------------------------------------------------------------------
+
+
+def table(name: str, scenario: dict[str, Any]) -> str:
+    peers = scenario["peers"]
+    keys = [key for key in next(iter(peers.values()), {}) if key != "runs"]
+    lines = [
+        f"\n{name} ({scenario['seconds']} s)",
+        "  " + "peer".ljust(22) + "".join(key.rjust(18) for key in keys),
+    ]
+    for peer, metrics in peers.items():
+        lines.append(
+            "  "
+            + peer.ljust(22)
+            + "".join(f"{metrics.get(key, float('nan')):18.2f}" for key in keys)
+        )
+    for peer, why in scenario["failures"].items():
+        lines.append(f"  {peer.ljust(22)}FAILED: {why}")
+    return "\n".join(lines)
+
+
+def ratio(scenarios: dict[str, Any], scenario: str, metric: str, a: str, b: str) -> float | None:
+    peers = scenarios.get(scenario, {}).get("peers", {})
+    if a not in peers or b not in peers or not peers[b].get(metric):
+        return None
+    return float(peers[a][metric] / peers[b][metric])
+
+
+def added(scenarios: dict[str, Any], metric: str, peer: str) -> float | None:
+    """Latency a peer adds over ``direct`` in the paced scenario (ms)."""
+    peers = scenarios.get("paced_200x20", {}).get("peers", {})
+    if peer not in peers or "direct" not in peers:
+        return None
+    return float(peers[peer][metric] - peers["direct"][metric])
+
+
+def headline(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
+    """The issue's targets, each as a measured ratio against its bound."""
+    rows: list[dict[str, Any]] = []
+
+    def target(what: str, value: float | None, bound: float) -> None:
+        rows.append(
+            {
+                "target": what,
+                "measured": None if value is None else round(value, 3),
+                "bound": bound,
+                "met": None if value is None else value <= bound,
+            }
+        )
+
+    sp, tr = "streamplus", "streamplus-transform"
+    cpu = "cpu_us_per_event"
+    target(
+        "one stream: CPU/event vs aiohttp", ratio(scenarios, "one_stream", cpu, sp, "aiohttp"), 0.2
+    )
+    target(
+        "one stream: CPU/event vs sse-starlette",
+        ratio(scenarios, "one_stream", cpu, sp, "sse-starlette"),
+        0.05,
+    )
+    events_ratio = ratio(scenarios, "one_stream", "events_per_s", "aiohttp", sp)
+    target("one stream: aiohttp events/s vs ours", events_ratio, 0.25)
+    target(
+        "transform: CPU/event vs aiohttp pass-through",
+        ratio(scenarios, "one_stream", cpu, tr, "aiohttp"),
+        0.5,
+    )
+    target(
+        "200x20: CPU/event vs aiohttp", ratio(scenarios, "paced_200x20", cpu, sp, "aiohttp"), 0.6
+    )
+    target("200x20: CPU/event vs nginx", ratio(scenarios, "paced_200x20", cpu, sp, "nginx"), 1.5)
+    ours, theirs = (
+        added(scenarios, "latency_p99_ms", sp),
+        added(scenarios, "latency_p99_ms", "nginx"),
+    )
+    target(
+        "200x20: added latency p99 vs nginx's",
+        None if ours is None or theirs is None else ours / max(theirs, 0.01),
+        1.5,
+    )
+    target(
+        "200x20: TTFB p99 vs aiohttp",
+        ratio(scenarios, "paced_200x20", "ttfb_p99_ms", sp, "aiohttp"),
+        1.0,
+    )
+    disconnect = scenarios.get("disconnect", {}).get("peers", {}).get(sp, {})
+    target("disconnect: close p99 (ms)", disconnect.get("close_p99_ms"), 10.0)
+    target("disconnect: leaks", disconnect.get("leaked"), 0.0)
+    slow = scenarios.get("slow_client", {}).get("peers", {}).get(sp, {})
+    target("slow client: RSS growth (MB)", slow.get("rss_growth_mb"), 2.0)
+    target(
+        "idle: RSS/stream vs aiohttp",
+        ratio(scenarios, "idle", "rss_kb_per_stream", sp, "aiohttp"),
+        1.0,
+    )
+    return rows
+
+
+def headline_table(rows: list[dict[str, Any]]) -> str:
+    lines = ["\nheadline (streamplus; ratio = ours / theirs unless stated)"]
+    for row in rows:
+        met = {True: "met", False: "MISSED", None: "n/a"}[row["met"]]
+        value = "-" if row["measured"] is None else f"{row['measured']:.3f}"
+        lines.append(f"  {row['target']:<48}{value:>10}  <= {row['bound']:<6} {met}")
+    return "\n".join(lines)
+
+
+def chart(report: dict[str, Any], path: str) -> None:
+    """Bar charts of CPU per event and idle memory per stream, one panel per scenario."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [
+        ("one_stream", "cpu_us_per_event", "one stream: CPU µs per event"),
+        ("paced_200x20", "cpu_us_per_event", "200 streams × 20 ev/s: CPU µs per event"),
+        ("paced_200x20", "latency_p99_ms", "200 × 20: latency p99 (ms)"),
+        ("idle", "rss_kb_per_stream", "idle streams: RSS KB per stream"),
+    ]
+    figure, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.6))
+    for axis, (scenario, metric, title) in zip(axes, panels, strict=True):
+        peers = report["scenarios"].get(scenario, {}).get("peers", {})
+        names = [name for name in peers if metric in peers[name] and name != "direct"]
+        values = [peers[name][metric] for name in names]
+        colors = ["#d62728" if name.startswith("streamplus") else "#7f7f7f" for name in names]
+        axis.barh(names, values, color=colors)
+        axis.set_title(title, fontsize=9)
+        axis.invert_yaxis()
+        axis.tick_params(labelsize=8)
+    figure.suptitle(f"sanic-streamplus vs alternatives ({report['mode']} run, lower is better)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
+    parser.add_argument("--json", help="write the results here as JSON")
+    parser.add_argument("--chart", help="write a PNG chart here (needs matplotlib)")
+    parser.add_argument("--peers", help=f"comma-separated subset of {','.join(ALL_PEERS)}")
+    parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    args = parser.parse_args()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 16384), hard), hard))
+    random.seed(0)
+    started = time.monotonic()
+    try:
+        import uvloop
+
+        report = uvloop.run(run(args))
+    except ImportError:
+        report = asyncio.run(run(args))
+    report["seconds"] = round(time.monotonic() - started, 1)
+    print(headline_table(report["headline"]))
+    print(f"\n{report['mode']} run: {report['seconds']} s")
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.chart:
+        chart(report, args.chart)
+
+
+if __name__ == "__main__":
+    main()
