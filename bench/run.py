@@ -136,6 +136,7 @@ ALL_PEERS = [
     "streamplus",
     "streamplus-transform",
 ]
+OPTIONAL_PEERS = ["streamplus-httpcore"]  # httpx's stock transport, for comparison
 
 
 @contextlib.asynccontextmanager
@@ -178,15 +179,20 @@ async def fleet(names: list[str], workdir: str, env: dict[str, str]) -> Any:
                     continue
                 process = nginx.start_nginx(port, url, tempfile.mkdtemp(dir=workdir))
                 processes.append(process)
-            elif name == "streamplus":
+            elif name in ("streamplus", "streamplus-httpcore"):
+                transport = "httpcore" if name.endswith("httpcore") else "aiohttp"
                 process = spawn(
                     [PY, "examples/chat_proxy.py", "--port", str(port), "--upstream", url],
-                    {"SANIC_STREAMPLUS_MAX_CONNECTIONS": "4000"},
+                    {
+                        "SANIC_STREAMPLUS_MAX_CONNECTIONS": "4000",
+                        "SANIC_STREAMPLUS_TRANSPORT": transport,
+                    },
                 )
             elif name in PEER_SCRIPTS:
                 process = spawn([PY, PEER_SCRIPTS[name], "--port", str(port), "--upstream", url])
             else:
-                raise SystemExit(f"unknown peer {name!r}; peers: {', '.join(ALL_PEERS)}")
+                known = ", ".join(ALL_PEERS + OPTIONAL_PEERS)
+                raise SystemExit(f"unknown peer {name!r}; peers: {known}")
             await wait_port(port, process, name)
             peer = Peer(name, port, pid=process.pid)
             peers.append(peer)
@@ -367,7 +373,7 @@ async def disconnects(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
 
 async def idle(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
     """Many open streams that got one event and then nothing: resident memory per stream."""
-    if peer.pid is None:
+    if peer.pid is None or peer.transform:  # no proxy; or the same process as streamplus
         return {}
     count = 200 if quick else 1000
     release = asyncio.Event()
@@ -409,18 +415,19 @@ async def idle(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
 
 Scenario = Callable[[Peer, Fleet, bool], Awaitable[Metrics]]
 SCENARIOS: dict[str, tuple[Scenario, int]] = {  # name: (function, rounds in a full run)
+    "idle": (idle, 1),  # first: before the other scenarios have grown every heap
     "one_stream": (one_stream, 3),
     "concurrent_100": (concurrent, 3),
     "paced_200x20": (paced, 3),
     "slow_client": (slow_client, 1),
     "disconnect": (disconnects, 1),
-    "idle": (idle, 1),
 }
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     names = args.peers.split(",") if args.peers else ALL_PEERS
     chosen = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
+    scenarios = [name for name in chosen if name in SCENARIOS]
     report: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "machine": {
@@ -444,7 +451,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                     )
                 )
-            for name in chosen:
+            for name in scenarios:
                 function, full_rounds = SCENARIOS[name]
                 rounds = 1 if args.quick else full_rounds
                 runs: dict[str, list[Metrics]] = {peer.name: [] for peer in fl.peers}
@@ -475,7 +482,12 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     "failures": failures,
                 }
                 print(table(name, report["scenarios"][name]), file=sys.stderr)
-    report["headline"] = headline(report["scenarios"])
+    if not args.scenarios or "decoder" in chosen:
+        import decoder
+
+        print("  decoder: ours vs httpx-sse", file=sys.stderr)
+        report["decoder"] = decoder.run(args.quick)
+    report["headline"] = headline(report["scenarios"], report.get("decoder"))
     return report
 
 
@@ -515,7 +527,7 @@ def added(scenarios: dict[str, Any], metric: str, peer: str) -> float | None:
     return float(peers[peer][metric] - peers["direct"][metric])
 
 
-def headline(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
+def headline(scenarios: dict[str, Any], decoding: dict[str, Any] | None) -> list[dict[str, Any]]:
     """The issue's targets, each as a measured ratio against its bound."""
     rows: list[dict[str, Any]] = []
 
@@ -574,6 +586,19 @@ def headline(scenarios: dict[str, Any]) -> list[dict[str, Any]]:
         ratio(scenarios, "idle", "rss_kb_per_stream", sp, "aiohttp"),
         1.0,
     )
+    if decoding is not None:
+        chunks = decoding["throughput"]["chunks"]
+        target(
+            "decoder: httpx-sse MB/s vs ours (4 KB chunks)",
+            1 / chunks["4096"]["ratio_ours_over_httpx_sse"],
+            round(1 / 3, 3),
+        )
+        for size, linear in decoding["linear"]["chunks"].items():
+            target(
+                f"decoder: 10x bigger event, time x ({size} B chunks)",
+                linear.get("ours_median_ratio"),
+                15.0,
+            )
     return rows
 
 
@@ -584,6 +609,27 @@ def headline_table(rows: list[dict[str, Any]]) -> str:
         value = "-" if row["measured"] is None else f"{row['measured']:.3f}"
         lines.append(f"  {row['target']:<48}{value:>10}  <= {row['bound']:<6} {met}")
     return "\n".join(lines)
+
+
+def markdown(report: dict[str, Any]) -> str:
+    """The headline and every scenario's table, as Markdown (medians over rounds)."""
+    lines = ["| target | measured | bound | |", "|---|---:|---:|---|"]
+    for row in report["headline"]:
+        met = {True: "met", False: "**missed**", None: "n/a"}[row["met"]]
+        value = "-" if row["measured"] is None else f"{row['measured']:.3f}"
+        lines.append(f"| {row['target']} | {value} | ≤ {row['bound']} | {met} |")
+    for name, scenario in report["scenarios"].items():
+        peers = scenario["peers"]
+        keys = [key for key in next(iter(peers.values()), {}) if key != "runs"]
+        lines += ["", f"**{name}** ({scenario['seconds']} s)", ""]
+        lines.append("| peer | " + " | ".join(keys) + " | runs |")
+        lines.append("|---|" + "---:|" * (len(keys) + 1))
+        for peer, metrics in peers.items():
+            cells = " | ".join(f"{metrics.get(key, float('nan')):.2f}" for key in keys)
+            lines.append(f"| {peer} | {cells} | {metrics['runs']} |")
+        for peer, why in scenario["failures"].items():
+            lines.append(f"| {peer} | failed: {why} |")
+    return "\n".join(lines) + "\n"
 
 
 def chart(report: dict[str, Any], path: str) -> None:
@@ -619,8 +665,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a smaller run, under a minute")
     parser.add_argument("--json", help="write the results here as JSON")
     parser.add_argument("--chart", help="write a PNG chart here (needs matplotlib)")
-    parser.add_argument("--peers", help=f"comma-separated subset of {','.join(ALL_PEERS)}")
-    parser.add_argument("--scenarios", help=f"comma-separated subset of {','.join(SCENARIOS)}")
+    parser.add_argument("--markdown", help="write the tables here as Markdown")
+    parser.add_argument(
+        "--peers", help=f"comma-separated, of {','.join(ALL_PEERS + OPTIONAL_PEERS)}"
+    )
+    parser.add_argument(
+        "--scenarios", help=f"comma-separated subset of {','.join([*SCENARIOS, 'decoder'])}"
+    )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 16384), hard), hard))
@@ -639,6 +690,8 @@ def main() -> None:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.chart:
         chart(report, args.chart)
+    if args.markdown:
+        Path(args.markdown).write_text(markdown(report))
 
 
 if __name__ == "__main__":
