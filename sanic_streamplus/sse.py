@@ -142,10 +142,18 @@ class SSEDecoder:
             self._partial += complete
             complete = bytes(self._partial)
         events, used = self._fast_blocks(complete)
-        if used:  # the unfinished block waits, unparsed, so the next chunk starts at a block
-            rest = complete[used:] + rest
-        else:
+        if not used:
             events = self._lines(complete.splitlines())
+        elif _only_data_lines(tail := complete[used:]):
+            # the start of the next block waits, unparsed, so the next chunk starts at a block:
+            # data lines have no effect before their blank line, so this changes nothing
+            rest = tail + rest
+        else:
+            try:
+                events += self._lines(tail.splitlines())
+            except EventTooLarge as exc:
+                exc.events = events + exc.events
+                raise
         self._partial = bytearray(rest)
         if rest and self._block_size + len(rest) > self.max_event_size:
             raise EventTooLarge(self.max_event_size, events)
@@ -230,6 +238,13 @@ class SSEDecoder:
         self._block_retry = None
         self._block_size = 0
         return event
+
+
+def _only_data_lines(lines: bytes) -> bool:
+    """True if ``lines`` (LF-terminated) are all ``data: `` lines (True for none)."""
+    return b"\r" not in lines and lines.count(b"\n") == lines.count(b"\ndata: ") + (
+        lines.startswith(b"data: ")
+    )
 
 
 def _check_field(name: str, value: str) -> None:

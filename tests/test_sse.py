@@ -836,3 +836,19 @@ def test_fast_path_blocks_agree_with_reference_algorithm(
     assert run([stream]) == expected
     assert run(random_chunks(data, stream)) == expected
     assert run(bytewise(stream)) == expected
+
+
+@pytest.mark.parametrize(
+    "stream",
+    [
+        b"data: x\n\nid: 1\n\r\n",  # a CRLF blank line after a bulk block still dispatches now
+        b"data: x\n\ndata: y\r\n\r\n",
+        b"data: x\n\nretry: 5\n",  # retry takes effect at once, not at the next blank line
+        b"data: x\n\ndata: y\n",
+    ],
+)
+def test_lines_after_a_bulk_block_take_effect_in_the_same_feed(stream: bytes) -> None:
+    decoder = SSEDecoder()
+    events = decoder.feed(stream)
+    expected = reference(stream)
+    assert (events, decoder.last_event_id, decoder.retry) == expected
