@@ -37,8 +37,8 @@ class Settings:
         total_timeout: a whole upstream stream.
         heartbeat: interval of heartbeat comments while the stream is idle; kept below half of
             Sanic's ``RESPONSE_TIMEOUT``, which cuts a stream that writes nothing for that long.
-        high_water_mark: the client transport's write-buffer high-water mark in bytes; ``send()``
-            waits for the buffer to drain below it before the next upstream read.
+        high_water_mark: the client transport's write-buffer high-water mark in bytes, and the
+            most bytes queued for one write; the next upstream read waits until they drain.
         max_event_size: largest upstream event accepted, in bytes.
         max_connections: size of the shared client's connection pool.
         format: default output format: ``sse``, ``ndjson`` or ``text``.

@@ -6,9 +6,13 @@
   heartbeat that is due, whichever comes first. A failure before that is a real HTTP status with a
   JSON body ``{"error": {"type", "message", "upstream_status"}}``; after it, an error frame in the
   stream's dialect, then a clean end.
-- **backpressure**: each write awaits ``response.send()``, which returns only once the client's
-  transport has drained below its high-water mark; the next event is pulled only after that, so
-  a slow client slows the upstream read and memory stays bounded.
+- **batched writes**: one writer task per stream sends everything queued in one ``send()``; it runs
+  whenever the relay waits (for the upstream, typically), so all the events of one upstream read
+  leave in one write and a lone event leaves at once.
+- **backpressure**: once ``high_water_mark`` bytes are queued, the relay waits for the writer to
+  take them before it pulls the next event, and the writer's ``send()`` returns only once the
+  client's transport has drained below its high-water mark: a slow client slows the upstream read
+  and memory stays bounded.
 - **heartbeats**: a comment (``: ping``) whenever nothing was written for ``heartbeat`` seconds.
 - **disconnects**: the source is closed the moment the client goes away (Sanic cancels the
   handler; under ASGI the relay watches for ``http.disconnect`` itself), and the close completes
