@@ -180,10 +180,11 @@ class SSEDecoder:
             or head.count(b"\ndata: ") + head.startswith(b"data: ") != blocks
         ):
             return [], 0
+        limit = self.max_event_size
+        if len(head) > limit and max(map(len, head.split(b"\n\n"))) >= limit:
+            return [], 0  # a block of ``limit`` bytes or more: _lines raises at the exact event
         parts = head.decode("utf-8", "replace").split("\n\n")
         del parts[-1]
-        if len(head) > self.max_event_size and max(map(len, parts)) >= self.max_event_size:
-            return [], 0  # let _lines raise EventTooLarge at the exact event
         last_id = self.last_event_id = self._id_buffer
         return [ServerSentEvent(part[6:], "message", None, None, last_id) for part in parts], cut
 

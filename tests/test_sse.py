@@ -852,3 +852,11 @@ def test_lines_after_a_bulk_block_take_effect_in_the_same_feed(stream: bytes) ->
     events = decoder.feed(stream)
     expected = reference(stream)
     assert (events, decoder.last_event_id, decoder.retry) == expected
+
+
+def test_the_bulk_path_counts_the_event_size_in_bytes_not_characters() -> None:
+    """120 bytes of data in 60 two-byte characters passes a 100-byte limit by neither count."""
+    stream = ("data: " + "\u00e9" * 60 + "\n\n").encode()
+    for chunks in ([stream], bytewise(stream)):
+        with pytest.raises(EventTooLarge):
+            run(chunks, max_event_size=100)
