@@ -118,11 +118,12 @@ class _Stream:
         self.taken = asyncio.Event()  # the writer took the pending batch
         self.closing = False
         self.failure: BaseException | None = None
-        self.beat = options.format.heartbeat if options.heartbeat else None
+        self.interval = options.heartbeat or 0.0  # seconds; 0: no heartbeat
+        self.beat = options.format.heartbeat if self.interval else None
         self.beat_due = False
         self.timer: asyncio.TimerHandle | None = None
-        if self.beat is not None and options.heartbeat:
-            self.timer = self.loop.call_at(self.started + options.heartbeat, self._check_beat)
+        if self.beat is not None:
+            self.timer = self.loop.call_at(self.started + self.interval, self._check_beat)
         self.writer = asyncio.ensure_future(self._write_loop())
 
     def put(self, data: bytes) -> None:
@@ -146,14 +147,22 @@ class _Stream:
         if self.failure is not None:
             raise self.failure
 
-    async def commit(self) -> None:
-        request = self.request
-        self.response = await request.respond(
-            status=200, headers=_STREAM_HEADERS, content_type=self.options.format.content_type
-        )
-        transport = request.transport
-        if hasattr(transport, "set_write_buffer_limits"):
-            transport.set_write_buffer_limits(high=self.options.high_water_mark)
+    async def commit(self, heartbeat: bool = False) -> bool:
+        """Send the status line and headers unless done; a heartbeat may not commit once the
+        stream is sealed. Returns True if the response is committed."""
+        if self.response is None:
+            async with self.commit_lock:
+                if self.response is None and not (heartbeat and self.sealed):
+                    request = self.request
+                    self.response = await request.respond(
+                        status=200,
+                        headers=_STREAM_HEADERS,
+                        content_type=self.options.format.content_type,
+                    )
+                    transport = request.transport
+                    if hasattr(transport, "set_write_buffer_limits"):
+                        transport.set_write_buffer_limits(high=self.options.high_water_mark)
+        return self.response is not None
 
     async def _write_loop(self) -> None:
         try:
@@ -166,15 +175,10 @@ class _Stream:
                     self.pending = []
                     self.pending_size = 0
                     self.taken.set()
-                    if self.response is None:
-                        async with self.commit_lock:
-                            await self.commit()
+                    await self.commit()
                     await self._send(data)
                 elif self.beat_due and self.beat is not None:
-                    async with self.commit_lock:
-                        if self.response is None and not self.sealed:
-                            await self.commit()
-                    if self.response is not None:
+                    if await self.commit(heartbeat=True):
                         await self._send(self.beat)
                 self.beat_due = False
                 if self.closing and not self.pending:
@@ -191,13 +195,12 @@ class _Stream:
         self.bytes += len(data)
 
     def _check_beat(self) -> None:
-        assert self.options.heartbeat is not None
-        due = self.last_write + self.options.heartbeat
+        due = self.last_write + self.interval
         now = self.loop.time()
         if now >= due:
             self.beat_due = True
             self.wake.set()
-            due = now + self.options.heartbeat
+            due = now + self.interval
         self.timer = self.loop.call_at(due, self._check_beat)
 
     async def flush(self) -> None:
@@ -213,8 +216,7 @@ class _Stream:
         await asyncio.shield(self.writer)
         if self.failure is not None:
             raise self.failure
-        if self.response is None:
-            await self.commit()
+        await self.commit()
 
     async def watch_disconnect(self, task: asyncio.Task[Any]) -> None:
         """ASGI only: Sanic never notices ``http.disconnect``, so wait for it here."""
