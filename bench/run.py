@@ -481,7 +481,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     },
                     "failures": failures,
                 }
-                print(table(name, report["scenarios"][name]), file=sys.stderr)
+                print("\n" + scenario_markdown(name, report["scenarios"][name]), file=sys.stderr)
     if not args.scenarios or "decoder" in chosen:
         import decoder
 
@@ -492,24 +492,6 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- reporting ------------------------------------------------------------------------------
-
-
-def table(name: str, scenario: dict[str, Any]) -> str:
-    peers = scenario["peers"]
-    keys = [key for key in next(iter(peers.values()), {}) if key != "runs"]
-    lines = [
-        f"\n{name} ({scenario['seconds']} s)",
-        "  " + "peer".ljust(22) + "".join(key.rjust(18) for key in keys),
-    ]
-    for peer, metrics in peers.items():
-        lines.append(
-            "  "
-            + peer.ljust(22)
-            + "".join(f"{metrics.get(key, float('nan')):18.2f}" for key in keys)
-        )
-    for peer, why in scenario["failures"].items():
-        lines.append(f"  {peer.ljust(22)}FAILED: {why}")
-    return "\n".join(lines)
 
 
 def ratio(scenarios: dict[str, Any], scenario: str, metric: str, a: str, b: str) -> float | None:
@@ -602,34 +584,36 @@ def headline(scenarios: dict[str, Any], decoding: dict[str, Any] | None) -> list
     return rows
 
 
-def headline_table(rows: list[dict[str, Any]]) -> str:
-    lines = ["\nheadline (streamplus; ratio = ours / theirs unless stated)"]
+def headline_markdown(rows: list[dict[str, Any]]) -> str:
+    """The targets as a Markdown table (streamplus; ratio = ours / theirs unless stated)."""
+    lines = ["| target | measured | bound | |", "|---|---:|---:|---|"]
     for row in rows:
-        met = {True: "met", False: "MISSED", None: "n/a"}[row["met"]]
+        met = {True: "met", False: "**missed**", None: "n/a"}[row["met"]]
         value = "-" if row["measured"] is None else f"{row['measured']:.3f}"
-        lines.append(f"  {row['target']:<48}{value:>10}  <= {row['bound']:<6} {met}")
+        lines.append(f"| {row['target']} | {value} | ≤ {row['bound']} | {met} |")
+    return "\n".join(lines)
+
+
+def scenario_markdown(name: str, scenario: dict[str, Any]) -> str:
+    """One scenario's medians as a Markdown table, failed peers last."""
+    peers = scenario["peers"]
+    keys = [key for key in next(iter(peers.values()), {}) if key != "runs"]
+    lines = [f"**{name}** ({scenario['seconds']} s)", ""]
+    lines.append("| peer | " + " | ".join(keys) + " | runs |")
+    lines.append("|---|" + "---:|" * (len(keys) + 1))
+    for peer, metrics in peers.items():
+        cells = " | ".join(f"{metrics.get(key, float('nan')):.2f}" for key in keys)
+        lines.append(f"| {peer} | {cells} | {metrics['runs']} |")
+    for peer, why in scenario["failures"].items():
+        lines.append(f"| {peer} | failed: {why} |")
     return "\n".join(lines)
 
 
 def markdown(report: dict[str, Any]) -> str:
     """The headline and every scenario's table, as Markdown (medians over rounds)."""
-    lines = ["| target | measured | bound | |", "|---|---:|---:|---|"]
-    for row in report["headline"]:
-        met = {True: "met", False: "**missed**", None: "n/a"}[row["met"]]
-        value = "-" if row["measured"] is None else f"{row['measured']:.3f}"
-        lines.append(f"| {row['target']} | {value} | ≤ {row['bound']} | {met} |")
-    for name, scenario in report["scenarios"].items():
-        peers = scenario["peers"]
-        keys = [key for key in next(iter(peers.values()), {}) if key != "runs"]
-        lines += ["", f"**{name}** ({scenario['seconds']} s)", ""]
-        lines.append("| peer | " + " | ".join(keys) + " | runs |")
-        lines.append("|---|" + "---:|" * (len(keys) + 1))
-        for peer, metrics in peers.items():
-            cells = " | ".join(f"{metrics.get(key, float('nan')):.2f}" for key in keys)
-            lines.append(f"| {peer} | {cells} | {metrics['runs']} |")
-        for peer, why in scenario["failures"].items():
-            lines.append(f"| {peer} | failed: {why} |")
-    return "\n".join(lines) + "\n"
+    parts = [headline_markdown(report["headline"])]
+    parts += [scenario_markdown(name, scenario) for name, scenario in report["scenarios"].items()]
+    return "\n\n".join(parts) + "\n"
 
 
 def chart(report: dict[str, Any], path: str) -> None:
@@ -684,7 +668,7 @@ def main() -> None:
     except ImportError:
         report = asyncio.run(run(args))
     report["seconds"] = round(time.monotonic() - started, 1)
-    print(headline_table(report["headline"]))
+    print("\n" + headline_markdown(report["headline"]))
     print(f"\n{report['mode']} run: {report['seconds']} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
