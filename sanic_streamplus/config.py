@@ -6,12 +6,45 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from .sse import DEFAULT_MAX_EVENT_SIZE
+from .sse import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_LENGTH
 
-__all__ = ["FORMATS", "TRANSPORTS", "Settings"]
+__all__ = ["FORMATS", "HOP_BY_HOP", "SLOW_CLIENT_POLICIES", "TRANSPORTS", "Settings"]
 
 FORMATS = ("sse", "ndjson", "text")
 TRANSPORTS = ("aiohttp", "httpcore")
+SLOW_CLIENT_POLICIES = ("block", "coalesce", "disconnect")
+# RFC 9110 section 7.6.1: they describe one connection and are never forwarded
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+    }
+)
+_POSITIVE_INTS = (
+    "high_water_mark",
+    "max_event_size",
+    "max_line_length",
+    "max_body_size",
+    "max_streams",
+    "max_connections",
+)
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    """Header names from a comma-separated string or a sequence, lower-cased."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    names = tuple(str(item).strip().lower() for item in items if str(item).strip())
+    refused = sorted(set(names) & HOP_BY_HOP)
+    if refused:
+        raise ValueError(f"hop-by-hop headers are never forwarded: {', '.join(refused)}")
+    return names
 
 
 def _seconds(value: Any) -> float | None:
@@ -35,12 +68,29 @@ class Settings:
         first_event_timeout: from sending the upstream request to its first event.
         idle_timeout: from asking for the next upstream event to receiving it.
         total_timeout: a whole upstream stream.
+        send_timeout: a client that has not drained the stream for this long is cut, with an
+            error frame put in its buffer, and the upstream closed; also the client socket's
+            ``TCP_USER_TIMEOUT`` (Linux) and the base of its TCP keepalive, so a client that
+            vanished without a FIN is found within about this bound.
+        slow_client: what happens while a client is behind: ``block`` (the default: the upstream
+            read waits for it), ``coalesce`` (the upstream keeps flowing and consecutive text
+            deltas merge, so the client gets fewer, larger events; at a high-water mark of
+            merged backlog it blocks) or ``disconnect`` (the upstream never waits: a client a
+            whole high-water mark behind is cut with a ``slow_client`` error frame).
         heartbeat: interval of heartbeat comments while the stream is idle; kept below half of
             Sanic's ``RESPONSE_TIMEOUT``, which cuts a stream that writes nothing for that long.
         high_water_mark: the client transport's write-buffer high-water mark in bytes, and the
             most bytes queued for one write; the next upstream read waits until they drain.
         max_event_size: largest upstream event accepted, in bytes.
+        max_line_length: longest upstream line accepted, in bytes.
+        max_body_size: largest request body a stream route accepts, in bytes (413 above it).
+        max_streams: most concurrent streams per worker; the next gets a 503 with
+            ``Retry-After`` before anything starts.
         max_connections: size of the shared client's connection pool.
+        forward_headers: names of downstream request headers forwarded upstream by
+            :func:`~sanic_streamplus.upstream.upstream_events` (an allowlist; a comma-separated
+            string in config). Nothing is forwarded by default, credentials included; hop-by-hop
+            headers never are.
         format: default output format: ``sse``, ``ndjson`` or ``text``.
         dialect: default dialect for termination and error frames: ``plain`` or ``openai``.
         transport: what carries the shared ``httpx.AsyncClient``'s requests: ``aiohttp``
@@ -55,10 +105,16 @@ class Settings:
     first_event_timeout: float | None = 120.0
     idle_timeout: float | None = 60.0
     total_timeout: float | None = 1800.0
+    send_timeout: float | None = 30.0
+    slow_client: str = "block"
     heartbeat: float | None = 15.0
     high_water_mark: int = 64 * 1024
     max_event_size: int = DEFAULT_MAX_EVENT_SIZE
+    max_line_length: int = DEFAULT_MAX_LINE_LENGTH
+    max_body_size: int = 10 << 20
+    max_streams: int = 1000
     max_connections: int = 1000
+    forward_headers: tuple[str, ...] = ()
     format: str = "sse"
     dialect: str = "plain"
     transport: str = "aiohttp"
@@ -79,10 +135,12 @@ class Settings:
             try:
                 if field.name.endswith("timeout") or field.name == "heartbeat":
                     values[field.name] = _seconds(raw)
-                elif field.name in ("high_water_mark", "max_event_size", "max_connections"):
+                elif field.name in _POSITIVE_INTS:
                     values[field.name] = int(raw)
                     if values[field.name] <= 0:
                         raise ValueError("must be positive")
+                elif field.name == "forward_headers":
+                    values[field.name] = _names(raw or ())
                 else:
                     values[field.name] = None if raw in (None, "") else str(raw)
             except (TypeError, ValueError) as exc:
@@ -90,6 +148,11 @@ class Settings:
         settings = cls(**values)
         if settings.format not in FORMATS:
             raise ValueError(f"STREAMPLUS_FORMAT must be one of {FORMATS}, not {settings.format!r}")
+        if settings.slow_client not in SLOW_CLIENT_POLICIES:
+            raise ValueError(
+                f"STREAMPLUS_SLOW_CLIENT must be one of {SLOW_CLIENT_POLICIES}, "
+                f"not {settings.slow_client!r}"
+            )
         if settings.transport not in TRANSPORTS:
             raise ValueError(
                 f"STREAMPLUS_TRANSPORT must be one of {TRANSPORTS}, not {settings.transport!r}"

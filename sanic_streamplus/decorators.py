@@ -9,14 +9,15 @@ from collections.abc import Callable
 from typing import Any, TypeVar, overload
 
 from sanic import Request
+from sanic.exceptions import PayloadTooLarge
 from sanic.response import HTTPResponse
 from sanic_ext.extensions.openapi import openapi
 from sanic_ext.extensions.openapi.builders import OperationStore
 
-from .config import Settings
-from .errors import ExtensionMissing, InvalidRequest
+from .config import SLOW_CLIENT_POLICIES, Settings
+from .errors import BodyTooLarge, ExtensionMissing, InvalidRequest, TooManyStreams
 from .framing import get_dialect, get_format
-from .relay import StreamOptions, error_response, relay, to_stream_error
+from .relay import STREAM_HEADERS, StreamOptions, error_response, relay, to_stream_error
 
 __all__ = ["stream_post"]
 
@@ -38,6 +39,40 @@ def _options(request: Request, settings: Settings, overrides: dict[str, Any]) ->
         dialect=get_dialect(overrides.get("dialect") or settings.dialect),
         heartbeat=heartbeat or None,
         high_water_mark=overrides.get("high_water_mark") or settings.high_water_mark,
+        send_timeout=settings.send_timeout,
+        slow_client=overrides.get("slow_client") or settings.slow_client,
+    )
+
+
+async def _read_body(request: Request, limit: int) -> None:
+    """Read the request body into ``request.body``, refusing it past ``limit`` bytes.
+
+    Stream routes are marked ``is_stream`` so that Sanic does not read the body first (up to its
+    own ``REQUEST_MAX_SIZE``, 100 MB by default); this reads it with the stream's own limit.
+
+    Raises:
+        BodyTooLarge: ``Content-Length`` says more than ``limit``, or the body grew past it.
+    """
+    length = request.headers.get("content-length", "")
+    if length.isdigit() and int(length) > limit:
+        request.stream.keep_alive = False  # type: ignore[union-attr]  # its body stays unread
+        raise BodyTooLarge(limit)
+    http = request.stream
+    if http is None or not getattr(http, "request_body", None):
+        return  # no body, or already read
+    http.request_max_size = limit  # type: ignore[union-attr]
+    try:
+        await request.receive_body()
+    except PayloadTooLarge:
+        raise BodyTooLarge(limit) from None
+    if len(request.body) > limit:  # a server that does not count (ASGI)
+        raise BodyTooLarge(limit)
+
+
+def _head_response(options: StreamOptions) -> HTTPResponse:
+    """HEAD on a stream route: the headers a stream would have, no body, nothing started."""
+    return HTTPResponse(
+        status=200, headers=STREAM_HEADERS, content_type=options.format.content_type
     )
 
 
@@ -52,6 +87,7 @@ def stream_post(
     format: str | None = ...,
     dialect: str | None = ...,
     high_water_mark: int | None = ...,
+    slow_client: str | None = ...,
     require_json: bool = ...,
 ) -> Callable[[Handler], Handler]: ...
 
@@ -63,6 +99,7 @@ def stream_post(
     format: str | None = None,
     dialect: str | None = None,
     high_water_mark: int | None = None,
+    slow_client: str | None = None,
     require_json: bool = True,
 ) -> Any:
     """Make a POST handler answer with a stream (an SSE event stream by default).
@@ -80,6 +117,11 @@ def stream_post(
     (JSON data). Anything raised before the first event is a JSON error response with a real
     status; after it, an error frame in the dialect, then a clean end (see ``docs/errors.md``).
 
+    Before the handler runs, the wrapper answers with a JSON error and starts nothing: 503
+    ``too_many_streams`` (with ``Retry-After``) past ``STREAMPLUS_MAX_STREAMS`` streams in this
+    worker, 413 ``body_too_large`` past ``STREAMPLUS_MAX_BODY_SIZE`` bytes of body, 400 for a
+    body that is not JSON. A ``HEAD`` request gets the stream's headers and no body.
+
     Args:
         heartbeat: seconds of silence before a heartbeat comment (float), None for none; default
             ``STREAMPLUS_HEARTBEAT``. Always kept below half of ``RESPONSE_TIMEOUT``.
@@ -89,19 +131,24 @@ def stream_post(
             ``STREAMPLUS_DIALECT``.
         high_water_mark: the client's write-buffer high-water mark in bytes; default
             ``STREAMPLUS_HIGH_WATER_MARK``.
+        slow_client: ``"block"``, ``"coalesce"`` or ``"disconnect"``; default
+            ``STREAMPLUS_SLOW_CLIENT`` (see :class:`~sanic_streamplus.config.Settings`).
         require_json: answer 400 before calling the handler if the body is not a JSON document.
 
     Raises:
-        ValueError: at decoration time, for an unknown format or dialect name.
+        ValueError: at decoration time, for an unknown format, dialect or policy name.
     """
     if format is not None:
         get_format(format)
     if dialect is not None:
         get_dialect(dialect)
+    if slow_client is not None and slow_client not in SLOW_CLIENT_POLICIES:
+        raise ValueError(f"slow_client must be one of {SLOW_CLIENT_POLICIES}, not {slow_client!r}")
     overrides: dict[str, Any] = {
         "format": format,
         "dialect": dialect,
         "high_water_mark": high_water_mark,
+        "slow_client": slow_client,
     }
     if heartbeat is not _UNSET:
         overrides["heartbeat"] = heartbeat
@@ -116,6 +163,16 @@ def stream_post(
                 missing = ExtensionMissing()
                 logger.error("%s", missing.message)
                 return error_response(missing)
+            settings: Settings = state.settings
+            options = _options(request, settings, overrides)
+            if request.method == "HEAD":
+                return _head_response(options)
+            if len(state.streams) >= settings.max_streams:
+                return error_response(TooManyStreams(settings.max_streams, 1))
+            try:
+                await _read_body(request, settings.max_body_size)
+            except BodyTooLarge as refused:
+                return error_response(refused)
             if require_json:
                 try:
                     body = request.json
@@ -123,7 +180,8 @@ def stream_post(
                     body = None
                 if body is None:
                     return error_response(InvalidRequest("the request body must be JSON"))
-            options = _options(request, state.settings, overrides)
+            token = object()  # holds a place under max_streams until the relay takes it over
+            state.streams.add(token)
             try:
                 if is_generator:
                     source = handler(request, *args, **kwargs)
@@ -141,9 +199,12 @@ def stream_post(
                 if error.outcome == "internal_error":
                     logger.exception("stream handler failed", exc_info=exc)
                 return error_response(error)
-            return await relay(request, source, options)
+            finally:
+                state.streams.discard(token)
+            return await relay(request, source, options, state.streams)
 
         wrapper.__streamplus__ = True  # type: ignore[attr-defined]
+        wrapper.is_stream = True  # type: ignore[attr-defined]  # Sanic leaves the body to us
         store = OperationStore()  # type: ignore[no-untyped-call]
         if handler in store:  # docs attached by sanic-ext decorators below this one
             store[wrapper] = store[handler]

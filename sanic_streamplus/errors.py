@@ -4,13 +4,24 @@ Catch the class that says what you can act on::
 
     StreamPlusError                  base of everything this package raises
     ├── InvalidRequest               the downstream request is bad (400, or a Sanic error's 4xx)
+    │   └── BodyTooLarge             the request body is over ``max_body_size`` (413)
+    ├── TooManyStreams               ``max_streams`` streams are open already (503, Retry-After)
     ├── EventTooLarge                an SSE event grew past the decoder's maximum event size
+    │   └── LineTooLong              an upstream line grew past the maximum line length
     ├── UpstreamError                the upstream failed; carries the upstream HTTP status if any
     │   ├── UpstreamUnreachable      connecting to the upstream failed
     │   ├── UpstreamStatusError      the upstream answered a non-2xx status (429 is passed through)
     │   ├── UpstreamBadResponse      the upstream answered 2xx but not ``text/event-stream``
     │   ├── UpstreamDisconnected     the upstream broke the connection in the middle of the body
-    │   └── UpstreamTimeout          connect / first event / idle / total timeout expired
+    │   └── UpstreamTimeout          an upstream timeout expired (504); one class per phase:
+    │       ├── ConnectTimeout           connecting
+    │       ├── FirstEventTimeout        from the request to the first event
+    │       ├── IdleTimeout              between two events (comments do not count)
+    │       └── TotalTimeout             the whole stream
+    ├── DownstreamError              the client side failed after the commit point
+    │   ├── SendTimeout              the client did not drain for ``send_timeout`` seconds
+    │   └── SlowClient               the client fell a high-water mark behind (``disconnect``)
+    ├── ServerShutdown               the server is stopping (503 before the commit point)
     └── ExtensionMissing             ``@stream_post`` used on an app without ``StreamPlus``
 
 Each error has an HTTP ``status`` (used before the commit point, when the response status can
@@ -23,10 +34,21 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = [
+    "BodyTooLarge",
+    "ConnectTimeout",
+    "DownstreamError",
     "EventTooLarge",
     "ExtensionMissing",
+    "FirstEventTimeout",
+    "IdleTimeout",
     "InvalidRequest",
+    "LineTooLong",
+    "SendTimeout",
+    "ServerShutdown",
+    "SlowClient",
     "StreamPlusError",
+    "TooManyStreams",
+    "TotalTimeout",
     "UpstreamBadResponse",
     "UpstreamDisconnected",
     "UpstreamError",
@@ -46,12 +68,16 @@ class StreamPlusError(Exception):
         message: human-readable message (str); never contains a stack trace or a secret.
         upstream_status: the upstream's HTTP status (int) when one is known, else None.
         outcome: the stream outcome logged for it (str): ``internal_error`` here (a bug: the
-            traceback is logged), ``invalid_request``, ``upstream_error`` or ``timeout``.
+            traceback is logged), ``invalid_request``, ``upstream_error``, one per timeout
+            (``connect_timeout``, ``first_event_timeout``, ``idle_timeout``, ``total_timeout``,
+            ``send_timeout``), ``slow_client``, ``too_many_streams`` or ``shutdown``.
+        retry_after: seconds (str) for a ``Retry-After`` header on the JSON error, or None.
     """
 
     status: int = 500
     type: str = "internal_error"
     outcome: str = "internal_error"
+    retry_after: str | None = None
 
     def __init__(self, message: str, *, upstream_status: int | None = None) -> None:
         super().__init__(message)
@@ -75,6 +101,37 @@ class InvalidRequest(StreamPlusError):
         self.status = status
 
 
+class BodyTooLarge(InvalidRequest):
+    """The request body is larger than ``max_body_size`` bytes (HTTP 413, before reading it all).
+
+    Attributes:
+        limit: the maximum body size in bytes.
+    """
+
+    type = "body_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the request body is larger than {limit} bytes", status=413)
+        self.limit = limit
+
+
+class TooManyStreams(StreamPlusError):
+    """``max_streams`` streams are open in this worker already: HTTP 503 with ``Retry-After``.
+
+    Attributes:
+        limit: the maximum number of concurrent streams per worker.
+    """
+
+    status = 503
+    type = "too_many_streams"
+    outcome = "too_many_streams"
+
+    def __init__(self, limit: int, retry_after: float) -> None:
+        super().__init__(f"this server is at its limit of {limit} concurrent streams; retry later")
+        self.limit = limit
+        self.retry_after = str(max(1, round(retry_after)))
+
+
 class EventTooLarge(StreamPlusError):
     """An SSE event grew past the maximum event size without being dispatched.
 
@@ -96,6 +153,21 @@ class EventTooLarge(StreamPlusError):
         super().__init__(f"an upstream event exceeded the maximum event size of {limit} bytes")
         self.limit = limit
         self.events = events or []
+
+
+class LineTooLong(EventTooLarge):
+    """One line of the upstream stream grew past the maximum line length without ending.
+
+    Raised by :class:`sanic_streamplus.sse.SSEDecoder.feed`; like :class:`EventTooLarge`, the
+    events completed before it are in ``events`` and the decoder must not be fed again.
+    """
+
+    type = "line_too_long"
+
+    def __init__(self, limit: int, events: list[Any] | None = None) -> None:
+        super().__init__(limit, events)
+        self.message = f"an upstream line exceeded the maximum line length of {limit} bytes"
+        self.args = (self.message,)
 
 
 class UpstreamError(StreamPlusError):
@@ -148,21 +220,100 @@ class UpstreamDisconnected(UpstreamError):
 
 
 class UpstreamTimeout(UpstreamError):
-    """An upstream timeout expired. Maps to HTTP 504 before the commit point.
+    """An upstream timeout expired: HTTP 504 before the commit point. Catch this for any phase,
+    or the subclass of one phase; each has its own ``type`` and log ``outcome`` (both
+    ``<phase>_timeout``).
 
     Attributes:
-        phase: which timeout expired: ``"connect"``, ``"first_event"``, ``"idle"`` or ``"total"``.
+        phase: ``"connect"``, ``"first_event"``, ``"idle"`` or ``"total"``.
         seconds: the limit that expired, in seconds (float).
     """
 
     status = 504
+    phase = "upstream"
     type = "upstream_timeout"
     outcome = "timeout"
 
-    def __init__(self, phase: str, seconds: float) -> None:
-        super().__init__(f"upstream {phase.replace('_', ' ')} timeout ({seconds:g} s) expired")
-        self.phase = phase
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"upstream {self.phase.replace('_', ' ')} timeout ({seconds:g} s) expired")
         self.seconds = seconds
+
+
+class ConnectTimeout(UpstreamTimeout):
+    """Connecting to the upstream took longer than ``connect_timeout``."""
+
+    phase = "connect"
+    type = outcome = "connect_timeout"
+
+
+class FirstEventTimeout(UpstreamTimeout):
+    """The upstream sent no event within ``first_event_timeout`` of the request."""
+
+    phase = "first_event"
+    type = outcome = "first_event_timeout"
+
+
+class IdleTimeout(UpstreamTimeout):
+    """The upstream sent no event for ``idle_timeout`` seconds (its comments do not count)."""
+
+    phase = "idle"
+    type = outcome = "idle_timeout"
+
+
+class TotalTimeout(UpstreamTimeout):
+    """The upstream stream lasted longer than ``total_timeout``."""
+
+    phase = "total"
+    type = outcome = "total_timeout"
+
+
+class DownstreamError(StreamPlusError):
+    """The client could not take the stream; the upstream is closed and the client cut, after
+    an error frame put in its buffer as a last word. Only raised after the commit point."""
+
+    status = 504
+    type = "downstream_error"
+    outcome = "downstream_error"
+
+
+class SendTimeout(DownstreamError):
+    """A write to the client did not drain for ``send_timeout`` seconds (a client that stopped
+    reading, or vanished without a FIN).
+
+    Attributes:
+        seconds: the send timeout in seconds (float).
+    """
+
+    type = outcome = "send_timeout"
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"the client did not read the stream for {seconds:g} s")
+        self.seconds = seconds
+
+
+class SlowClient(DownstreamError):
+    """Slow-client policy ``disconnect``: the client fell a whole high-water mark behind.
+
+    Attributes:
+        limit: the high-water mark in bytes.
+    """
+
+    type = outcome = "slow_client"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the client fell more than {limit} bytes behind the stream")
+        self.limit = limit
+
+
+class ServerShutdown(StreamPlusError):
+    """The server is stopping: the stream ends with this error frame (HTTP 503 before the
+    commit point), and the upstream is closed."""
+
+    status = 503
+    type = outcome = "shutdown"
+
+    def __init__(self) -> None:
+        super().__init__("the server is shutting down; retry the request")
 
 
 class ExtensionMissing(StreamPlusError, RuntimeError):

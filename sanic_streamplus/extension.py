@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
@@ -12,6 +12,7 @@ from sanic_ext.extensions.base import Extension
 
 from .config import Settings
 from .errors import ExtensionMissing
+from .relay import shutdown_streams
 from .upstream import create_client
 
 __all__ = ["StreamPlus", "StreamPlusState"]
@@ -25,10 +26,13 @@ class StreamPlusState:
         settings: the :class:`~sanic_streamplus.config.Settings` read at server start.
         client: the shared ``httpx.AsyncClient``; None outside ``before_server_start`` ..
             ``after_server_stop``.
+        streams: the streams open in this worker (their count is held under
+            ``max_streams``; the server's stop ends them with a ``shutdown`` frame).
     """
 
     settings: Settings
     client: httpx.AsyncClient | None = None
+    streams: set[Any] = field(default_factory=set)
 
 
 class StreamPlus(Extension):  # type: ignore[no-untyped-call]
@@ -38,6 +42,10 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
     :class:`~sanic_streamplus.config.Settings`) when the server starts, and owns one shared
     ``httpx.AsyncClient`` per worker, opened in ``before_server_start`` and closed in
     ``after_server_stop``. ``startup()`` does no I/O: it runs in every process that builds the app.
+    When the server stops (``before_server_stop``), every open stream ends with a ``shutdown``
+    error frame in its dialect and its upstream closed, within half of Sanic's
+    ``GRACEFUL_SHUTDOWN_TIMEOUT`` (native server; an ASGI server closes connections before its
+    lifespan shutdown runs).
 
     Raises:
         ValueError: at server start, for a malformed ``STREAMPLUS_*`` value.
@@ -49,6 +57,7 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
         app = self.app
         app.ctx.streamplus = StreamPlusState(Settings.from_config(app.config))
         app.before_server_start(_open_client, priority=-10)
+        app.before_server_stop(_end_streams)
         app.after_server_stop(_close_client)
 
     def label(self) -> str:
@@ -59,6 +68,12 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
     state: StreamPlusState = app.ctx.streamplus
     state.settings = Settings.from_config(app.config)
     state.client = create_client(state.settings)
+
+
+async def _end_streams(app: Sanic[Any, Any]) -> None:
+    state: StreamPlusState = app.ctx.streamplus
+    grace = float(app.config.get("GRACEFUL_SHUTDOWN_TIMEOUT") or 0) / 2
+    await shutdown_streams(state.streams, grace or 1.0)
 
 
 async def _close_client(app: Sanic[Any, Any]) -> None:

@@ -14,6 +14,11 @@ openai   ``data: [DONE]`` (once, even if the upstream ``data: {"error": {"messag
 ======== ============================================ ==============================================
 
 The ``ndjson`` and ``text`` formats carry no end marker: only ``sse`` writes ``[DONE]``.
+
+A dialect also knows its *text deltas* (events that each carry the next piece of a text), so the
+``coalesce`` slow-client policy can merge consecutive ones: ``plain`` events whose data is the
+JSON object ``{"text": str}``, ``openai`` ``chat.completion.chunk`` events whose one choice's
+delta is only ``content`` (no role, tool call, finish reason, logprobs or usage).
 """
 
 from __future__ import annotations
@@ -72,6 +77,26 @@ class Dialect:
         """Events that report ``error`` after the commit point, and end the stream."""
         return [ServerSentEvent(_DUMPS(error_body(error)), event="error")]
 
+    def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
+        """Split a text-delta event into (shape, template, text), or None if it is not one.
+
+        Two consecutive deltas of the same ``shape`` (str) merge into one:
+        ``with_text(template, text1 + text2)``.
+        """
+        if event.id is not None or event.retry is not None or not event.data.startswith("{"):
+            return None
+        try:
+            value = json.loads(event.data)
+        except ValueError:
+            return None
+        if not isinstance(value, dict) or len(value) != 1 or not isinstance(value.get("text"), str):
+            return None
+        return event.event, event.event, value["text"]
+
+    def with_text(self, template: Any, text: str) -> ServerSentEvent:
+        """The text-delta event of ``template`` (from :meth:`text_delta`) carrying ``text``."""
+        return ServerSentEvent(_DUMPS({"text": text}), event=template)
+
 
 class OpenAIDialect(Dialect):
     """The OpenAI chat-completions dialect: ``data: [DONE]`` ends a stream; an error is a data
@@ -91,6 +116,38 @@ class OpenAIDialect(Dialect):
         code = error.upstream_status
         body = {"error": {"message": error.message, "type": error.type, "code": code}}
         return [ServerSentEvent(_DUMPS(body)), _DONE]
+
+    def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
+        if event.event != "message" or event.id is not None or event.retry is not None:
+            return None
+        try:
+            chunk = json.loads(event.data)
+        except ValueError:
+            return None
+        if not isinstance(chunk, dict) or chunk.get("object") != "chat.completion.chunk":
+            return None
+        choices = chunk.get("choices")
+        if chunk.get("usage") is not None or not isinstance(choices, list) or len(choices) != 1:
+            return None
+        choice = choices[0]
+        if (
+            not isinstance(choice, dict)
+            or choice.get("finish_reason") is not None
+            or choice.get("logprobs") is not None
+        ):
+            return None
+        delta = choice.get("delta")
+        if not isinstance(delta, dict) or list(delta) != ["content"]:
+            return None
+        text = delta["content"]
+        if not isinstance(text, str):
+            return None
+        delta["content"] = ""
+        return _DUMPS(chunk), chunk, text
+
+    def with_text(self, template: Any, text: str) -> ServerSentEvent:
+        template["choices"][0]["delta"]["content"] = text
+        return ServerSentEvent(_DUMPS(template))
 
 
 DIALECTS: dict[str, Dialect] = {"plain": Dialect(), "openai": OpenAIDialect()}

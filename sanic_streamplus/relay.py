@@ -13,10 +13,15 @@
   take them before it pulls the next event, and the writer's ``send()`` returns only once the
   client's transport has drained below its high-water mark: a slow client slows the upstream read
   and memory stays bounded.
+- **slow clients**: a write that does not drain within ``send_timeout`` cuts the client (the
+  ``slow_client`` policy decides what happens before that: ``block``, ``coalesce`` or
+  ``disconnect``); the client socket gets ``TCP_USER_TIMEOUT`` and TCP keepalive, so a client
+  that vanished without a FIN is found within about the same bound.
 - **heartbeats**: a comment (``: ping``) whenever nothing was written for ``heartbeat`` seconds.
 - **disconnects**: the source is closed the moment the client goes away (Sanic cancels the
   handler; under ASGI the relay watches for ``http.disconnect`` itself), and the close completes
   even if another cancellation lands while it runs.
+- **shutdown**: :func:`shutdown_streams` ends every open stream with a ``shutdown`` error frame.
 - one INFO log line per stream with its outcome, duration, events and bytes.
 
 It knows nothing of httpx: the source is any async iterable of events.
@@ -25,8 +30,10 @@ It knows nothing of httpx: the source is any async iterable of events.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
-from collections.abc import AsyncIterable
+import socket
+from collections.abc import AsyncIterable, Awaitable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,20 +41,26 @@ from sanic import Request
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from ._aio import close_completely
+from ._aio import Deadline, close_completely
 from .errors import (
+    DownstreamError,
     InvalidRequest,
+    SendTimeout,
+    ServerShutdown,
+    SlowClient,
     StreamPlusError,
-    UpstreamStatusError,
     error_body,
 )
 from .framing import Dialect, Format, to_event
+from .sse import ServerSentEvent
 
-__all__ = ["StreamOptions", "error_response", "relay", "to_stream_error"]
+__all__ = ["STREAM_HEADERS", "StreamOptions", "error_response", "relay", "shutdown_streams"]
 
 logger = logging.getLogger("sanic_streamplus")
 
-_STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+# no-transform: no proxy, CDN or compression layer may re-encode (and so buffer) the stream
+STREAM_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
+_CUT_GRACE = 1.0  # seconds a cut client's last frame may take to leave before the socket aborts
 
 
 @dataclass(frozen=True)
@@ -59,12 +72,17 @@ class StreamOptions:
         dialect: the :class:`~sanic_streamplus.framing.Dialect` for end and error frames.
         heartbeat: seconds of silence before a heartbeat is written (float), or None for none.
         high_water_mark: the client transport's write-buffer high-water mark, in bytes.
+        send_timeout: seconds a write may wait for the client to drain before it is cut
+            (float), or None for no limit.
+        slow_client: the slow-client policy: ``block``, ``coalesce`` or ``disconnect``.
     """
 
     format: Format
     dialect: Dialect
     heartbeat: float | None
     high_water_mark: int
+    send_timeout: float | None = None
+    slow_client: str = "block"
 
 
 def to_stream_error(exc: BaseException) -> StreamPlusError:
@@ -83,11 +101,36 @@ def to_stream_error(exc: BaseException) -> StreamPlusError:
 
 
 def error_response(error: StreamPlusError) -> HTTPResponse:
-    """The JSON response for ``error`` before the commit point (429 keeps ``Retry-After``)."""
+    """The JSON response for ``error`` before the commit point; a 429 or 503 carries the
+    error's ``Retry-After``."""
     headers = {}
-    if isinstance(error, UpstreamStatusError) and error.retry_after:
+    if error.retry_after and error.status in (429, 503):
         headers["Retry-After"] = error.retry_after
     return json(error_body(error), status=error.status, headers=headers)
+
+
+def _tune_socket(request: Request, send_timeout: float | None) -> None:
+    """Make a client that vanished without a FIN show up as a disconnect within about
+    ``send_timeout``: ``TCP_USER_TIMEOUT`` (Linux) drops the connection when sent data stays
+    unacknowledged that long, and TCP keepalive probes a silent one. No-op without a socket."""
+    sock = request.transport.get_extra_info("socket")
+    if send_timeout is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    probe = max(1, int(send_timeout / 3))
+    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
+    for name, value in (
+        ("TCP_USER_TIMEOUT", int(send_timeout * 1000)),
+        ("TCP_KEEPIDLE", probe),
+        ("TCP_KEEPINTVL", probe),
+        ("TCP_KEEPCNT", 3),
+    ):
+        if hasattr(socket, name):
+            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    try:
+        for level, option, value in options:
+            sock.setsockopt(level, option, value)
+    except OSError:  # a socket that is already gone; the disconnect shows anyway
+        pass
 
 
 class _Stream:
@@ -103,6 +146,7 @@ class _Stream:
     def __init__(self, request: Request, options: StreamOptions) -> None:
         self.request = request
         self.options = options
+        self.task = asyncio.current_task()
         self.loop = asyncio.get_running_loop()
         self.started = self.last_write = self.loop.time()
         self.first_byte: float | None = None
@@ -118,6 +162,14 @@ class _Stream:
         self.taken = asyncio.Event()  # the writer took the pending batch
         self.closing = False
         self.failure: BaseException | None = None
+        self.interrupt_error: StreamPlusError | None = None  # why the relay task was cancelled
+        self.relaying = True  # the relay task is still in its loop (it may be interrupted)
+        self.sending = False  # the writer is waiting for the client to drain
+        self.waiting_writer = False  # the relay task is waiting for the writer
+        self.send_timeout = options.send_timeout
+        self.send_deadline = Deadline() if options.send_timeout else None
+        self.held: list[Any] = []  # coalesce: [shape, template, [texts]] or [None, event, None]
+        self.text_delta = options.dialect.text_delta
         self.interval = options.heartbeat or 0.0  # seconds; 0: no heartbeat
         self.beat = options.format.heartbeat if self.interval else None
         self.beat_due = False
@@ -139,11 +191,42 @@ class _Stream:
         if not self.wake.is_set():
             self.wake.set()
 
+    def hold(self, event: ServerSentEvent) -> None:
+        """Coalesce policy, while the client is behind: keep ``event`` unencoded for the
+        writer, merged into the last held one when both are text deltas of the same shape."""
+        if self.failure is not None:
+            raise self.failure
+        delta = self.text_delta(event)
+        held = self.held
+        if delta is not None:
+            shape, template, text = delta
+            if held and held[-1][0] == shape:
+                held[-1][2].append(text)
+            else:
+                held.append([shape, template, [text]])
+            self.pending_size += len(text)
+        else:
+            held.append([None, event, None])
+            self.pending_size += len(event.data)
+        if not self.wake.is_set():
+            self.wake.set()
+
+    def _take_held(self) -> None:
+        encode, with_text = self.options.format.encode, self.options.dialect.with_text
+        for shape, template, texts in self.held:
+            event = template if shape is None else with_text(template, "".join(texts))
+            self.pending.append(encode(event))
+        self.held = []
+
     async def backpressure(self) -> None:
         """Wait while a full batch (``high_water_mark`` bytes) waits for the writer."""
         while self.pending_size >= self.options.high_water_mark and self.failure is None:
             self.taken.clear()
-            await self.taken.wait()
+            self.waiting_writer = True
+            try:
+                await self.taken.wait()
+            finally:
+                self.waiting_writer = False
         if self.failure is not None:
             raise self.failure
 
@@ -156,12 +239,13 @@ class _Stream:
                     request = self.request
                     self.response = await request.respond(
                         status=200,
-                        headers=_STREAM_HEADERS,
+                        headers=STREAM_HEADERS,
                         content_type=self.options.format.content_type,
                     )
                     transport = request.transport
                     if hasattr(transport, "set_write_buffer_limits"):
                         transport.set_write_buffer_limits(high=self.options.high_water_mark)
+                        _tune_socket(request, self.send_timeout)
         return self.response is not None
 
     async def _write_loop(self) -> None:
@@ -169,6 +253,8 @@ class _Stream:
             while True:
                 await self.wake.wait()
                 self.wake.clear()
+                if self.held:
+                    self._take_held()
                 if self.pending:
                     pending = self.pending
                     data = pending[0] if len(pending) == 1 else b"".join(pending)
@@ -186,13 +272,35 @@ class _Stream:
         except BaseException as exc:  # handed to the relay task, which reports it
             self.failure = exc
             self.taken.set()
+            if isinstance(exc, DownstreamError) and not self.waiting_writer:
+                self.interrupt(exc)  # the relay waits for the upstream: wake it
 
     async def _send(self, data: bytes) -> None:
-        await self.response.send(data)
+        await self._drained(self.response.send(data))
         now = self.last_write = self.loop.time()
         if self.first_byte is None:
             self.first_byte = now
         self.bytes += len(data)
+
+    async def _drained(self, sending: Awaitable[None]) -> None:
+        """Await ``sending`` (a write that waits for the client to drain), within the send
+        timeout.
+
+        Raises:
+            SendTimeout: the client did not drain for ``send_timeout`` seconds.
+        """
+        deadline = self.send_deadline
+        self.sending = True
+        try:
+            if deadline is None:
+                await sending
+            else:
+                deadline.set(self.loop.time() + self.send_timeout)  # type: ignore[operator]
+                await deadline.guard(sending)
+        except TimeoutError:
+            raise SendTimeout(self.send_timeout or 0.0) from None
+        finally:
+            self.sending = False
 
     def _check_beat(self) -> None:
         due = self.last_write + self.interval
@@ -218,6 +326,15 @@ class _Stream:
             raise self.failure
         await self.commit()
 
+    async def end(self) -> None:
+        """:meth:`flush`, then end the body (within the send timeout).
+
+        Raises:
+            BaseException: the writer failed; SendTimeout: the end did not drain in time.
+        """
+        await self.flush()
+        await self._drained(self.response.eof())
+
     async def watch_disconnect(self, task: asyncio.Task[Any]) -> None:
         """ASGI only: Sanic never notices ``http.disconnect``, so wait for it here."""
         receive = self.request.transport.receive  # type: ignore[attr-defined]
@@ -235,9 +352,31 @@ class _Stream:
             self.sealed = True
             return self.response is not None or bool(self.pending)
 
+    def interrupt(self, error: StreamPlusError) -> None:
+        """End the relay with ``error`` wherever it waits (the upstream, typically)."""
+        if self.relaying and self.interrupt_error is None and self.task is not None:
+            self.interrupt_error = error
+            self.task.cancel()
+
+    async def cut(self, frames: Iterable[bytes]) -> None:
+        """End the stream of a client that stopped draining: ``frames`` go into the transport's
+        buffer without waiting, and the connection closes; aborted after ``_CUT_GRACE``
+        seconds if the client still does not read. Native server only; under ASGI the ASGI
+        server owns the connection."""
+        self.stop()
+        if self.response is None or _is_asgi(self.request):
+            return
+        protocol: Any = self.request.protocol  # Sanic's HttpProtocol, an asyncio.Protocol
+        protocol.resume_writing()  # Sanic's send() may write again: the buffer takes it
+        with contextlib.suppress(Exception):  # the last word is best effort
+            await asyncio.wait_for(self.response.send(b"".join(frames), end_stream=True), 1)
+        protocol.close(timeout=_CUT_GRACE)
+
     def stop(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
+        if self.send_deadline is not None:
+            self.send_deadline.close()
         self.writer.cancel()
 
     def log(self, outcome: str, status: int) -> None:
@@ -263,7 +402,10 @@ def _is_asgi(request: Request) -> bool:
 
 
 async def relay(
-    request: Request, source: AsyncIterable[Any], options: StreamOptions
+    request: Request,
+    source: AsyncIterable[Any],
+    options: StreamOptions,
+    registry: set[Any] | None = None,
 ) -> HTTPResponse | None:
     """Write the events of ``source`` to the client of ``request``.
 
@@ -271,7 +413,9 @@ async def relay(
         request: the Sanic request being answered.
         source: an async iterable of ``ServerSentEvent``, ``str``, ``dict`` or ``list`` items; it
             is closed (``aclose()``) when the stream ends for any reason.
-        options: format, dialect, heartbeat interval and high-water mark.
+        options: format, dialect, heartbeat interval, high-water mark, send timeout and
+            slow-client policy.
+        registry: a set the stream is in while it runs, for :func:`shutdown_streams`.
 
     Returns:
         None once the response was committed and ended (Sanic needs nothing more), or an
@@ -285,9 +429,13 @@ async def relay(
     fmt, dialect = options.format, options.dialect
     encode = fmt.encode  # chosen once per stream
     put, limit = stream.put, options.high_water_mark
-    task = asyncio.current_task()
+    coalesce = options.slow_client == "coalesce"
+    disconnect = options.slow_client == "disconnect"
+    task = stream.task
     assert task is not None
     watcher = asyncio.ensure_future(stream.watch_disconnect(task)) if _is_asgi(request) else None
+    if registry is not None:
+        registry.add(stream)
 
     iterator = source.__aiter__()
     outcome, status = "completed", 200
@@ -300,42 +448,84 @@ async def relay(
                     if fmt.writes_end:
                         put(encode(event))
                     break
-                put(encode(event))
+                if coalesce and (stream.sending or stream.held):
+                    stream.hold(event)
+                else:
+                    put(encode(event))
                 stream.events += 1
                 if stream.pending_size >= limit:
+                    if disconnect and stream.sending:
+                        raise SlowClient(limit)
                     await stream.backpressure()
             else:
                 if fmt.writes_end:
                     for event in dialect.end_events():
                         put(encode(event))
+        except asyncio.CancelledError:
+            error = stream.interrupt_error
+            if error is None:
+                raise
+            _uncancel(task)
         except Exception as exc:
             error = to_stream_error(exc)
-            outcome = error.outcome
-            if outcome == "internal_error":
+            if error.outcome == "internal_error":
                 logger.exception("stream handler failed", exc_info=exc)
+        stream.relaying = False
         if error is not None:
+            outcome = error.outcome
             if not await stream.seal():
                 status = error.status
                 stream.stop()
                 return error_response(error)
-            for event in dialect.error_events(error):
-                put(encode(event))
-        await stream.flush()
-        await stream.response.eof()
+        if not isinstance(error, DownstreamError):
+            try:
+                if error is not None:
+                    for event in dialect.error_events(error):
+                        put(encode(event))
+                await stream.end()
+                return None
+            except DownstreamError as exc:
+                error, outcome = exc, exc.outcome
+        # a client that stopped draining: the upstream closes first, as the cut takes time
+        await close_completely(_aclose(iterator))
+        await stream.cut([encode(event) for event in dialect.error_events(error)])
         return None
     except asyncio.CancelledError:
         outcome, status = "client_disconnected", 499
         if stream.disconnected:  # ASGI: we cancelled ourselves; end quietly
-            uncancel = getattr(task, "uncancel", None)
-            if uncancel is not None:
-                uncancel()
+            _uncancel(task)
             return None
         raise
     finally:
+        stream.relaying = False
         stream.stop()
+        if registry is not None:
+            registry.discard(stream)
         if watcher is not None:
             watcher.cancel()
-        aclose = getattr(iterator, "aclose", None)
-        if aclose is not None:
-            await close_completely(aclose())
+        await close_completely(_aclose(iterator))
         stream.log(outcome, status)
+
+
+def _uncancel(task: asyncio.Task[Any]) -> None:
+    uncancel = getattr(task, "uncancel", None)  # Python 3.11+
+    if uncancel is not None:
+        uncancel()
+
+
+async def _aclose(iterator: Any) -> None:
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
+
+
+async def shutdown_streams(registry: set[Any], timeout: float) -> None:
+    """End every stream of ``registry`` (see :func:`relay`) with a ``shutdown`` error frame in
+    its dialect (before its commit point: a 503 JSON answer), its upstream closed, and wait up
+    to ``timeout`` seconds for them to finish."""
+    streams = [stream for stream in registry if isinstance(stream, _Stream)]
+    for stream in streams:
+        stream.interrupt(ServerShutdown())
+    tasks = {stream.task for stream in streams if stream.task is not None}
+    if tasks:
+        await asyncio.wait(tasks, timeout=timeout)

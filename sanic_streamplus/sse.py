@@ -24,11 +24,19 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-from .errors import EventTooLarge
+from .errors import EventTooLarge, LineTooLong
 
-__all__ = ["DEFAULT_MAX_EVENT_SIZE", "SSEDecoder", "ServerSentEvent", "encode", "encode_comment"]
+__all__ = [
+    "DEFAULT_MAX_EVENT_SIZE",
+    "DEFAULT_MAX_LINE_LENGTH",
+    "SSEDecoder",
+    "ServerSentEvent",
+    "encode",
+    "encode_comment",
+]
 
 DEFAULT_MAX_EVENT_SIZE = 1 << 20  # bytes
+DEFAULT_MAX_LINE_LENGTH = 1 << 19  # bytes
 _BOM = b"\xef\xbb\xbf"
 _EOL = re.compile(r"\r\n|\r|\n")  # the only three line endings of the format (not U+2028 etc.)
 
@@ -63,6 +71,11 @@ class SSEDecoder:
     Args:
         max_event_size: the most bytes one event may take before it is dispatched (its lines with
             their line endings, plus any unterminated line), in bytes. Default 1 MiB.
+        max_line_length: the most bytes one line may take, without its line ending (an
+            unterminated line counts as it grows). Default 512 KiB.
+
+    Raises:
+        ValueError: a limit is not a positive number of bytes.
 
     Attributes:
         last_event_id: the last event ID string of the stream (str), "" until an ``id`` is seen.
@@ -81,13 +94,19 @@ class SSEDecoder:
         "_started",
         "last_event_id",
         "max_event_size",
+        "max_line_length",
         "retry",
     )
 
-    def __init__(self, max_event_size: int = DEFAULT_MAX_EVENT_SIZE) -> None:
-        if max_event_size <= 0:
-            raise ValueError("max_event_size must be a positive number of bytes")
+    def __init__(
+        self,
+        max_event_size: int = DEFAULT_MAX_EVENT_SIZE,
+        max_line_length: int = DEFAULT_MAX_LINE_LENGTH,
+    ) -> None:
+        if max_event_size <= 0 or max_line_length <= 0:
+            raise ValueError("max_event_size and max_line_length must be positive numbers of bytes")
         self.max_event_size = max_event_size
+        self.max_line_length = max_line_length
         self.last_event_id = ""
         self.retry: int | None = None
         self._id_buffer = ""
@@ -113,6 +132,8 @@ class SSEDecoder:
             EventTooLarge: the current event exceeds ``max_event_size`` bytes (each line ending
                 counted as one byte). Its ``events`` are the events this call completed before
                 that, so none is lost. The decoder must not be fed again after that.
+            LineTooLong: (a subclass of ``EventTooLarge``) a line exceeds ``max_line_length``
+                bytes; the same rules apply.
         """
         if self._skip_lf and data:
             self._skip_lf = False
@@ -130,8 +151,7 @@ class SSEDecoder:
         end = max(data.rfind(b"\n"), data.rfind(b"\r"))
         if end < 0:
             self._partial += data
-            if self._block_size + len(self._partial) > self.max_event_size:
-                raise EventTooLarge(self.max_event_size)
+            self._check_partial(self._partial, [])
             return []
         if end + 1 == len(data):
             complete, rest = data, b""
@@ -155,9 +175,23 @@ class SSEDecoder:
                 exc.events = events + exc.events
                 raise
         self._partial = bytearray(rest)
-        if rest and self._block_size + len(rest) > self.max_event_size:
-            raise EventTooLarge(self.max_event_size, events)
+        if rest:
+            self._check_partial(rest, events)
         return events
+
+    def _check_partial(self, partial: bytes | bytearray, events: list[ServerSentEvent]) -> None:
+        """Raise if the unterminated line ``partial`` already breaks a limit."""
+        size = len(partial)
+        if size > self.max_line_length or self._block_size + size > self.max_event_size:
+            raise self._too_large(size, events)
+
+    def _too_large(self, size: int, events: list[ServerSentEvent]) -> EventTooLarge:
+        """The error for a line of ``size`` bytes that breaks a limit: the limit the line
+        crossed first as it grew, so the error is the same whatever the chunking."""
+        line_limit = self.max_line_length
+        if size > line_limit and line_limit <= self.max_event_size - self._block_size:
+            return LineTooLong(line_limit, events)
+        return EventTooLarge(self.max_event_size, events)
 
     def _fast_blocks(self, complete: bytes) -> tuple[list[ServerSentEvent], int]:
         """The common case in a few passes of C code: blocks of exactly one ``data: `` line.
@@ -180,7 +214,7 @@ class SSEDecoder:
             or head.count(b"\ndata: ") + head.startswith(b"data: ") != blocks
         ):
             return [], 0
-        limit = self.max_event_size
+        limit = min(self.max_event_size, self.max_line_length)
         if len(head) > limit and max(map(len, head.split(b"\n\n"))) >= limit:
             return [], 0  # a block of ``limit`` bytes or more: _lines raises at the exact event
         parts = head.decode("utf-8", "replace").split("\n\n")
@@ -190,16 +224,17 @@ class SSEDecoder:
 
     def _lines(self, lines: list[bytes]) -> list[ServerSentEvent]:
         events: list[ServerSentEvent] = []
-        limit = self.max_event_size
+        limit, line_limit = self.max_event_size, self.max_line_length
         for line in lines:
             if not line:
                 event = self._dispatch()
                 if event is not None:
                     events.append(event)
                 continue
-            self._block_size += len(line) + 1
-            if self._block_size > limit:
-                raise EventTooLarge(limit, events)
+            size = len(line)
+            if size > line_limit or self._block_size + size + 1 > limit:
+                raise self._too_large(size, events)
+            self._block_size += size + 1
             colon = line.find(b":")
             if colon == 0:
                 continue  # comment

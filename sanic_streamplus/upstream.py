@@ -20,8 +20,12 @@ from httpx_aiohttp import AiohttpTransport
 from ._aio import Deadline, close_completely
 from .config import Settings
 from .errors import (
+    ConnectTimeout,
     EventTooLarge,
     ExtensionMissing,
+    FirstEventTimeout,
+    IdleTimeout,
+    TotalTimeout,
     UpstreamBadResponse,
     UpstreamDisconnected,
     UpstreamStatusError,
@@ -97,7 +101,7 @@ async def stream_events(
         method: HTTP method, e.g. ``"POST"``.
         url: absolute URL, or a path joined to the client's base URL.
         settings: timeouts (``first_event_timeout``, ``idle_timeout``, ``total_timeout``, seconds)
-            and ``max_event_size`` (bytes).
+            and ``max_event_size``, ``max_line_length`` (bytes).
         json: a JSON-serialisable request body, or None.
         content: a raw request body (bytes), or None.
         headers: extra request headers; nothing of the downstream request is forwarded unless
@@ -108,11 +112,14 @@ async def stream_events(
 
     Raises:
         UpstreamUnreachable: the connection could not be made.
-        UpstreamTimeout: ``phase`` is ``connect``, ``first_event``, ``idle`` or ``total``.
+        UpstreamTimeout: one subclass per phase: :class:`ConnectTimeout`,
+            :class:`FirstEventTimeout`, :class:`IdleTimeout` (upstream comments, keep-alives
+            included, do not reset it: only events do) or :class:`TotalTimeout`.
         UpstreamStatusError: the upstream answered non-2xx (``retry_after`` kept for a 429).
         UpstreamBadResponse: the answer is not ``text/event-stream``.
         UpstreamDisconnected: the connection broke in the middle of the body.
-        EventTooLarge: one event exceeded ``settings.max_event_size``.
+        EventTooLarge: one event exceeded ``settings.max_event_size``; its subclass
+            ``LineTooLong``: one line exceeded ``settings.max_line_length``.
     """
     loop = asyncio.get_running_loop()
     deadline = Deadline()
@@ -121,10 +128,10 @@ async def stream_events(
 
     def timeout(first: bool) -> UpstreamTimeout:
         if total_at is not None and loop.time() >= total_at:
-            return UpstreamTimeout("total", settings.total_timeout or 0.0)
+            return TotalTimeout(settings.total_timeout or 0.0)
         if first:
-            return UpstreamTimeout("first_event", settings.first_event_timeout or 0.0)
-        return UpstreamTimeout("idle", settings.idle_timeout or 0.0)
+            return FirstEventTimeout(settings.first_event_timeout or 0.0)
+        return IdleTimeout(settings.idle_timeout or 0.0)
 
     request = client.build_request(method, url, json=json, content=content, headers=headers)
     deadline.set(_later(start, settings.first_event_timeout, total_at))
@@ -140,7 +147,7 @@ async def stream_events(
                 raise UpstreamUnreachable(
                     f"upstream unreachable ({type(exc.__cause__).__name__})"
                 ) from None
-            raise UpstreamTimeout("connect", settings.connect_timeout or 0.0) from None
+            raise ConnectTimeout(settings.connect_timeout or 0.0) from None
         except httpx.TransportError as exc:
             raise UpstreamUnreachable(f"upstream unreachable ({type(exc).__name__})") from None
         assert response is not None
@@ -155,7 +162,7 @@ async def stream_events(
                 f"upstream answered {content_type or 'no content type'}, not text/event-stream",
                 upstream_status=response.status_code,
             )
-        decoder = SSEDecoder(settings.max_event_size)
+        decoder = SSEDecoder(settings.max_event_size, settings.max_line_length)
         encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
         chunks = response.aiter_bytes() if encoded else response.aiter_raw()  # one layer less
         next_chunk = chunks.__anext__
@@ -232,9 +239,10 @@ def upstream_events(
 
     The usual body of a ``@stream_post`` handler: ``return upstream_events(request, "/chat",
     json=request.json)``. Uses the client and settings of the StreamPlus extension of
-    ``request.app``; ``url`` is joined to ``STREAMPLUS_UPSTREAM_URL`` unless absolute. Nothing of
-    the downstream request (its ``Authorization`` included) is forwarded unless passed in
-    ``headers``. See :func:`stream_events` for what it yields and raises.
+    ``request.app``; ``url`` is joined to ``STREAMPLUS_UPSTREAM_URL`` unless absolute. Of the
+    downstream request's headers, only those named in ``STREAMPLUS_FORWARD_HEADERS`` are sent
+    upstream (none by default: not ``Authorization``, not ``Cookie``); ``headers`` are added on
+    top. See :func:`stream_events` for what it yields and raises.
 
     Raises:
         ExtensionMissing: the app has not registered the StreamPlus extension, or its server has
@@ -243,11 +251,19 @@ def upstream_events(
     state = getattr(request.app.ctx, "streamplus", None)
     if state is None or state.client is None:
         raise ExtensionMissing()
+    settings: Settings = state.settings
+    if settings.forward_headers:
+        forwarded = {
+            name: request.headers[name]
+            for name in settings.forward_headers
+            if name in request.headers
+        }
+        headers = {**forwarded, **(headers or {})}
     return stream_events(
         state.client,
         method,
         url,
-        settings=state.settings,
+        settings=settings,
         json=json,
         content=content,
         headers=headers,

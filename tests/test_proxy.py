@@ -35,7 +35,7 @@ async def test_pass_through_keeps_every_event_in_order_and_ends_after_done(
     )
     assert response.status_code == 200
     assert response.headers["content-type"] == "text/event-stream; charset=utf-8"
-    assert response.headers["cache-control"] == "no-cache"
+    assert response.headers["cache-control"] == "no-cache, no-transform"
     assert response.headers["x-accel-buffering"] == "no"
     assert events[-1].data == "[DONE]"
     assert raw.endswith(b"data: [DONE]\n\n")

@@ -17,9 +17,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from sanic_streamplus.errors import EventTooLarge, StreamPlusError
+from sanic_streamplus.errors import EventTooLarge, LineTooLong, StreamPlusError
 from sanic_streamplus.sse import (
     DEFAULT_MAX_EVENT_SIZE,
+    DEFAULT_MAX_LINE_LENGTH,
     ServerSentEvent,
     SSEDecoder,
     encode,
@@ -464,10 +465,37 @@ def test_long_unterminated_line_in_big_chunks_raises() -> None:
 
 
 def test_long_line_of_default_limit_raises() -> None:
-    decoder = SSEDecoder()
+    decoder = SSEDecoder(max_line_length=2 * DEFAULT_MAX_EVENT_SIZE)
     assert decoder.feed(b"data: " + b"z" * (DEFAULT_MAX_EVENT_SIZE - 6)) == []
-    with pytest.raises(EventTooLarge):
+    with pytest.raises(EventTooLarge) as caught:
         decoder.feed(b"z")
+    assert type(caught.value) is EventTooLarge
+
+
+def test_line_of_default_line_length_raises() -> None:
+    decoder = SSEDecoder()
+    assert decoder.feed(b"data: " + b"z" * (DEFAULT_MAX_LINE_LENGTH - 6)) == []
+    with pytest.raises(LineTooLong) as caught:
+        decoder.feed(b"z")
+    assert caught.value.limit == DEFAULT_MAX_LINE_LENGTH
+    assert caught.value.type == "line_too_long"
+
+
+@pytest.mark.parametrize(
+    ("stream", "delivered"),
+    [
+        (b"data: a\n\ndata: " + b"y" * 20 + b"\n\n", ["a"]),  # in the bulk path
+        (b"data: a\n\nevent: t\ndata: " + b"y" * 20 + b"\n\n", ["a"]),  # line by line
+        (b"data: a\n\n: " + b"c" * 20, ["a"]),  # a comment that never ends
+    ],
+)
+def test_long_line_raises_after_the_events_before_it(stream: bytes, delivered: list[str]) -> None:
+    for chunks in ([stream], bytewise(stream)):
+        decoder, events = SSEDecoder(max_line_length=16), []
+        with pytest.raises(LineTooLong) as caught:
+            for chunk in chunks:
+                events += decoder.feed(chunk)
+        assert [e.data for e in events + caught.value.events] == delivered
 
 
 def test_many_data_lines_raise() -> None:
@@ -543,7 +571,7 @@ def test_decoding_cost_is_linear_under_any_chunking(
 ) -> None:
     """A decoder that rescans its buffer takes minutes here; a linear one well under a second.
     The bounds are 10x loose sanity limits, not benchmarks."""
-    decoder = SSEDecoder(max_event_size=16 << 20)
+    decoder = SSEDecoder(max_event_size=16 << 20, max_line_length=16 << 20)
     events: list[ServerSentEvent] = []
     started = time.perf_counter()
     for i in range(0, len(stream), chunk):
@@ -804,6 +832,30 @@ def test_small_limit_only_raises_event_too_large_and_chunking_agrees(
         except EventTooLarge as error:  # anything else fails the test
             assert error.limit == limit
             outcomes.append(None)
+    assert outcomes[0] == outcomes[1] == outcomes[2]
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    stream=streams,
+    limit=st.integers(min_value=1, max_value=60),
+    line_limit=st.integers(min_value=1, max_value=30),
+    data=st.data(),
+)
+def test_both_limits_give_the_same_error_and_events_whatever_the_chunking(
+    stream: bytes, limit: int, line_limit: int, data: st.DataObject
+) -> None:
+    outcomes = []
+    for chunks in ([stream], random_chunks(data, stream), bytewise(stream)):
+        decoder = SSEDecoder(limit, line_limit)
+        events: list[ServerSentEvent] = []
+        error: type[EventTooLarge] | None = None
+        try:
+            for chunk in chunks:
+                events += decoder.feed(chunk)
+        except EventTooLarge as exc:  # LineTooLong is one; anything else fails the test
+            error, events = type(exc), events + exc.events
+        outcomes.append((error, events))
     assert outcomes[0] == outcomes[1] == outcomes[2]
 
 

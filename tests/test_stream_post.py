@@ -209,7 +209,7 @@ async def test_first_event_timeout_before_commit_is_a_504() -> None:
         closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
     assert response.status_code == 504
     error = json.loads(raw)["error"]
-    assert error["type"] == "upstream_timeout"
+    assert error["type"] == "first_event_timeout"
     assert "first event" in error["message"]
     assert closed is not None
 
@@ -222,7 +222,7 @@ async def test_first_event_timeout_before_commit_is_a_504() -> None:
             {"tokens": 10, "delay": 0.001, "stall": 5, "stall_after": 3},
             {"STREAMPLUS_IDLE_TIMEOUT": 0.3},
             range(3, 4),
-            "upstream_timeout",
+            "idle_timeout",
             "idle",
             id="idle-timeout",
         ),
@@ -230,7 +230,7 @@ async def test_first_event_timeout_before_commit_is_a_504() -> None:
             {"tokens": 200, "delay": 0.02},
             {"STREAMPLUS_TOTAL_TIMEOUT": 0.5},
             range(3, 200),
-            "upstream_timeout",
+            "total_timeout",
             "total",
             id="total-timeout",
         ),
