@@ -53,16 +53,18 @@ async def _read_body(request: Request, limit: int) -> None:
     Raises:
         BodyTooLarge: ``Content-Length`` says more than ``limit``, or the body grew past it.
     """
+    http: Any = request.stream  # Sanic's Http1 (native server) or its ASGI app
     length = request.headers.get("content-length", "")
     if length.isdigit() and int(length) > limit:
-        request.stream.keep_alive = False  # type: ignore[union-attr]  # its body stays unread
+        if http is not None:
+            http.keep_alive = False  # its body stays unread: the connection cannot be reused
         raise BodyTooLarge(limit)
-    http = request.stream
     if http is None or not getattr(http, "request_body", None):
         return  # no body, or already read
-    http.request_max_size = limit  # type: ignore[union-attr]
+    http.request_max_size = limit
+    receive_body: Any = request.receive_body  # untyped in Sanic
     try:
-        await request.receive_body()
+        await receive_body()
     except PayloadTooLarge:
         raise BodyTooLarge(limit) from None
     if len(request.body) > limit:  # a server that does not count (ASGI)

@@ -60,7 +60,7 @@ logger = logging.getLogger("sanic_streamplus")
 
 # no-transform: no proxy, CDN or compression layer may re-encode (and so buffer) the stream
 STREAM_HEADERS = {"Cache-Control": "no-cache, no-transform", "X-Accel-Buffering": "no"}
-_CUT_GRACE = 1.0  # seconds a cut client's last frame may take to leave before the socket aborts
+_CUT_GRACE = 5.0  # seconds, without a send timeout: as Sanic's GRACEFUL_TCP_CLOSE_TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -109,23 +109,29 @@ def error_response(error: StreamPlusError) -> HTTPResponse:
     return json(error_body(error), status=error.status, headers=headers)
 
 
-def _tune_socket(request: Request, send_timeout: float | None) -> None:
+def _tune_socket(request: Request, send_timeout: float | None, send_buffer: int | None) -> None:
     """Make a client that vanished without a FIN show up as a disconnect within about
     ``send_timeout``: ``TCP_USER_TIMEOUT`` (Linux) drops the connection when sent data stays
-    unacknowledged that long, and TCP keepalive probes a silent one. No-op without a socket."""
+    unacknowledged that long, and TCP keepalive probes a silent one. ``send_buffer`` (bytes)
+    caps the kernel send buffer, so that a backlog waits where it can still be coalesced.
+    No-op without a TCP socket."""
     sock = request.transport.get_extra_info("socket")
-    if send_timeout is None or sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
-    probe = max(1, int(send_timeout / 3))
-    options = [(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)]
-    for name, value in (
-        ("TCP_USER_TIMEOUT", int(send_timeout * 1000)),
-        ("TCP_KEEPIDLE", probe),
-        ("TCP_KEEPINTVL", probe),
-        ("TCP_KEEPCNT", 3),
-    ):
-        if hasattr(socket, name):
-            options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
+    options = []
+    if send_buffer:
+        options.append((socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer))
+    if send_timeout:
+        probe = max(1, int(send_timeout / 3))
+        options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
+        for name, value in (
+            ("TCP_USER_TIMEOUT", int(send_timeout * 1000)),
+            ("TCP_KEEPIDLE", probe),
+            ("TCP_KEEPINTVL", probe),
+            ("TCP_KEEPCNT", 3),
+        ):
+            if hasattr(socket, name):
+                options.append((socket.IPPROTO_TCP, getattr(socket, name), value))
     try:
         for level, option, value in options:
             sock.setsockopt(level, option, value)
@@ -186,6 +192,8 @@ class _Stream:
         """
         if self.failure is not None:
             raise self.failure
+        if self.held:  # coalesce: what was held goes first
+            self._take_held()
         self.pending.append(data)
         self.pending_size += len(data)
         if not self.wake.is_set():
@@ -245,7 +253,9 @@ class _Stream:
                     transport = request.transport
                     if hasattr(transport, "set_write_buffer_limits"):
                         transport.set_write_buffer_limits(high=self.options.high_water_mark)
-                        _tune_socket(request, self.send_timeout)
+                        coalesce = self.options.slow_client == "coalesce"
+                        send_buffer = self.options.high_water_mark if coalesce else None
+                        _tune_socket(request, self.send_timeout, send_buffer)
         return self.response is not None
 
     async def _write_loop(self) -> None:
@@ -360,9 +370,10 @@ class _Stream:
 
     async def cut(self, frames: Iterable[bytes]) -> None:
         """End the stream of a client that stopped draining: ``frames`` go into the transport's
-        buffer without waiting, and the connection closes; aborted after ``_CUT_GRACE``
-        seconds if the client still does not read. Native server only; under ASGI the ASGI
-        server owns the connection."""
+        buffer without waiting (behind what is queued: a client that reads again gets them
+        last), and the connection closes; it is aborted if the transport's buffer has not
+        drained within another ``send_timeout`` seconds (memory: at most a high-water mark
+        for that long). Native server only; under ASGI the ASGI server owns the connection."""
         self.stop()
         if self.response is None or _is_asgi(self.request):
             return
@@ -370,7 +381,7 @@ class _Stream:
         protocol.resume_writing()  # Sanic's send() may write again: the buffer takes it
         with contextlib.suppress(Exception):  # the last word is best effort
             await asyncio.wait_for(self.response.send(b"".join(frames), end_stream=True), 1)
-        protocol.close(timeout=_CUT_GRACE)
+        protocol.close(timeout=self.send_timeout or _CUT_GRACE)
 
     def stop(self) -> None:
         if self.timer is not None:
@@ -430,6 +441,8 @@ async def relay(
     encode = fmt.encode  # chosen once per stream
     put, limit = stream.put, options.high_water_mark
     coalesce = options.slow_client == "coalesce"
+    # bytes the kernel would not take yet: the client is behind (0 where it cannot be told)
+    buffered = getattr(request.transport, "get_write_buffer_size", None) or (lambda: 0)
     disconnect = options.slow_client == "disconnect"
     task = stream.task
     assert task is not None
@@ -448,8 +461,8 @@ async def relay(
                     if fmt.writes_end:
                         put(encode(event))
                     break
-                if coalesce and (stream.sending or stream.held):
-                    stream.hold(event)
+                if coalesce and (stream.held or stream.sending or buffered()):
+                    stream.hold(event)  # the client is behind: merge text deltas
                 else:
                     put(encode(event))
                 stream.events += 1
@@ -503,8 +516,10 @@ async def relay(
             registry.discard(stream)
         if watcher is not None:
             watcher.cancel()
-        await close_completely(_aclose(iterator))
-        stream.log(outcome, status)
+        try:
+            await close_completely(_aclose(iterator))
+        finally:  # even when a cancellation (the cut connection's) lands here
+            stream.log(outcome, status)
 
 
 def _uncancel(task: asyncio.Task[Any]) -> None:
