@@ -39,7 +39,8 @@ request with a ``"fake": {...}`` object in the JSON body; ``FakeModel`` holds th
 - ``done`` (bool): end with ``data: [DONE]``; ``hold_after_done`` (bool): after the last event,
   never end the body: the connection stays open until the client closes it;
 - ``trickle`` (bytes, or None): write the body in pieces of that many bytes, each its own chunk and
-  its own write, with ``delay`` between pieces instead of between tokens.
+  its own write, with ``delay`` between pieces instead of between tokens;
+- ``set_cookie`` (str, or None): send this ``Set-Cookie`` header with the stream.
 
 Event numbers (``fail_after``, ``stall_after``, ``stall_mid_frame``) count the blocks of the body
 from 0: the role chunk, then the extra blocks above where they are enabled, the tokens, the stop
@@ -135,6 +136,7 @@ class FakeModel:
     done: bool = True
     hold_after_done: bool = False
     trickle: int | None = None
+    set_cookie: str | None = None
 
     def __post_init__(self) -> None:
         if self.line_ending not in _LINE_ENDINGS:
@@ -355,7 +357,8 @@ class _Connection(asyncio.Protocol):
             return
         await self.write(
             b"HTTP/1.1 200 OK\r\nContent-Type: " + model.content_type.encode() + b"\r\n"
-            b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + (f"Set-Cookie: {model.set_cookie}\r\n".encode() if model.set_cookie else b"")
+            + b"Cache-Control: no-cache\r\nTransfer-Encoding: chunked\r\n\r\n"
         )
         if keep_alive_first:
             await self.pause(request, model)

@@ -178,8 +178,9 @@ def test_hop_by_hop_headers_are_refused_in_the_allowlist() -> None:
         {"error_status": 500},
         {"content_type": "text/html"},
         {"fail_after": 2},
+        {"set_cookie": "upstream_session=s3cr3t"},
     ],
-    ids=["401", "500", "not-sse", "reset"],
+    ids=["401", "500", "not-sse", "reset", "set-cookie"],
 )
 async def test_errors_never_echo_secrets_or_upstream_bodies(knobs: dict[str, Any]) -> None:
     async with FakeUpstream(tokens=5, delay=0) as upstream:
@@ -191,6 +192,7 @@ async def test_errors_never_echo_secrets_or_upstream_bodies(knobs: dict[str, Any
     assert "fake upstream error" not in response.text  # the upstream's own body stays in the log
     assert "Traceback" not in response.text and "File \"" not in response.text
     assert "set-cookie" not in response.headers
+    assert "s3cr3t" not in response.text
 
 
 async def read_events(response: httpx.Response) -> list[Any]:
