@@ -41,7 +41,7 @@ from sanic import Request
 from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from ._aio import Deadline, close_completely
+from ._aio import close_completely
 from .errors import (
     DownstreamError,
     InvalidRequest,
@@ -170,10 +170,15 @@ class _Stream:
         self.failure: BaseException | None = None
         self.interrupt_error: StreamPlusError | None = None  # why the relay task was cancelled
         self.relaying = True  # the relay task is still in its loop (it may be interrupted)
-        self.sending = False  # the writer is waiting for the client to drain
+        self.sending = False  # a send() waits for the client to drain
+        self.send_started = 0.0  # loop time the current send() began
+        self.sender: asyncio.Task[Any] | None = None  # the task in that send()
+        self.send_timed_out = False
         self.waiting_writer = False  # the relay task is waiting for the writer
         self.send_timeout = options.send_timeout
-        self.send_deadline = Deadline() if options.send_timeout else None
+        self.watchdog: asyncio.TimerHandle | None = None
+        if self.send_timeout:
+            self.watchdog = self.loop.call_at(self.started + self.send_timeout, self._check_send)
         self.held: list[Any] = []  # coalesce: [shape, template, [texts]] or [None, event, None]
         self.text_delta = options.dialect.text_delta
         self.interval = options.heartbeat or 0.0  # seconds; 0: no heartbeat
@@ -294,23 +299,36 @@ class _Stream:
 
     async def _drained(self, sending: Awaitable[None]) -> None:
         """Await ``sending`` (a write that waits for the client to drain), within the send
-        timeout.
+        timeout (watched by :meth:`_check_send`: nothing per send but two stamps).
 
         Raises:
             SendTimeout: the client did not drain for ``send_timeout`` seconds.
         """
-        deadline = self.send_deadline
         self.sending = True
+        self.send_started = self.loop.time()
+        self.sender = asyncio.current_task()
         try:
-            if deadline is None:
-                await sending
-            else:
-                deadline.set(self.loop.time() + self.send_timeout)  # type: ignore[operator]
-                await deadline.guard(sending)
-        except TimeoutError:
+            await sending
+        except asyncio.CancelledError:
+            if not self.send_timed_out:
+                raise
+            self.send_timed_out = False
+            if self.sender is not None:
+                _uncancel(self.sender)
             raise SendTimeout(self.send_timeout or 0.0) from None
         finally:
             self.sending = False
+
+    def _check_send(self) -> None:
+        """The send-timeout watchdog: one timer per stream, re-armed for the current send."""
+        timeout = self.send_timeout or 0.0
+        now = self.loop.time()
+        due = self.send_started + timeout if self.sending else now + timeout
+        if self.sending and now >= due and self.sender is not None:
+            self.send_timed_out = True
+            self.sender.cancel()
+            due = now + timeout
+        self.watchdog = self.loop.call_at(due, self._check_send)
 
     def _check_beat(self) -> None:
         due = self.last_write + self.interval
@@ -386,8 +404,8 @@ class _Stream:
     def stop(self) -> None:
         if self.timer is not None:
             self.timer.cancel()
-        if self.send_deadline is not None:
-            self.send_deadline.close()
+        if self.watchdog is not None:
+            self.watchdog.cancel()
         self.writer.cancel()
 
     def log(self, outcome: str, status: int) -> None:
