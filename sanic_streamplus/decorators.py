@@ -48,7 +48,8 @@ async def _read_body(request: Request, limit: int) -> None:
     """Read the request body into ``request.body``, refusing it past ``limit`` bytes.
 
     Stream routes are marked ``is_stream`` so that Sanic does not read the body first (up to its
-    own ``REQUEST_MAX_SIZE``, 100 MB by default); this reads it with the stream's own limit.
+    own ``REQUEST_MAX_SIZE``, 100 MB by default); this reads it with the stream's own limit, and
+    never holds more than ``limit`` bytes of it.
 
     Raises:
         BodyTooLarge: ``Content-Length`` says more than ``limit``, or the body grew past it.
@@ -61,14 +62,16 @@ async def _read_body(request: Request, limit: int) -> None:
         raise BodyTooLarge(limit)
     if http is None or not getattr(http, "request_body", None):
         return  # no body, or already read
-    http.request_max_size = limit
-    receive_body: Any = request.receive_body  # untyped in Sanic
+    http.request_max_size = limit  # Sanic's HTTP/1: drop the connection, not read the rest
+    body = bytearray()
     try:
-        await receive_body()
-    except PayloadTooLarge:
+        async for data in http:  # counted as it arrives, on Sanic's server and under ASGI alike
+            body += data
+            if len(body) > limit:
+                raise BodyTooLarge(limit)
+    except PayloadTooLarge:  # Sanic's own count, with the limit above
         raise BodyTooLarge(limit) from None
-    if len(request.body) > limit:  # a server that does not count (ASGI)
-        raise BodyTooLarge(limit)
+    request.body = bytes(body)
 
 
 def _head_response(options: StreamOptions) -> HTTPResponse:

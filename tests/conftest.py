@@ -84,6 +84,28 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
+async def serve_uvicorn(app: Any) -> AsyncIterator[str]:
+    """Run the Sanic ``app`` as an ASGI app under uvicorn on a free port of 127.0.0.1."""
+    import uvicorn
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    port = sock.getsockname()[1]
+    config = uvicorn.Config(app, lifespan="on", log_level="warning", loop="asyncio")
+    server = uvicorn.Server(config)
+    task = asyncio.ensure_future(server.serve(sockets=[sock]))
+    while not server.started:
+        await asyncio.sleep(0.01)
+        assert not task.done(), "uvicorn failed to start"
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await asyncio.wait_for(task, 10)
+
+
+@contextlib.asynccontextmanager
 async def run_example(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """Run ``examples/chat_proxy.py`` as its own process on a free port; yield it and its URL
     once it answers."""

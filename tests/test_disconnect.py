@@ -3,17 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
-import uvicorn
-from conftest import app_name, chat_body, completions_body
+from conftest import app_name, chat_body, completions_body, serve_uvicorn
 
 from sanic_streamplus.testing import FakeUpstream
 
@@ -97,26 +95,10 @@ async def test_disconnect_before_the_first_event_closes_upstream(
     assert closed is not None, "upstream still open 2 s after the client left"
 
 
-@contextlib.asynccontextmanager
-async def serve_uvicorn(upstream: FakeUpstream) -> AsyncIterator[str]:
+def example_app(upstream: FakeUpstream) -> Any:
     from chat_proxy import create_app
 
-    app = create_app(upstream.url, name=app_name("asgi"))
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", log_level="warning", loop="asyncio")
-    server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-        assert not task.done(), "uvicorn failed to start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
+    return create_app(upstream.url, name=app_name("asgi"))
 
 
 @pytest.mark.parametrize("path", ["/chat", "/v1/chat/completions"])
@@ -124,7 +106,7 @@ async def test_disconnect_closes_upstream_under_uvicorn(
     upstream: FakeUpstream, path: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     with caplog.at_level(logging.INFO):
-        async with serve_uvicorn(upstream) as url:
+        async with serve_uvicorn(example_app(upstream)) as url:
             delays = await disconnect_rounds(url, upstream, path)
     assert max(delays) < 2.0
     assert len(upstream.connections) == 0
@@ -136,7 +118,7 @@ async def test_disconnect_closes_upstream_under_uvicorn(
 async def test_a_complete_stream_under_uvicorn(upstream: FakeUpstream) -> None:
     import httpx
 
-    async with serve_uvicorn(upstream) as url, httpx.AsyncClient() as client:
+    async with serve_uvicorn(example_app(upstream)) as url, httpx.AsyncClient() as client:
         response = await client.post(url + "/v1/chat/completions", json=completions_body())
     assert response.status_code == 200
     assert response.text.endswith("data: [DONE]\n\n")

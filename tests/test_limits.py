@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import EXAMPLES, app_name, completions_body, free_port
+from conftest import EXAMPLES, app_name, completions_body, free_port, serve_uvicorn
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
@@ -53,10 +53,11 @@ def relay_app(upstream_url: str, *, methods: tuple[str, ...] = ("POST",), **conf
     return app
 
 
-async def test_a_body_over_the_limit_is_a_413_before_anything_starts() -> None:
+@pytest.mark.parametrize("serve", [serve_app, serve_uvicorn], ids=["sanic", "uvicorn"])
+async def test_a_body_over_the_limit_is_a_413_before_anything_starts(serve: Any) -> None:
     async with FakeUpstream() as upstream:
         app = relay_app(upstream.url, STREAMPLUS_MAX_BODY_SIZE=1000)
-        async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
+        async with serve(app) as url, httpx.AsyncClient(timeout=10) as client:
             declared = await client.post(url + "/s", json={"pad": "x" * 2000})
 
             async def chunks() -> Any:  # no Content-Length: the body is counted as it arrives
