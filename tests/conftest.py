@@ -106,16 +106,18 @@ async def serve_uvicorn(app: Any) -> AsyncIterator[str]:
 
 
 @contextlib.asynccontextmanager
-async def run_example(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
+async def run_example(
+    *args: str, output: bool = False
+) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
     """Run ``examples/chat_proxy.py`` as its own process on a free port; yield it and its URL
-    once it answers."""
+    once it answers. With ``output``, its stdout and stderr go to ``process.stdout``."""
     port = free_port()
     process = await asyncio.create_subprocess_exec(
         sys.executable,
         str(EXAMPLES / "chat_proxy.py"),
         *("--port", str(port), *args),
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+        stdout=subprocess.PIPE if output else subprocess.DEVNULL,
+        stderr=subprocess.STDOUT if output else subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"
     try:
@@ -129,5 +131,6 @@ async def run_example(*args: str) -> AsyncIterator[tuple[asyncio.subprocess.Proc
                     await asyncio.sleep(0.05)
         yield process, url
     finally:
-        process.terminate()
+        if process.returncode is None:
+            process.terminate()
         await asyncio.wait_for(process.wait(), 10)

@@ -11,13 +11,11 @@ import asyncio
 import gzip
 import json
 import signal
-import subprocess
-import sys
 from typing import Any
 
 import httpx
 import pytest
-from conftest import EXAMPLES, app_name, completions_body, free_port, serve_uvicorn
+from conftest import app_name, completions_body, run_example, serve_uvicorn
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
@@ -229,36 +227,22 @@ async def test_shutdown_ends_open_streams_with_a_final_frame_and_closes_upstream
 
 
 async def test_shutdown_of_the_example_process_sends_final_frames_without_a_traceback() -> None:
-    async with FakeUpstream(tokens=1000, delay=0.01) as upstream:
-        port = free_port()
-        process = await asyncio.create_subprocess_exec(
-            sys.executable,
-            str(EXAMPLES / "chat_proxy.py"),
-            *("--port", str(port), "--upstream", upstream.url),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
+    async with (
+        FakeUpstream(tokens=1000, delay=0.01) as upstream,
+        run_example("--upstream", upstream.url, output=True) as (process, url),
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        path = url + "/v1/chat/completions"
+        response = await client.send(
+            client.build_request("POST", path, json=completions_body()), stream=True
         )
-        url = f"http://127.0.0.1:{port}"
-        try:
-            async with httpx.AsyncClient(timeout=10) as client:
-                for _ in range(400):
-                    try:
-                        await client.get(url + "/")
-                        break
-                    except httpx.TransportError:
-                        await asyncio.sleep(0.05)
-                request = client.build_request(
-                    "POST", url + "/v1/chat/completions", json=completions_body()
-                )
-                response = await client.send(request, stream=True)
-                await upstream.wait_requests(1, 5)
-                await asyncio.sleep(0.1)
-                process.send_signal(signal.SIGTERM)
-                events = await read_events(response)
-            output = (await asyncio.wait_for(process.communicate(), 20))[0].decode()
-        finally:
-            if process.returncode is None:
-                process.kill()
+        await upstream.wait_requests(1, 5)
+        await asyncio.sleep(0.1)
+        process.send_signal(signal.SIGTERM)
+        events = await read_events(response)
+        assert process.stdout is not None
+        output = (await asyncio.wait_for(process.stdout.read(), 20)).decode()
+        await asyncio.wait_for(process.wait(), 10)
         closed = await upstream.wait_closed(upstream.requests[0], 2)
     assert json.loads(events[-2].data)["error"]["type"] == "shutdown"
     assert events[-1].data == "[DONE]"
