@@ -70,8 +70,8 @@ class Settings:
         total_timeout: a whole upstream stream.
         send_timeout: a client that has not drained the stream for this long is cut, with an
             error frame put in its buffer, and the upstream closed; also the client socket's
-            ``TCP_USER_TIMEOUT`` (Linux) and the base of its TCP keepalive, so a client that
-            vanished without a FIN is found within about this bound.
+            ``TCP_USER_TIMEOUT`` (Linux; twice this) and the base of its TCP keepalive, so a
+            client that vanished without a FIN is found within about twice this bound.
         slow_client: what happens while a client is behind: ``block`` (the default: the upstream
             read waits for it), ``coalesce`` (the upstream keeps flowing and consecutive text
             deltas merge, so the client gets fewer, larger events; at a high-water mark of

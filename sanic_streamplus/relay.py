@@ -15,8 +15,8 @@
   and memory stays bounded.
 - **slow clients**: a write that does not drain within ``send_timeout`` cuts the client (the
   ``slow_client`` policy decides what happens before that: ``block``, ``coalesce`` or
-  ``disconnect``); the client socket gets ``TCP_USER_TIMEOUT`` and TCP keepalive, so a client
-  that vanished without a FIN is found within about the same bound.
+  ``disconnect``); the client socket gets ``TCP_USER_TIMEOUT`` (twice the send timeout) and TCP
+  keepalive, so a client that vanished without a FIN is found within that bound.
 - **heartbeats**: a comment (``: ping``) whenever nothing was written for ``heartbeat`` seconds.
 - **disconnects**: the source is closed the moment the client goes away (Sanic cancels the
   handler; under ASGI the relay watches for ``http.disconnect`` itself), and the close completes
@@ -110,9 +110,11 @@ def error_response(error: StreamPlusError) -> HTTPResponse:
 
 
 def _tune_socket(request: Request, send_timeout: float | None, send_buffer: int | None) -> None:
-    """Make a client that vanished without a FIN show up as a disconnect within about
+    """Make a client that vanished without a FIN show up as a disconnect within about twice
     ``send_timeout``: ``TCP_USER_TIMEOUT`` (Linux) drops the connection when sent data stays
-    unacknowledged that long, and TCP keepalive probes a silent one. ``send_buffer`` (bytes)
+    unacknowledged that long, and TCP keepalive probes a silent one. Twice, so that a client
+    that is alive but not reading meets the send timeout first (and its error frame), and the
+    kernel does not drop the connection during the cut's grace period. ``send_buffer`` (bytes)
     caps the kernel send buffer, so that a backlog waits where it can still be coalesced.
     No-op without a TCP socket."""
     sock = request.transport.get_extra_info("socket")
@@ -125,7 +127,7 @@ def _tune_socket(request: Request, send_timeout: float | None, send_buffer: int 
         probe = max(1, int(send_timeout / 3))
         options.append((socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1))
         for name, value in (
-            ("TCP_USER_TIMEOUT", int(send_timeout * 1000)),
+            ("TCP_USER_TIMEOUT", int(2 * send_timeout * 1000)),
             ("TCP_KEEPIDLE", probe),
             ("TCP_KEEPINTVL", probe),
             ("TCP_KEEPCNT", 3),

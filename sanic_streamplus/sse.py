@@ -201,7 +201,13 @@ class SSEDecoder:
         none exceeds ``max_event_size``: what it dispatches is exactly what :meth:`_lines`
         would. Returns the events and the number of bytes used (0: the part does not qualify).
         """
-        if self._data or self._event or self._block_id is not None or self._block_retry is not None:
+        if (
+            self._block_size  # a block is under way (a comment or unknown field counts too)
+            or self._data
+            or self._event
+            or self._block_id is not None
+            or self._block_retry is not None
+        ):
             return [], 0
         cut = complete.rfind(b"\n\n") + 2
         if cut < 2:

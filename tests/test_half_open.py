@@ -29,7 +29,7 @@ def test_a_vanished_client_is_found_and_the_upstream_closed() -> None:
     )
     assert run.returncode == 0, run.stderr[-3000:]
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    # the heartbeat (0.5 s) keeps data unacknowledged; TCP_USER_TIMEOUT (2 s) drops the
+    # the heartbeat (0.5 s) keeps data unacknowledged; TCP_USER_TIMEOUT (2 x 2 s) drops the
     # connection; Sanic cancels the handler, and the upstream closes
     assert result["outcome"] in ("client_disconnected", "send_timeout"), result
     assert result["upstream_closed_after"] is not None, result

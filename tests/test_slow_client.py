@@ -209,4 +209,4 @@ async def test_the_client_socket_gets_a_user_timeout_and_keepalive() -> None:
         await client.read_rest()
     events, complete = client.events()
     assert complete
-    assert json.loads(events[1].data) == {"user_timeout": 7500, "keepalive": 1, "idle": 2}
+    assert json.loads(events[1].data) == {"user_timeout": 15000, "keepalive": 1, "idle": 2}

@@ -472,6 +472,18 @@ def test_long_line_of_default_limit_raises() -> None:
     assert type(caught.value) is EventTooLarge
 
 
+def test_a_comment_before_a_bulk_block_counts_toward_its_size() -> None:
+    """Found by the fuzzer: the bulk path took over mid-block, after a comment line fed alone."""
+    decoder = SSEDecoder(max_event_size=7)
+    decoder.feed(b":\n")
+    with pytest.raises(EventTooLarge):
+        decoder.feed(b"data: \n\n")  # 2 + 7 bytes: over the limit, as when fed in one chunk
+    decoder = SSEDecoder(max_event_size=100)
+    for _ in range(1000):  # heartbeat comments without a blank line, then an event, each alone
+        assert decoder.feed(b": ping\n") == []
+        assert decoder.feed(b"data: x\n\n") == [ServerSentEvent("x")]
+
+
 def test_line_of_default_line_length_raises() -> None:
     decoder = SSEDecoder()
     assert decoder.feed(b"data: " + b"z" * (DEFAULT_MAX_LINE_LENGTH - 6)) == []
