@@ -170,6 +170,7 @@ class _Stream:
         self.taken = asyncio.Event()  # the writer took the pending batch
         self.closing = False
         self.failure: BaseException | None = None
+        self.ended = asyncio.Event()  # the relay is done: logged, its source closed
         self.interrupt_error: StreamPlusError | None = None  # why the relay task was cancelled
         self.relaying = True  # the relay task is still in its loop (it may be interrupted)
         self.sending = False  # a send() waits for the client to drain
@@ -461,9 +462,9 @@ async def relay(
     encode = fmt.encode  # chosen once per stream
     put, limit = stream.put, options.high_water_mark
     coalesce = options.slow_client == "coalesce"
+    disconnect = options.slow_client == "disconnect"
     # bytes the kernel would not take yet: the client is behind (0 where it cannot be told)
     buffered = getattr(request.transport, "get_write_buffer_size", None) or (lambda: 0)
-    disconnect = options.slow_client == "disconnect"
     task = stream.task
     assert task is not None
     watcher = asyncio.ensure_future(stream.watch_disconnect(task)) if _is_asgi(request) else None
@@ -540,6 +541,7 @@ async def relay(
             await close_completely(_aclose(iterator))
         finally:  # even when a cancellation (the cut connection's) lands here
             stream.log(outcome, status)
+            stream.ended.set()
 
 
 def _uncancel(task: asyncio.Task[Any]) -> None:
@@ -561,6 +563,8 @@ async def shutdown_streams(registry: set[Any], timeout: float) -> None:
     streams = [stream for stream in registry if isinstance(stream, _Stream)]
     for stream in streams:
         stream.interrupt(ServerShutdown())
-    tasks = {stream.task for stream in streams if stream.task is not None}
-    if tasks:
-        await asyncio.wait(tasks, timeout=timeout)
+    if streams:  # the streams, not their connections: a keep-alive connection outlives them
+        ended = [asyncio.ensure_future(stream.ended.wait()) for stream in streams]
+        _, waiting = await asyncio.wait(ended, timeout=timeout)
+        for future in waiting:
+            future.cancel()
