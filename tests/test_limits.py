@@ -11,6 +11,7 @@ import asyncio
 import gzip
 import json
 import signal
+import time
 from typing import Any
 
 import httpx
@@ -239,10 +240,12 @@ async def test_shutdown_of_the_example_process_sends_final_frames_without_a_trac
         await upstream.wait_requests(1, 5)
         await asyncio.sleep(0.1)
         process.send_signal(signal.SIGTERM)
+        signalled = time.monotonic()
         events = await read_events(response)
         assert process.stdout is not None
         output = (await asyncio.wait_for(process.stdout.read(), 20)).decode()
         await asyncio.wait_for(process.wait(), 10)
+        stopping = time.monotonic() - signalled
         closed = await upstream.wait_closed(upstream.requests[0], 2)
     assert json.loads(events[-2].data)["error"]["type"] == "shutdown"
     assert events[-1].data == "[DONE]"
@@ -250,3 +253,5 @@ async def test_shutdown_of_the_example_process_sends_final_frames_without_a_trac
     assert "outcome=shutdown" in output
     assert "Traceback" not in output, output
     assert process.returncode == 0
+    # the keep-alive connection must not hold the stop for half of GRACEFUL_SHUTDOWN_TIMEOUT
+    assert stopping < 5.0
