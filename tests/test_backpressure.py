@@ -1,4 +1,5 @@
-"""Backpressure: a slow client reading a 100 MB stream keeps the proxy's memory flat.
+"""Backpressure: a slow client reading a 100 MB stream keeps the proxy's memory flat, under the
+`block` and `coalesce` policies.
 
 The proxy runs in its own process (the example, one command), so its RSS is its own.
 """
@@ -30,7 +31,11 @@ def rss_bytes(pid: int) -> int:
 
 
 @pytest.mark.usefixtures("transport")
-async def test_slow_client_on_a_100_mb_stream_keeps_proxy_memory_bounded() -> None:
+@pytest.mark.parametrize("policy", ["block", "coalesce"])
+async def test_slow_client_on_a_100_mb_stream_keeps_proxy_memory_bounded(
+    policy: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("SANIC_STREAMPLUS_SLOW_CLIENT", policy)
     async with (
         FakeUpstream(tokens=TOKENS, delay=0, token_size=TOKEN_SIZE) as upstream,
         run_example("--upstream", upstream.url) as (proxy, url),
