@@ -5,7 +5,8 @@ socket would deliver them) before the clock starts, and there is no I/O, no even
 
 The two decoders:
 
-- **ours**: ``SSEDecoder(max_event_size).feed(chunk)`` for each chunk, events collected in a list.
+- **ours**: ``SSEDecoder(max_event_size, max_line_length).feed(chunk)`` for each chunk, events
+  collected in a list.
 - **httpx-sse**: exactly what ``EventSource.aiter_sse()`` does per response chunk, run
   synchronously with httpx's and httpx-sse's own classes: ``Response.aiter_text()`` decodes the
   chunk with ``httpx._decoders.TextDecoder("utf-8")`` (and ``TextChunker(None)`` drops empty
@@ -77,7 +78,7 @@ Decoder = Callable[[Sequence[bytes]], list[Any]]
 
 def decode_ours(chunks: Sequence[bytes]) -> list[Any]:
     """Feed ``chunks`` to one ``sanic_streamplus`` decoder; return all the events."""
-    decoder = SSEDecoder(MAX_EVENT_SIZE)
+    decoder = SSEDecoder(MAX_EVENT_SIZE, MAX_EVENT_SIZE)  # the 20 MB line of the linear check
     feed = decoder.feed
     events: list[Any] = []
     extend = events.extend
