@@ -10,6 +10,11 @@ deterministic tokens, so it works offline. Routes:
   ``base_url`` at ``http://HOST:PORT/v1``);
 - ``POST /chat``: ``{"messages": [...]}`` in, ``event: token`` ``{"text"}`` events out, then
   ``event: done`` with stats; errors as ``event: error``;
+- ``POST /resumable/v1/chat/completions``: the same pass-through, resumable: the answer has
+  an ``X-Stream-Id``, every event an ``id``; resume with ``Last-Event-ID`` on this route or on
+  ``GET /streams/<id>``, cancel with ``DELETE /streams/<id>``, retry safely with an
+  ``Idempotency-Key`` (events kept in memory, or in Redis with
+  ``SANIC_STREAMPLUS_RESUME_STORE=redis`` and ``SANIC_STREAMPLUS_REDIS_URL``);
 - ``GET /``: a small chat page.
 """
 
@@ -74,13 +79,21 @@ def create_app(
     async def index(request: Request) -> HTTPResponse:
         return html(PAGE.read_text(encoding="utf-8"))
 
-    @app.post("/v1/chat/completions")
-    @stream_post(dialect="openai")
-    async def chat_completions(request: Request) -> Any:
+    def completions(request: Request) -> Any:
         body = request.json
         if not isinstance(body, dict) or not body.get("stream"):
             return bad_request("this proxy only streams: send a JSON object with \"stream\": true")
         return upstream_events(request, "/chat/completions", json=body)
+
+    @app.post("/v1/chat/completions")
+    @stream_post(dialect="openai")
+    async def chat_completions(request: Request) -> Any:
+        return completions(request)
+
+    @app.post("/resumable/v1/chat/completions")
+    @stream_post(dialect="openai", resumable=True)
+    async def resumable_completions(request: Request) -> Any:
+        return completions(request)
 
     @app.post("/chat")
     @stream_post(dialect="plain")

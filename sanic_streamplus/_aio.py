@@ -1,5 +1,5 @@
-"""Two asyncio tools the relay and the upstream client share: a close that survives cancellation,
-and a cheap resettable deadline."""
+"""Asyncio tools the relay, the producer and the upstream client share: a close that survives
+cancellation, closing an async iterator, and a cheap resettable deadline."""
 
 from __future__ import annotations
 
@@ -34,6 +34,13 @@ async def close_completely(closing: Awaitable[Any]) -> None:
         task.exception()  # mark it retrieved
     if cancelled:
         raise asyncio.CancelledError
+
+
+async def aclose_iterator(iterator: Any) -> None:
+    """``await iterator.aclose()`` if it has one (an async generator, an httpx stream)."""
+    aclose = getattr(iterator, "aclose", None)
+    if aclose is not None:
+        await aclose()
 
 
 class Deadline:

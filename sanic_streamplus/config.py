@@ -8,11 +8,19 @@ from typing import Any
 
 from .sse import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_LENGTH
 
-__all__ = ["FORMATS", "HOP_BY_HOP", "SLOW_CLIENT_POLICIES", "TRANSPORTS", "Settings"]
+__all__ = [
+    "FORMATS",
+    "HOP_BY_HOP",
+    "RESUME_STORES",
+    "SLOW_CLIENT_POLICIES",
+    "TRANSPORTS",
+    "Settings",
+]
 
 FORMATS = ("sse", "ndjson", "text")
 TRANSPORTS = ("aiohttp", "httpcore")
 SLOW_CLIENT_POLICIES = ("block", "coalesce", "disconnect")
+RESUME_STORES = ("memory", "redis")
 # RFC 9110 section 7.6.1: they describe one connection and are never forwarded
 HOP_BY_HOP = frozenset(
     {
@@ -27,6 +35,7 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
+_DURATIONS = ("heartbeat", "resume_ttl", "resume_grace")
 _POSITIVE_INTS = (
     "high_water_mark",
     "max_event_size",
@@ -34,6 +43,7 @@ _POSITIVE_INTS = (
     "max_body_size",
     "max_streams",
     "max_connections",
+    "resume_max_events",
 )
 
 
@@ -87,6 +97,15 @@ class Settings:
         max_streams: most concurrent streams per worker; the next gets a 503 with
             ``Retry-After`` before anything starts.
         max_connections: size of the shared client's connection pool.
+        resume_store: where resumable streams keep their events: ``memory`` (this process:
+            one worker) or ``redis`` (every worker and machine on ``redis_url``).
+        redis_url: the Redis of the ``redis`` store, e.g. ``redis://127.0.0.1:6379/0``.
+        resume_ttl: seconds a resumable stream is kept after its last event.
+        resume_max_events: events kept per resumable stream; a reader further behind gets an
+            ``events_expired`` error.
+        resume_grace: seconds a producer goes on with no reader before it stops.
+        resume_path: the path prefix of the resume (``GET <path>/<stream_id>``) and cancel
+            (``DELETE <path>/<stream_id>``) routes the extension registers.
         forward_headers: names of downstream request headers forwarded upstream by
             :func:`~sanic_streamplus.upstream.upstream_events` (an allowlist; a comma-separated
             string in config). Nothing is forwarded by default, credentials included; hop-by-hop
@@ -115,6 +134,12 @@ class Settings:
     max_streams: int = 1000
     max_connections: int = 1000
     forward_headers: tuple[str, ...] = ()
+    resume_store: str = "memory"
+    redis_url: str | None = None
+    resume_ttl: float | None = 600.0
+    resume_max_events: int = 10_000
+    resume_grace: float | None = 120.0
+    resume_path: str = "/streams"
     format: str = "sse"
     dialect: str = "plain"
     transport: str = "aiohttp"
@@ -133,7 +158,7 @@ class Settings:
                 continue
             raw = config[key]
             try:
-                if field.name.endswith("timeout") or field.name == "heartbeat":
+                if field.name.endswith("timeout") or field.name in _DURATIONS:
                     values[field.name] = _seconds(raw)
                 elif field.name in _POSITIVE_INTS:
                     values[field.name] = int(raw)
@@ -153,6 +178,13 @@ class Settings:
                 f"STREAMPLUS_SLOW_CLIENT must be one of {SLOW_CLIENT_POLICIES}, "
                 f"not {settings.slow_client!r}"
             )
+        if settings.resume_store not in RESUME_STORES:
+            raise ValueError(
+                f"STREAMPLUS_RESUME_STORE must be one of {RESUME_STORES}, "
+                f"not {settings.resume_store!r}"
+            )
+        if settings.resume_store == "redis" and not settings.redis_url:
+            raise ValueError("STREAMPLUS_RESUME_STORE=redis needs STREAMPLUS_REDIS_URL")
         if settings.transport not in TRANSPORTS:
             raise ValueError(
                 f"STREAMPLUS_TRANSPORT must be one of {TRANSPORTS}, not {settings.transport!r}"

@@ -5,21 +5,30 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar, overload
 
 from sanic import Request
 from sanic.exceptions import PayloadTooLarge
 from sanic.response import HTTPResponse
+from sanic.response import json as json_response
 from sanic_ext.extensions.openapi import openapi
 from sanic_ext.extensions.openapi.builders import OperationStore
 
 from .config import SLOW_CLIENT_POLICIES, Settings
-from .errors import BodyTooLarge, ExtensionMissing, InvalidRequest, TooManyStreams
+from .errors import (
+    BodyTooLarge,
+    ExtensionMissing,
+    InvalidRequest,
+    StreamNotFound,
+    TooManyStreams,
+    to_stream_error,
+)
 from .framing import get_dialect, get_format
-from .relay import STREAM_HEADERS, StreamOptions, error_response, relay, to_stream_error
+from .relay import STREAM_HEADERS, StreamOptions, error_response, relay
+from .resume import Resumer, new_stream_id, parse_last_event_id
 
-__all__ = ["stream_post"]
+__all__ = ["cancel_stream", "resume_stream", "stream_post"]
 
 logger = logging.getLogger("sanic_streamplus")
 
@@ -74,6 +83,62 @@ async def _read_body(request: Request, limit: int) -> None:
     request.body = bytes(body)
 
 
+def _refusal(exc: Exception) -> HTTPResponse:
+    """The JSON error response for ``exc`` raised before the commit point (a bug is logged)."""
+    error = to_stream_error(exc)
+    if error.outcome == "internal_error":
+        logger.exception("stream handler failed", exc_info=exc)
+    return error_response(error)
+
+
+async def _resumable(
+    request: Request,
+    resumer: Resumer,
+    options: StreamOptions,
+    registry: set[Any],
+    produce: Callable[[], Awaitable[Any]],
+) -> HTTPResponse | None:
+    """A resumable stream: resume the one ``Last-Event-ID`` names, attach to the one the
+    ``Idempotency-Key`` is bound to, or start a producer on the handler's events (``produce()``
+    calls the handler); then read.
+
+    Raises:
+        StreamPlusError: a clear answer before anything is sent (404/410 for a resume).
+    """
+    last_event_id = request.headers.get("last-event-id")
+    if last_event_id:
+        stream_id, after = parse_last_event_id(last_event_id)
+        await resumer.check(stream_id, after)
+        return await read_stream(request, resumer, stream_id, after, options, registry)
+    key = request.headers.get("idempotency-key") or None
+    stream_id, created = await resumer.store.open(new_stream_id(), key)
+    if created:
+        try:
+            source = await produce()
+        except Exception as exc:
+            await resumer.fail(stream_id, to_stream_error(exc))
+            raise
+        if isinstance(source, HTTPResponse):
+            await resumer.fail(stream_id, InvalidRequest("the handler refused the request"))
+            return source
+        await resumer.start(source, options.dialect, stream_id)
+    return await read_stream(request, resumer, stream_id, 0, options, registry)
+
+
+async def read_stream(
+    request: Request,
+    resumer: Resumer,
+    stream_id: str,
+    after: int,
+    options: StreamOptions,
+    registry: set[Any],
+) -> HTTPResponse | None:
+    """Relay the events of resumable stream ``stream_id`` after ``after`` to the client, with
+    its ID in ``X-Stream-Id``."""
+    events = resumer.events(stream_id, after)
+    return await relay(request, events, options, registry, {"X-Stream-Id": stream_id})
+
+
 def _head_response(options: StreamOptions) -> HTTPResponse:
     """HEAD on a stream route: the headers a stream would have, no body, nothing started."""
     return HTTPResponse(
@@ -93,6 +158,7 @@ def stream_post(
     dialect: str | None = ...,
     high_water_mark: int | None = ...,
     slow_client: str | None = ...,
+    resumable: bool = ...,
     require_json: bool = ...,
 ) -> Callable[[Handler], Handler]: ...
 
@@ -105,6 +171,7 @@ def stream_post(
     dialect: str | None = None,
     high_water_mark: int | None = None,
     slow_client: str | None = None,
+    resumable: bool = False,
     require_json: bool = True,
 ) -> Any:
     """Make a POST handler answer with a stream (an SSE event stream by default).
@@ -138,6 +205,10 @@ def stream_post(
             ``STREAMPLUS_HIGH_WATER_MARK``.
         slow_client: ``"block"``, ``"coalesce"`` or ``"disconnect"``; default
             ``STREAMPLUS_SLOW_CLIENT`` (see :class:`~sanic_streamplus.config.Settings`).
+        resumable: run the handler's events through a producer into the event store, so that
+            a client can resume with ``Last-Event-ID``, a retried POST with the same
+            ``Idempotency-Key`` attaches instead of starting again, and the stream can be
+            cancelled (see ``docs/resume.md`` and :mod:`sanic_streamplus.resume`).
         require_json: answer 400 before calling the handler if the body is not a JSON document.
 
     Raises:
@@ -188,25 +259,29 @@ def stream_post(
             token = object()  # holds a place under max_streams until the relay takes it over
             state.streams.add(token)
             try:
-                if is_generator:
-                    source = handler(request, *args, **kwargs)
-                else:
-                    source = await handler(request, *args, **kwargs)
-                    if isinstance(source, HTTPResponse):
-                        return source
-                    if not hasattr(source, "__aiter__"):
-                        raise TypeError(
-                            f"stream handler {handler.__name__} returned "
-                            f"{type(source).__name__}; return an async iterable or a response"
-                        )
+                if resumable:
+                    produce = functools.partial(call, request, *args, **kwargs)
+                    return await _resumable(request, state.resumer, options, state.streams, produce)
+                source = await call(request, *args, **kwargs)
+                if isinstance(source, HTTPResponse):
+                    return source
             except Exception as exc:
-                error = to_stream_error(exc)
-                if error.outcome == "internal_error":
-                    logger.exception("stream handler failed", exc_info=exc)
-                return error_response(error)
+                return _refusal(exc)
             finally:
                 state.streams.discard(token)
             return await relay(request, source, options, state.streams)
+
+        async def call(request: Request, *args: Any, **kwargs: Any) -> Any:
+            """The handler's events (an async iterable), or the response it returned."""
+            if is_generator:
+                return handler(request, *args, **kwargs)
+            source = await handler(request, *args, **kwargs)
+            if not isinstance(source, HTTPResponse) and not hasattr(source, "__aiter__"):
+                raise TypeError(
+                    f"stream handler {handler.__name__} returned "
+                    f"{type(source).__name__}; return an async iterable or a response"
+                )
+            return source
 
         wrapper.__streamplus__ = True  # type: ignore[attr-defined]
         wrapper.is_stream = True  # type: ignore[attr-defined]  # Sanic leaves the body to us
@@ -220,3 +295,44 @@ def stream_post(
     if handler is not None:
         return decorate(handler)
     return decorate
+
+
+async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None:
+    """``GET <STREAMPLUS_RESUME_PATH>/<stream_id>``: read a resumable stream from the start, or
+    after the ``Last-Event-ID`` header (``<stream>:<seq>``, as EventSource sends it on
+    reconnect), then live. Framed in the ``format`` and ``dialect`` query arguments (default
+    ``STREAMPLUS_FORMAT`` / ``STREAMPLUS_DIALECT``).
+
+    Answers 404 ``stream_not_found``, 410 ``stream_expired`` or ``events_expired`` before
+    anything is sent when it cannot replay without a gap.
+    """
+    state = getattr(request.app.ctx, "streamplus", None)
+    if state is None or state.resumer is None:
+        return error_response(ExtensionMissing())
+    overrides = {"format": request.args.get("format"), "dialect": request.args.get("dialect")}
+    try:
+        options = _options(request, state.settings, overrides)
+        after = 0
+        last_event_id = request.headers.get("last-event-id")
+        if last_event_id:
+            named, after = parse_last_event_id(last_event_id)
+            if named != stream_id:
+                raise InvalidRequest("the Last-Event-ID names another stream")
+        await state.resumer.check(stream_id, after)
+    except ValueError as exc:  # an unknown format or dialect in the query
+        return error_response(InvalidRequest(str(exc)))
+    except Exception as exc:
+        return _refusal(exc)
+    return await read_stream(request, state.resumer, stream_id, after, options, state.streams)
+
+
+async def cancel_stream(request: Request, stream_id: str) -> HTTPResponse:
+    """``DELETE <STREAMPLUS_RESUME_PATH>/<stream_id>``: cancel a running resumable stream in
+    whatever worker produces it (202 ``{"stream_id", "cancelled": true}``); 404 if it is
+    unknown or already finished."""
+    state = getattr(request.app.ctx, "streamplus", None)
+    if state is None or state.resumer is None:
+        return error_response(ExtensionMissing())
+    if not await state.resumer.cancel(stream_id):
+        return error_response(StreamNotFound(stream_id))
+    return json_response({"stream_id": stream_id, "cancelled": True}, status=202)

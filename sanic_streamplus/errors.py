@@ -22,6 +22,13 @@ Catch the class that says what you can act on::
     │   ├── SendTimeout              the client did not drain for ``send_timeout`` seconds
     │   └── SlowClient               the client fell a high-water mark behind (``disconnect``)
     ├── ServerShutdown               the server is stopping (503 before the commit point)
+    ├── ResumeError                  a resumable stream cannot be read as asked
+    │   ├── StreamNotFound           no stream has this ID (404)
+    │   ├── StreamExpired            the stream expired from the event store (410)
+    │   ├── EventsExpired            the events after the Last-Event-ID were dropped (410)
+    │   ├── StreamCancelled          the stream was cancelled (409)
+    │   └── ProducerLost             the stream's producer died without finishing (502)
+    ├── ReplayedError                the error a resumable stream's producer stored
     └── ExtensionMissing             ``@stream_post`` used on an app without ``StreamPlus``
 
 Each error has an HTTP ``status`` (used before the commit point, when the response status can
@@ -38,14 +45,21 @@ __all__ = [
     "ConnectTimeout",
     "DownstreamError",
     "EventTooLarge",
+    "EventsExpired",
     "ExtensionMissing",
     "FirstEventTimeout",
     "IdleTimeout",
     "InvalidRequest",
     "LineTooLong",
+    "ProducerLost",
+    "ReplayedError",
+    "ResumeError",
     "SendTimeout",
     "ServerShutdown",
     "SlowClient",
+    "StreamCancelled",
+    "StreamExpired",
+    "StreamNotFound",
     "StreamPlusError",
     "TooManyStreams",
     "TotalTimeout",
@@ -56,6 +70,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "error_body",
+    "to_stream_error",
 ]
 
 
@@ -316,6 +331,95 @@ class ServerShutdown(StreamPlusError):
         super().__init__("the server is shutting down; retry the request")
 
 
+class ResumeError(StreamPlusError):
+    """A resumable stream cannot be read as asked (see the subclasses).
+
+    Attributes:
+        stream_id: the stream's ID (str).
+    """
+
+    status = 404
+    type = outcome = "resume_error"
+
+    def __init__(self, message: str, stream_id: str) -> None:
+        super().__init__(message)
+        self.stream_id = stream_id
+
+
+class StreamNotFound(ResumeError):
+    """No stream has this ID (or the ``Last-Event-ID`` is not ``<stream>:<seq>``): 404."""
+
+    type = outcome = "stream_not_found"
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"no stream {stream_id!r}", stream_id)
+
+
+class StreamExpired(ResumeError):
+    """The stream expired from the event store (its TTL passed): 410."""
+
+    status = 410
+    type = outcome = "stream_expired"
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"stream {stream_id!r} expired", stream_id)
+
+
+class EventsExpired(ResumeError):
+    """The events after the asked sequence number are no longer stored (the store keeps at most
+    ``resume_max_events`` per stream), or the number is past the stream's end: 410, or a frame
+    for a reader that fell that far behind.
+
+    Attributes:
+        after: the sequence number asked for (int).
+    """
+
+    status = 410
+    type = outcome = "events_expired"
+
+    def __init__(self, stream_id: str, after: int) -> None:
+        super().__init__(
+            f"the events of stream {stream_id!r} after {after} are no longer stored", stream_id
+        )
+        self.after = after
+
+
+class StreamCancelled(ResumeError):
+    """The stream was cancelled (not a disconnect: someone asked it to stop): 409 or a
+    ``cancelled`` frame."""
+
+    status = 409
+    type = outcome = "cancelled"
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"stream {stream_id!r} was cancelled", stream_id)
+
+
+class ProducerLost(ResumeError):
+    """The stream's producer stopped (its process died) without finishing it: 502 or frame."""
+
+    status = 502
+    type = outcome = "producer_lost"
+
+    def __init__(self, stream_id: str) -> None:
+        super().__init__(f"the producer of stream {stream_id!r} was lost", stream_id)
+
+
+class ReplayedError(StreamPlusError):
+    """The error a resumable stream's producer failed with, as the store kept it, for its
+    readers: same ``type``, ``message`` and ``upstream_status``."""
+
+    status = 502
+    outcome = "upstream_error"
+
+    def __init__(self, body: dict[str, Any]) -> None:
+        super().__init__(
+            str(body.get("message") or "the stream failed"),
+            upstream_status=body.get("upstream_status"),
+        )
+        self.type = str(body.get("type") or "upstream_error")
+
+
 class ExtensionMissing(StreamPlusError, RuntimeError):
     """``@stream_post`` is used on an app that has not registered the StreamPlus extension."""
 
@@ -338,3 +442,20 @@ def error_body(error: StreamPlusError) -> dict[str, Any]:
             "upstream_status": error.upstream_status,
         }
     }
+
+
+def to_stream_error(exc: BaseException) -> StreamPlusError:
+    """Map any exception to the :class:`StreamPlusError` the client is told about.
+
+    A ``StreamPlusError`` is itself; a 4xx Sanic ``SanicException`` (e.g. ``BadRequest`` raised
+    by a handler) becomes an :class:`InvalidRequest` with its status and message; anything else
+    is an ``internal_error`` (HTTP 500) whose message says nothing of the cause (the caller logs
+    the traceback).
+    """
+    from sanic.exceptions import SanicException
+
+    if isinstance(exc, StreamPlusError):
+        return exc
+    if isinstance(exc, SanicException) and int(exc.status_code) < 500:
+        return InvalidRequest(str(exc.message or exc), status=int(exc.status_code))
+    return StreamPlusError("internal server error")

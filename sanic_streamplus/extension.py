@@ -13,6 +13,8 @@ from sanic_ext.extensions.base import Extension
 from .config import Settings
 from .errors import ExtensionMissing
 from .relay import shutdown_streams
+from .resume import Resumer
+from .store import EventStore, MemoryEventStore
 from .upstream import create_client
 
 __all__ = ["StreamPlus", "StreamPlusState"]
@@ -28,11 +30,14 @@ class StreamPlusState:
             ``after_server_stop``.
         streams: the streams open in this worker (their count is held under
             ``max_streams``; the server's stop ends them with a ``shutdown`` frame).
+        resumer: the worker's :class:`~sanic_streamplus.resume.Resumer` (resumable streams:
+            producers, readers, cancel); None outside the server's life, like ``client``.
     """
 
     settings: Settings
     client: httpx.AsyncClient | None = None
     streams: set[Any] = field(default_factory=set)
+    resumer: Resumer | None = None
 
 
 class StreamPlus(Extension):  # type: ignore[no-untyped-call]
@@ -42,6 +47,8 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
     :class:`~sanic_streamplus.config.Settings`) when the server starts, and owns one shared
     ``httpx.AsyncClient`` per worker, opened in ``before_server_start`` and closed in
     ``after_server_stop``. ``startup()`` does no I/O: it runs in every process that builds the app.
+    It registers the resume and cancel routes of resumable streams (``GET`` and ``DELETE``
+    ``<STREAMPLUS_RESUME_PATH>/<stream_id>``) and opens their event store with the client.
     When the server stops (``before_server_stop``), every open stream ends with a ``shutdown``
     error frame in its dialect and its upstream closed, within half of Sanic's
     ``GRACEFUL_SHUTDOWN_TIMEOUT`` (native server; an ASGI server closes connections before its
@@ -54,8 +61,14 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
     name = "StreamPlus"
 
     def startup(self, bootstrap: Any) -> None:
+        from .decorators import cancel_stream, resume_stream
+
         app = self.app
-        app.ctx.streamplus = StreamPlusState(Settings.from_config(app.config))
+        settings = Settings.from_config(app.config)
+        app.ctx.streamplus = StreamPlusState(settings)
+        path = settings.resume_path.rstrip("/") + "/<stream_id:str>"
+        app.add_route(resume_stream, path, methods=["GET"], name="streamplus_resume")
+        app.add_route(cancel_stream, path, methods=["DELETE"], name="streamplus_cancel")
         app.before_server_start(_open_client, priority=-10)
         app.before_server_stop(_end_streams)
         app.after_server_stop(_close_client)
@@ -66,8 +79,24 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
 
 async def _open_client(app: Sanic[Any, Any]) -> None:
     state: StreamPlusState = app.ctx.streamplus
-    state.settings = Settings.from_config(app.config)
-    state.client = create_client(state.settings)
+    state.settings = settings = Settings.from_config(app.config)
+    state.client = create_client(settings)
+    store: EventStore
+    if settings.resume_store == "redis":
+        from redis.asyncio import Redis
+
+        from .store import RedisEventStore
+
+        # one pooled connection per reader waiting in XREAD BLOCK: room for every stream
+        redis = Redis.from_url(settings.redis_url or "", max_connections=settings.max_streams + 64)
+        store = RedisEventStore(
+            redis, max_events=settings.resume_max_events, ttl=settings.resume_ttl or 600.0
+        )
+    else:
+        store = MemoryEventStore(settings.resume_max_events, settings.resume_ttl or 600.0)
+    state.resumer = Resumer(
+        store, ttl=settings.resume_ttl or 600.0, grace=settings.resume_grace or float("inf")
+    )
 
 
 async def _end_streams(app: Sanic[Any, Any]) -> None:
@@ -78,6 +107,9 @@ async def _end_streams(app: Sanic[Any, Any]) -> None:
 
 async def _close_client(app: Sanic[Any, Any]) -> None:
     state: StreamPlusState = app.ctx.streamplus
+    if state.resumer is not None:
+        await state.resumer.close()
+        state.resumer = None
     if state.client is not None:
         await state.client.aclose()
         state.client = None

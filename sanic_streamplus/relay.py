@@ -33,23 +33,22 @@ import asyncio
 import contextlib
 import logging
 import socket
-from collections.abc import AsyncIterable, Awaitable, Iterable
+from collections.abc import AsyncIterable, Awaitable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from sanic import Request
-from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
-from ._aio import close_completely
+from ._aio import aclose_iterator, close_completely
 from .errors import (
     DownstreamError,
-    InvalidRequest,
     SendTimeout,
     ServerShutdown,
     SlowClient,
     StreamPlusError,
     error_body,
+    to_stream_error,
 )
 from .framing import Dialect, Format, to_event
 from .sse import ServerSentEvent
@@ -83,21 +82,6 @@ class StreamOptions:
     high_water_mark: int
     send_timeout: float | None = None
     slow_client: str = "block"
-
-
-def to_stream_error(exc: BaseException) -> StreamPlusError:
-    """Map any exception to the :class:`StreamPlusError` the client is told about.
-
-    A ``StreamPlusError`` is itself; a 4xx Sanic ``SanicException`` (e.g. ``BadRequest`` raised
-    by a handler) becomes an :class:`InvalidRequest` with its status and message; anything else
-    is an ``internal_error`` (HTTP 500) whose message says nothing of the cause (the caller logs
-    the traceback).
-    """
-    if isinstance(exc, StreamPlusError):
-        return exc
-    if isinstance(exc, SanicException) and int(exc.status_code) < 500:
-        return InvalidRequest(str(exc.message or exc), status=int(exc.status_code))
-    return StreamPlusError("internal server error")
 
 
 def error_response(error: StreamPlusError) -> HTTPResponse:
@@ -151,9 +135,12 @@ class _Stream:
     ``heartbeat`` seconds, and makes the commit (status line and headers).
     """
 
-    def __init__(self, request: Request, options: StreamOptions) -> None:
+    def __init__(
+        self, request: Request, options: StreamOptions, headers: Mapping[str, str] | None
+    ) -> None:
         self.request = request
         self.options = options
+        self.headers = {**STREAM_HEADERS, **headers} if headers else STREAM_HEADERS
         self.task = asyncio.current_task()
         self.loop = asyncio.get_running_loop()
         self.started = self.last_write = self.loop.time()
@@ -255,7 +242,7 @@ class _Stream:
                     request = self.request
                     self.response = await request.respond(
                         status=200,
-                        headers=STREAM_HEADERS,
+                        headers=self.headers,
                         content_type=self.options.format.content_type,
                     )
                     transport = request.transport
@@ -438,6 +425,7 @@ async def relay(
     source: AsyncIterable[Any],
     options: StreamOptions,
     registry: set[Any] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> HTTPResponse | None:
     """Write the events of ``source`` to the client of ``request``.
 
@@ -448,6 +436,7 @@ async def relay(
         options: format, dialect, heartbeat interval, high-water mark, send timeout and
             slow-client policy.
         registry: a set the stream is in while it runs, for :func:`shutdown_streams`.
+        headers: response headers of the stream's own, on top of the usual ones.
 
     Returns:
         None once the response was committed and ended (Sanic needs nothing more), or an
@@ -457,7 +446,7 @@ async def relay(
         asyncio.CancelledError: the client disconnected (native server); the source is closed
             first. Under ASGI the relay ends quietly instead.
     """
-    stream = _Stream(request, options)
+    stream = _Stream(request, options, headers)
     fmt, dialect = options.format, options.dialect
     encode = fmt.encode  # chosen once per stream
     put, limit = stream.put, options.high_water_mark
@@ -521,7 +510,7 @@ async def relay(
             except DownstreamError as exc:
                 error, outcome = exc, exc.outcome
         # a client that stopped draining: the upstream closes first, as the cut takes time
-        await close_completely(_aclose(iterator))
+        await close_completely(aclose_iterator(iterator))
         await stream.cut([encode(event) for event in dialect.error_events(error)])
         return None
     except asyncio.CancelledError:
@@ -538,7 +527,7 @@ async def relay(
         if watcher is not None:
             watcher.cancel()
         try:
-            await close_completely(_aclose(iterator))
+            await close_completely(aclose_iterator(iterator))
         finally:  # even when a cancellation (the cut connection's) lands here
             stream.log(outcome, status)
             stream.ended.set()
@@ -548,12 +537,6 @@ def _uncancel(task: asyncio.Task[Any]) -> None:
     uncancel = getattr(task, "uncancel", None)  # Python 3.11+
     if uncancel is not None:
         uncancel()
-
-
-async def _aclose(iterator: Any) -> None:
-    aclose = getattr(iterator, "aclose", None)
-    if aclose is not None:
-        await aclose()
 
 
 async def shutdown_streams(registry: set[Any], timeout: float) -> None:

@@ -20,18 +20,24 @@ The store knows nothing of HTTP: the resume logic (``resume.py``) decides what r
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from .sse import ServerSentEvent
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 __all__ = [
     "STATES",
     "EventStore",
     "FencingError",
     "MemoryEventStore",
+    "RedisEventStore",
     "StreamRecord",
 ]
 
@@ -136,6 +142,7 @@ class _MemoryStream:
     token: str | None = None
     lease_until: float = 0.0
     expires: float = 0.0
+    key: str | None = None  # the idempotency key bound to the stream
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -179,14 +186,23 @@ class MemoryEventStore:
                 return bound[0], False
             self._keys[idempotency_key] = (stream_id, time.monotonic() + self.ttl)
         self._streams[stream_id] = _MemoryStream(
-            StreamRecord(stream_id), expires=time.monotonic() + self.ttl
+            StreamRecord(stream_id), expires=time.monotonic() + self.ttl, key=idempotency_key
         )
         return stream_id, True
+
+    def _refresh(self, stream: _MemoryStream) -> None:
+        """Keep ``stream``, and the idempotency key bound to it, ``ttl`` seconds from now."""
+        stream.expires = time.monotonic() + self.ttl
+        key = stream.key
+        if key is not None and self._keys.get(key, ("", 0.0))[0] == stream.record.stream_id:
+            self._keys[key] = (stream.record.stream_id, stream.expires)
 
     async def claim(self, stream_id: str, token: str, lease: float) -> bool:
         stream = self._get(stream_id)
         now = time.monotonic()
-        if stream is None or (stream.token not in (None, token) and stream.lease_until >= now):
+        if stream is None or stream.record.finished:  # a finished stream gets no more events
+            return False
+        if stream.token not in (None, token) and stream.lease_until >= now:
             return False
         stream.token, stream.lease_until = token, now + lease
         stream.record.producer_alive = True
@@ -208,7 +224,7 @@ class MemoryEventStore:
         if len(stream.events) > self.max_events:
             stream.events.popleft()
         record.first_seq = stream.events[0][0]
-        stream.expires = time.monotonic() + self.ttl
+        self._refresh(stream)
         stream.changed.set()
         return record.last_seq
 
@@ -219,7 +235,7 @@ class MemoryEventStore:
         stream.record.state, stream.record.error = state, error
         stream.record.producer_alive = False
         stream.token = None
-        stream.expires = time.monotonic() + self.ttl
+        self._refresh(stream)
         stream.changed.set()
 
     async def read(
@@ -267,3 +283,321 @@ class MemoryEventStore:
     async def close(self) -> None:
         self._streams.clear()
         self._keys.clear()
+
+
+# The Lua scripts of RedisEventStore. Keys of one stream, in this order where a script takes
+# them: KEYS[1] meta (hash), KEYS[2] events (stream), KEYS[3] producer (string), KEYS[4] signal
+# (stream). Times are milliseconds. A script answers -1 to a token that does not hold the lease.
+
+# Refresh the TTL of every key of the stream (the idempotency key is named in the meta).
+_LUA_REFRESH = """
+local function refresh(ttl)
+  redis.call('PEXPIRE', KEYS[1], ttl)
+  redis.call('PEXPIRE', KEYS[2], ttl)
+  redis.call('PEXPIRE', KEYS[4], ttl)
+  local key = redis.call('HGET', KEYS[1], 'key')
+  if key then redis.call('PEXPIRE', key, ttl) end
+end
+"""
+
+# Wake the readers blocked in XREAD on the signal stream: one entry 0-<n>, n counting signals.
+_LUA_SIGNAL = """
+local function signal(kind)
+  local n = redis.call('HINCRBY', KEYS[1], 'signals', 1)
+  redis.call('XADD', KEYS[4], 'MAXLEN', 1, '0-' .. n, 'kind', kind)
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[4], ttl) end
+end
+"""
+
+_LUA_FENCED = """
+local function fenced(token)
+  return redis.call('EXISTS', KEYS[1]) == 0 or redis.call('GET', KEYS[3]) ~= token
+end
+"""
+
+# KEYS[5]: the idempotency key (absent without one). ARGV: stream_id, ttl.
+# Returns the stream the key is bound to already, or nil after registering the stream.
+_LUA_OPEN = """
+if KEYS[5] then
+  local bound = redis.call('GET', KEYS[5])
+  if bound then return bound end
+  redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[2])
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('HSET', KEYS[1], 'state', 'running', 'last_seq', 0, 'signals', 0, 'cancel', 0,
+           'reader_seen', 0)
+if KEYS[5] then redis.call('HSET', KEYS[1], 'key', KEYS[5]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[2])
+return false
+"""
+
+# ARGV: token, lease. Returns 1 if the token holds the lease now.
+_LUA_CLAIM = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+local holder = redis.call('GET', KEYS[3])
+if holder and holder ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+return 1
+"""
+
+# ARGV: token, lease.
+_LUA_RENEW = (
+    _LUA_FENCED
+    + """
+if fenced(ARGV[1]) then return 0 end
+redis.call('PEXPIRE', KEYS[3], ARGV[2])
+return 1
+"""
+)
+
+# ARGV: token, max_events, ttl, event type, data. Returns the sequence number.
+_LUA_APPEND = (
+    _LUA_FENCED
+    + _LUA_REFRESH
+    + """
+if fenced(ARGV[1]) then return -1 end
+local seq = redis.call('HINCRBY', KEYS[1], 'last_seq', 1)
+redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '0-' .. seq, 'event', ARGV[4], 'data', ARGV[5])
+refresh(ARGV[3])
+return seq
+"""
+)
+
+# ARGV: token, ttl, state, error JSON ('' for none).
+_LUA_FINISH = (
+    _LUA_FENCED
+    + _LUA_REFRESH
+    + _LUA_SIGNAL
+    + """
+if fenced(ARGV[1]) then return -1 end
+redis.call('HSET', KEYS[1], 'state', ARGV[3])
+if ARGV[4] == '' then
+  redis.call('HDEL', KEYS[1], 'error')
+else
+  redis.call('HSET', KEYS[1], 'error', ARGV[4])
+end
+redis.call('DEL', KEYS[3])
+refresh(ARGV[2])
+signal('finish')
+return 0
+"""
+)
+
+# Returns 1 if the cancel was requested, 0 if the stream is unknown or finished.
+_LUA_CANCEL = (
+    _LUA_SIGNAL
+    + """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'cancel', 1)
+signal('cancel')
+return 1
+"""
+)
+
+# ARGV: after ('' for no events), now in seconds since the epoch ('' to mark no reader).
+# Returns nil for an unknown stream, else {meta as HGETALL, oldest entry (XRANGE - + COUNT 1),
+# EXISTS producer, the entries after ``after``}.
+_LUA_SNAPSHOT = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'reader_seen', ARGV[2]) end
+local events = {}
+if ARGV[1] ~= '' then events = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], '+') end
+return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1),
+        redis.call('EXISTS', KEYS[3]), events}
+"""
+
+
+def _ms(seconds: float) -> int:
+    """``seconds`` in whole milliseconds, at least 1 (0 means "forever" to XREAD BLOCK)."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+class RedisEventStore:
+    """An :class:`EventStore` in Redis, shared by every worker and machine that uses it.
+
+    The methods are those of :class:`EventStore`, with the semantics of
+    :class:`MemoryEventStore`. Keys of stream ``<id>`` (each one but the producer's expires
+    ``ttl`` seconds after the stream's last append or finish; times are kept in milliseconds):
+
+    - ``<prefix><id>:events``: a Redis Stream of the events; entry ID ``0-<seq>``, so the entry
+      ID is the sequence number; fields ``event`` and ``data``. ``XADD MAXLEN <max_events>``
+      (exact) drops the oldest.
+    - ``<prefix><id>:meta``: a hash: ``state``, ``last_seq``, ``error`` (JSON), ``cancel``
+      (``0``/``1``), ``reader_seen`` (seconds since the epoch), ``signals`` (see below) and
+      ``key`` (the idempotency key's name, to refresh its TTL).
+    - ``<prefix><id>:producer``: the producer's token, with a ``PX <lease>`` expiry: the
+      lease. :meth:`claim` sets it only if it is absent (or already this token: a refresh) and
+      the stream is running; :meth:`finish` deletes it.
+    - ``<prefix><id>:signal``: a Redis Stream of one entry, ``0-<n>``, added when the stream
+      finishes or a cancel is requested (``n`` counts them; it is also ``signals`` in the meta).
+    - ``<prefix>key:<idempotency_key>``: the stream ID the key is bound to; :meth:`open` sets
+      it if absent (``SET NX``, in the script that creates the meta, so the key never names a
+      stream not yet registered).
+
+    Every write is one Lua script, so a check and its write are atomic: an append or finish
+    whose token is not the value of the producer key raises :class:`FencingError`.
+
+    Waking readers: a reader with nothing to read blocks in one ``XREAD BLOCK`` on two streams,
+    the events from ``0-<after>`` and the signal stream from ``0-<signals>`` (the count in the
+    snapshot it just took). An append wakes it through the first, a finish or cancel request
+    through the second, at once, with no polling of the meta, and the sequence numbers carry
+    no control entries. As both IDs come from before the wait, nothing that happens between
+    the snapshot and the ``XREAD`` is missed (the XREAD returns at once). A reader then takes
+    a fresh snapshot.
+
+    Connections: each blocking read holds one connection of ``client``'s pool for up to
+    ``block`` seconds, so the pool must allow one connection per concurrent reader, plus the
+    producers' (redis-py's asyncio ``ConnectionPool`` allows 100 by default and raises
+    ``MaxConnectionsError`` past it; a ``BlockingConnectionPool`` waits instead). A long
+    ``block`` is waited out in several ``XREAD``\\ s of at most 2 s, and at most half the
+    client's ``socket_timeout``, so that the client never times out a read that is waiting.
+
+    Needs Redis 6.2 or later (exclusive ``XRANGE`` ranges) and a single Redis (not a Cluster:
+    the keys of one stream carry no hash tag, and the scripts refresh the idempotency key by
+    the name in the meta).
+
+    Args:
+        client: a ``redis.asyncio.Redis`` client (``decode_responses`` either way); the store
+            closes it in :meth:`close`.
+        max_events: events kept per stream (the oldest are dropped past it); at least 1.
+        ttl: seconds a stream is kept after its last append or finish; more than 0.
+        prefix: the prefix of every key (str).
+
+    Raises:
+        ValueError: ``max_events`` < 1 or ``ttl`` <= 0.
+        redis.exceptions.RedisError: from any method, when Redis cannot be reached or fails.
+    """
+
+    def __init__(
+        self,
+        client: Redis,
+        *,
+        max_events: int = 10_000,
+        ttl: float = 600.0,
+        prefix: str = "streamplus:",
+    ) -> None:
+        if max_events < 1:
+            raise ValueError(f"max_events must be at least 1, not {max_events}")
+        if ttl <= 0:
+            raise ValueError(f"ttl must be more than 0 seconds, not {ttl}")
+        self.client = client
+        self.max_events = max_events
+        self.ttl = ttl
+        self.prefix = prefix
+        kwargs: dict[str, Any] = getattr(client.connection_pool, "connection_kwargs", {})
+        self._encoding = str(kwargs.get("encoding") or "utf-8")
+        # The longest single XREAD BLOCK, in seconds: half the client's socket timeout, and at
+        # most 2 s, as the timeout is not always in the pool's kwargs (redis-py 8's default of
+        # 5 s is not, for a client made by ``from_url``).
+        timeout = kwargs.get("socket_timeout")
+        self._max_block = min(2.0, timeout / 2) if timeout else 2.0
+        register: Any = client.register_script
+        self._open: Any = register(_LUA_OPEN)
+        self._claim: Any = register(_LUA_CLAIM)
+        self._renew: Any = register(_LUA_RENEW)
+        self._append: Any = register(_LUA_APPEND)
+        self._finish: Any = register(_LUA_FINISH)
+        self._cancel: Any = register(_LUA_CANCEL)
+        self._snapshot: Any = register(_LUA_SNAPSHOT)
+
+    def _keys(self, stream_id: str) -> list[str]:
+        """The keys of ``stream_id``: meta, events, producer, signal (the scripts' KEYS)."""
+        base = f"{self.prefix}{stream_id}:"
+        return [base + "meta", base + "events", base + "producer", base + "signal"]
+
+    def _text(self, value: Any) -> str:
+        return value.decode(self._encoding) if isinstance(value, bytes) else str(value)
+
+    async def open(self, stream_id: str, idempotency_key: str | None) -> tuple[str, bool]:
+        keys = self._keys(stream_id)
+        if idempotency_key is not None:
+            keys.append(f"{self.prefix}key:{idempotency_key}")
+        bound = await self._open(keys=keys, args=[stream_id, _ms(self.ttl)])
+        return (stream_id, True) if bound is None else (self._text(bound), False)
+
+    async def claim(self, stream_id: str, token: str, lease: float) -> bool:
+        return bool(await self._claim(keys=self._keys(stream_id), args=[token, _ms(lease)]))
+
+    async def renew(self, stream_id: str, token: str, lease: float) -> bool:
+        return bool(await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)]))
+
+    async def append(self, stream_id: str, token: str, event: ServerSentEvent) -> int:
+        args = [token, self.max_events, _ms(self.ttl), event.event, event.data]
+        seq = int(await self._append(keys=self._keys(stream_id), args=args))
+        if seq < 0:
+            raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+        return seq
+
+    async def finish(
+        self, stream_id: str, token: str, state: str, error: dict[str, Any] | None = None
+    ) -> None:
+        body = "" if error is None else json.dumps(error)
+        args = [token, _ms(self.ttl), state, body]
+        if int(await self._finish(keys=self._keys(stream_id), args=args)) < 0:
+            raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+
+    async def read(
+        self, stream_id: str, after: int, block: float
+    ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
+        keys = self._keys(stream_id)
+        after = max(after, 0)
+        deadline = time.monotonic() + block
+        woken = False
+        while True:
+            reply = await self._snapshot(keys=keys[:3], args=[after, repr(time.time())])
+            if reply is None:
+                return [], None
+            record, signals = self._record(stream_id, reply)
+            events = [self._event(entry) for entry in reply[3]]
+            remaining = deadline - time.monotonic()
+            if woken or events or record.last_seq > after or record.finished or remaining <= 0:
+                return events, record
+            # woken by the next append (as in MemoryEventStore, even when ``after`` is ahead of
+            # it), or by the next finish or cancel request
+            newest = min(after, record.last_seq)
+            streams: dict[Any, Any] = {keys[1]: f"0-{newest}", keys[3]: f"0-{signals}"}
+            wait = min(remaining, self._max_block)
+            woken = bool(await self.client.xread(streams, block=_ms(wait)))
+
+    async def record(self, stream_id: str) -> StreamRecord | None:
+        reply = await self._snapshot(keys=self._keys(stream_id)[:3], args=["", ""])
+        return None if reply is None else self._record(stream_id, reply)[0]
+
+    def _record(self, stream_id: str, reply: list[Any]) -> tuple[StreamRecord, int]:
+        """The record in a snapshot script's ``reply``, and the signal count."""
+        meta = self._fields(reply[0])
+        last_seq = int(meta.get("last_seq", 0))
+        first_seq = self._seq(reply[1][0][0]) if reply[1] else last_seq + 1
+        error = meta.get("error")
+        record = StreamRecord(
+            stream_id,
+            meta.get("state", "running"),
+            first_seq,
+            last_seq,
+            bool(reply[2]),
+            meta.get("cancel") == "1",
+            float(meta.get("reader_seen", 0.0)),
+            None if error is None else json.loads(error),
+        )
+        return record, int(meta.get("signals", 0))
+
+    def _seq(self, entry_id: Any) -> int:
+        return int(self._text(entry_id).partition("-")[2])
+
+    def _event(self, entry: list[Any]) -> tuple[int, ServerSentEvent]:
+        fields = self._fields(entry[1])
+        event = ServerSentEvent(fields.get("data", ""), fields.get("event", "message"))
+        return self._seq(entry[0]), event
+
+    def _fields(self, flat: list[Any]) -> dict[str, str]:
+        """A hash or stream entry's ``[field, value, ...]`` as a dict."""
+        items = [self._text(item) for item in flat]
+        return dict(zip(items[::2], items[1::2], strict=True))
+
+    async def request_cancel(self, stream_id: str) -> bool:
+        keys = self._keys(stream_id)
+        return bool(await self._cancel(keys=keys, args=[]))
+
+    async def close(self) -> None:
+        await self.client.aclose()

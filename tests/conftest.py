@@ -8,7 +8,7 @@ import itertools
 import socket
 import subprocess
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -134,3 +134,56 @@ async def run_example(
         if process.returncode is None:
             process.terminate()
         await asyncio.wait_for(process.wait(), 10)
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``redis-server`` of its own on a free port of 127.0.0.1 for the whole session (no
+    persistence, in a temporary directory): its URL, ``redis://127.0.0.1:<port>/0``. Fails,
+    rather than skips, without ``redis-server`` on PATH: CI installs it."""
+    import shutil
+    import time
+
+    server = shutil.which("redis-server")
+    if server is None:
+        pytest.fail(
+            "redis-server is not on PATH: the Redis event store tests need a real Redis "
+            "(Debian/Ubuntu: apt-get install redis-server)",
+            pytrace=False,
+        )
+    workdir = tmp_path_factory.mktemp("redis")
+    log = workdir / "redis.log"
+    port = free_port()
+    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    args += ["--dir", str(workdir), "--logfile", str(log)]
+    process = subprocess.Popen([server, *args], cwd=workdir, stdout=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                    sock.sendall(b"PING\r\n")
+                    if sock.recv(64).startswith(b"+PONG"):
+                        break
+            except OSError:
+                pass
+            if process.poll() is not None or time.monotonic() > deadline:
+                output = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+                pytest.fail(f"redis-server did not answer PING on port {port}:\n{output}")
+            time.sleep(0.02)
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        process.terminate()
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def redis_prefix() -> str:
+    """A key prefix of this test's own, so tests sharing the session's Redis never collide."""
+    import uuid
+
+    return f"test:{uuid.uuid4().hex}:"

@@ -1,0 +1,258 @@
+"""Resumable streams: a producer detached from the client, readers that replay and go on live.
+
+With ``@stream_post(resumable=True)``, a POST starts a *producer* task that consumes the handler's
+events and appends them to the :class:`~sanic_streamplus.store.EventStore`; the client's
+connection is a *reader* of the store, as is every later connection that resumes the stream:
+
+- **stream identity**: each stream has an ID (``X-Stream-Id`` response header); every event it
+  carries has ``id: <stream>:<seq>`` (only events with data exist here, so no id-only block);
+- **idempotency**: a POST with an ``Idempotency-Key`` already bound to a stream attaches to it
+  (replay, then live) instead of starting a second generation;
+- **resume**: ``Last-Event-ID: <stream>:<seq>`` (as EventSource sends it) on the POST route or on
+  the extension's ``GET <resume_path>/<stream>`` route replays every event after ``seq``, then
+  goes on live; no gap and no duplicate, as the reader asks the store for ``seq + 1`` onward;
+- **detached**: a reader leaving does not stop the producer; it stops once no reader has read for
+  ``resume_grace`` seconds, or when cancelled;
+- **cancel is not disconnect**: :meth:`Resumer.cancel` (or ``DELETE <resume_path>/<stream>``)
+  stops the producer in whatever worker runs it, closes the upstream, and readers end with a
+  ``cancelled`` frame;
+- **exactly one producer**: the store's lease with a fencing token; a producer that dies (its
+  process killed) lets its lease lapse, and readers end with a ``producer_lost`` frame.
+
+It knows nothing of Redis or of Sanic's responses: the store and the relay do that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterable, AsyncIterator
+from typing import Any
+
+from ._aio import aclose_iterator, close_completely
+from .errors import (
+    EventsExpired,
+    ProducerLost,
+    ReplayedError,
+    ServerShutdown,
+    StreamCancelled,
+    StreamExpired,
+    StreamNotFound,
+    StreamPlusError,
+    error_body,
+    to_stream_error,
+)
+from .framing import Dialect, to_event
+from .sse import ServerSentEvent
+from .store import EventStore, FencingError, StreamRecord
+
+__all__ = ["Resumer", "new_stream_id", "parse_last_event_id"]
+
+logger = logging.getLogger("sanic_streamplus")
+
+_LEASE = 3.0  # seconds a producer's lease lasts; renewed every _TICK
+_TICK = 0.5  # seconds between a producer's checks (lease, cancel, readers)
+_BLOCK = 1.0  # seconds a reader waits in the store before it checks the producer
+
+
+def new_stream_id() -> str:
+    """A new stream ID: its creation time (ms, base 36) and 64 random bits, e.g.
+    ``lz3k9a1b-5f0c2e7a9d1b3c4e``; it never contains ``:``."""
+    return f"{_base36(int(time.time() * 1000))}-{secrets.token_hex(8)}"
+
+
+def _base36(number: int) -> str:
+    digits = "0123456789abcdefghijklmnopqrstuvwxyz"
+    out = ""
+    while number:
+        number, digit = divmod(number, 36)
+        out = digits[digit] + out
+    return out or "0"
+
+
+def _created(stream_id: str) -> float | None:
+    """The creation time (seconds since the epoch) in ``stream_id``, or None if malformed."""
+    head, _, tail = stream_id.partition("-")
+    if not head or len(tail) != 16:
+        return None
+    try:
+        return int(head, 36) / 1000
+    except ValueError:
+        return None
+
+
+def parse_last_event_id(value: str) -> tuple[str, int]:
+    """Split a ``Last-Event-ID`` of this package's form ``<stream>:<seq>``.
+
+    Raises:
+        StreamNotFound: the value is not of that form.
+    """
+    stream_id, _, seq = value.strip().rpartition(":")
+    if not stream_id or not seq.isdigit():
+        raise StreamNotFound(value)
+    return stream_id, int(seq)
+
+
+class Resumer:
+    """The resumable streams of one worker: starts producers, makes readers, cancels.
+
+    Args:
+        store: the :class:`~sanic_streamplus.store.EventStore`.
+        ttl: seconds a stream is kept after its last event (the store's TTL), used to tell an
+            expired stream (410) from an unknown one (404).
+        grace: seconds a producer goes on with no reader before it stops.
+    """
+
+    def __init__(self, store: EventStore, *, ttl: float, grace: float) -> None:
+        self.store = store
+        self.ttl = ttl
+        self.grace = grace
+        self.producers: dict[str, asyncio.Task[None]] = {}
+        self.closing = False  # the server is stopping: a cancelled producer failed with shutdown
+
+    async def start(
+        self, source: AsyncIterable[Any], dialect: Dialect, stream_id: str
+    ) -> None:
+        """Claim ``stream_id`` (just opened in the store) and run its producer on ``source``.
+
+        Raises:
+            FencingError: another producer holds the stream (the caller attaches instead).
+        """
+        token = secrets.token_hex(8)
+        if not await self.store.claim(stream_id, token, _LEASE):
+            raise FencingError(f"stream {stream_id} has a producer")
+        task = asyncio.ensure_future(self._produce(stream_id, token, source, dialect))
+        self.producers[stream_id] = task
+        task.add_done_callback(lambda _: self.producers.pop(stream_id, None))
+
+    async def _produce(
+        self, stream_id: str, token: str, source: AsyncIterable[Any], dialect: Dialect
+    ) -> None:
+        store = self.store
+        state, error = "completed", None
+        iterator = source.__aiter__()
+        watcher = asyncio.ensure_future(self._watch(stream_id, token, asyncio.current_task()))
+        try:
+            async for item in iterator:
+                event = to_event(item)
+                if dialect.is_end(event):
+                    break
+                await store.append(stream_id, token, event)
+        except asyncio.CancelledError:
+            state = "cancelled"
+            if self.closing:
+                state, error = "failed", error_body(ServerShutdown())["error"]
+        except FencingError:
+            logger.warning("stream %s: the producer lost its lease; stopping", stream_id)
+            return
+        except Exception as exc:
+            failure = to_stream_error(exc)
+            if failure.outcome == "internal_error":
+                logger.exception("stream handler failed", exc_info=exc)
+            state, error = "failed", error_body(failure)["error"]
+        finally:
+            watcher.cancel()
+            await close_completely(aclose_iterator(iterator))
+        with contextlib.suppress(FencingError):
+            await close_completely(store.finish(stream_id, token, state, error))
+        logger.info("stream %s produced: state=%s", stream_id, state)
+
+    async def fail(self, stream_id: str, error: StreamPlusError) -> None:
+        """Finish ``stream_id`` (just opened) as failed with ``error`` without a producer: its
+        handler refused the request, and a retry with the same key must learn it."""
+        token = secrets.token_hex(8)
+        if await self.store.claim(stream_id, token, _LEASE):
+            await self.store.finish(stream_id, token, "failed", error_body(error)["error"])
+
+    async def _watch(self, stream_id: str, token: str, producer: asyncio.Task[Any] | None) -> None:
+        """Renew the lease; stop the producer when cancelled or when no reader is left."""
+        while True:
+            await asyncio.sleep(_TICK)
+            record = await self.store.record(stream_id)
+            renewed = await self.store.renew(stream_id, token, _LEASE)
+            if record is None or not renewed or record.cancel_requested:
+                break
+            if record.reader_seen and time.time() - record.reader_seen > self.grace:
+                logger.info("stream %s: no reader for %g s; stopping", stream_id, self.grace)
+                break
+        if producer is not None:
+            producer.cancel()
+
+    async def check(self, stream_id: str, after: int) -> StreamRecord:
+        """The record of a stream about to be read after ``after``, for a clear answer before
+        anything is sent.
+
+        Raises:
+            StreamNotFound: unknown ID (404).
+            StreamExpired: the stream expired (410).
+            EventsExpired: events after ``after`` were dropped by the store's cap (410).
+        """
+        record = await self.store.record(stream_id)
+        if record is None:
+            created = _created(stream_id)
+            if created is not None and time.time() - created > self.ttl:
+                raise StreamExpired(stream_id)
+            raise StreamNotFound(stream_id)
+        if after + 1 < record.first_seq or after > record.last_seq:
+            raise EventsExpired(stream_id, after)
+        return record
+
+    async def events(self, stream_id: str, after: int) -> AsyncIterator[ServerSentEvent]:
+        """Read ``stream_id`` after sequence number ``after``: every stored event, then each new
+        one as it is appended, with ``id`` ``<stream>:<seq>``; ends when the stream completed.
+
+        Raises:
+            StreamCancelled: the stream was cancelled.
+            ReplayedError: the producer failed; the error it stored.
+            ProducerLost: the producer stopped renewing its lease without finishing.
+            EventsExpired: this reader fell behind the store's cap.
+            StreamExpired: the stream expired while being read.
+        """
+        lost_since: float | None = None
+        while True:
+            events, record = await self.store.read(stream_id, after, _BLOCK)
+            if record is None:
+                raise StreamExpired(stream_id)
+            first = events[0][0] if events else record.first_seq
+            if first > after + 1:  # dropped by the store's cap before this reader got them
+                raise EventsExpired(stream_id, after)
+            for seq, event in events:
+                yield ServerSentEvent(event.data, event.event, f"{stream_id}:{seq}")
+                after = seq
+            if record.finished and after >= record.last_seq:
+                if record.state == "cancelled":
+                    raise StreamCancelled(stream_id)
+                if record.state == "failed":
+                    raise ReplayedError(record.error or {})
+                return
+            if record.producer_alive or record.finished or events:
+                lost_since = None
+            elif lost_since is None:
+                lost_since = time.monotonic()
+            elif time.monotonic() - lost_since > 2 * _LEASE:
+                raise ProducerLost(stream_id)
+
+    async def cancel(self, stream_id: str) -> bool:
+        """Cancel a running stream, in whatever worker produces it: its producer stops and
+        closes its upstream, and its readers end with a ``cancelled`` frame. Returns False if
+        the stream is unknown or already finished."""
+        if not await self.store.request_cancel(stream_id):
+            return False
+        task = self.producers.get(stream_id)
+        if task is not None:  # here: at once, without waiting for the producer's next check
+            task.cancel()
+        return True
+
+    async def close(self) -> None:
+        """Cancel this worker's producers and close the store."""
+        self.closing = True
+        tasks = list(self.producers.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks, timeout=5)
+        await self.store.close()
+

@@ -1,0 +1,169 @@
+"""Resumable streams on one worker (the memory store): resume, idempotency, cancel, expiry,
+the producer detached from its client, and a producer that fails.
+
+The same behaviour across processes sharing a Redis is in ``test_resume_redis.py``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from conftest import app_name, completions_body
+
+from sanic_streamplus import ServerSentEvent, SSEDecoder
+from sanic_streamplus.resume import new_stream_id
+from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app, stream_request
+
+ROUTE = "/resumable/v1/chat/completions"
+TOKENS = 30
+
+
+def proxy(upstream: FakeUpstream, **config: Any) -> Any:
+    from chat_proxy import create_app
+
+    app = create_app(upstream.url, name=app_name("resume"))
+    for key, value in config.items():
+        app.config[key] = value
+    return app
+
+
+def contents(events: list[ServerSentEvent]) -> str:
+    """The text the events carry (openai chunks), in order."""
+    text = ""
+    for event in events:
+        if event.data != "[DONE]":
+            for choice in json.loads(event.data)["choices"]:
+                text += choice["delta"].get("content") or ""
+    return text
+
+
+async def get_stream(url: str, path: str, **headers: str) -> tuple[httpx.Response, list[Any]]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        response = await client.get(url + path, headers=headers)
+    return response, SSEDecoder().feed(response.content)
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("how", ["get-route", "post-header"])
+async def test_resume_after_a_disconnect_yields_the_whole_sequence_once(how: str) -> None:
+    async with FakeUpstream(tokens=TOKENS, delay=0.01) as upstream:
+        async with serve_app(proxy(upstream)) as url:
+            first = await stream_request(url, ROUTE, completions_body(), disconnect_after=5)
+            stream_id = first.headers["x-stream-id"]
+            last_id = first.events[-1].id
+            assert last_id == f"{stream_id}:5"
+            await asyncio.sleep(0.2)  # the producer goes on without a reader
+            if how == "get-route":
+                response, rest = await get_stream(
+                    url, f"/streams/{stream_id}?dialect=openai", **{"Last-Event-ID": last_id}
+                )
+                status = response.status_code
+            else:
+                second = await stream_request(
+                    url, ROUTE, completions_body(), headers={"Last-Event-ID": last_id}
+                )
+                status, rest = second.status, second.events
+    assert status == 200
+    ids = [event.id for event in first.events + rest if event.id]
+    assert ids == [f"{stream_id}:{n}" for n in range(1, TOKENS + 3)]  # role, tokens, stop
+    assert contents(first.events + rest) == "".join(fake_tokens(TOKENS))
+    assert rest[-1].data == "[DONE]"
+    assert len(upstream.requests) == 1  # one generation, paid once
+
+
+async def test_an_idempotent_retry_attaches_instead_of_generating_again() -> None:
+    async with FakeUpstream(tokens=TOKENS, delay=0.01) as upstream:
+        async with serve_app(proxy(upstream)) as url:
+            key = {"Idempotency-Key": "order-42"}
+            one, two = await asyncio.gather(
+                stream_request(url, ROUTE, completions_body(), headers=key),
+                stream_request(url, ROUTE, completions_body(), headers=key),
+            )
+            three = await stream_request(url, ROUTE, completions_body(), headers=key)  # done
+    assert one.headers["x-stream-id"] == two.headers["x-stream-id"] == three.headers["x-stream-id"]
+    for result in (one, two, three):
+        assert result.complete
+        assert contents(result.events) == "".join(fake_tokens(TOKENS))
+    assert len(upstream.requests) == 1
+
+
+async def test_cancel_closes_the_upstream_and_readers_get_a_cancelled_frame() -> None:
+    async with FakeUpstream(tokens=1000, delay=0.01) as upstream:
+        async with serve_app(proxy(upstream)) as url, httpx.AsyncClient(timeout=10) as client:
+            request = client.build_request("POST", url + ROUTE, json=completions_body())
+            response = await client.send(request, stream=True)
+            stream_id = response.headers["x-stream-id"]
+            await asyncio.sleep(0.1)
+            cancelled = await client.delete(f"{url}/streams/{stream_id}")
+            events = SSEDecoder().feed(b"".join([c async for c in response.aiter_raw()]))
+            again = await client.delete(f"{url}/streams/{stream_id}")
+            closed = await upstream.wait_closed(upstream.requests[0], 2)
+    assert cancelled.status_code == 202
+    assert json.loads(events[-2].data)["error"]["type"] == "cancelled"
+    assert events[-1].data == "[DONE]"
+    assert closed is not None
+    assert not upstream.requests[0].completed
+    assert again.status_code == 404  # finished: nothing to cancel
+
+
+async def test_unknown_expired_and_dropped_ids_get_a_clear_answer_before_the_stream() -> None:
+    async with FakeUpstream(tokens=50, delay=0.005) as upstream:
+        app = proxy(upstream, STREAMPLUS_RESUME_TTL=1.0, STREAMPLUS_RESUME_MAX_EVENTS=10)
+        async with serve_app(app) as url:
+            first = await stream_request(url, ROUTE, completions_body(), disconnect_after=1)
+            stream_id = first.headers["x-stream-id"]
+            for _ in range(100):  # the producer finishes the stream with no reader
+                if upstream.requests[0].completed:
+                    break
+                await asyncio.sleep(0.05)
+            await asyncio.sleep(0.1)
+            path = f"/streams/{stream_id}?dialect=openai"
+            dropped, _ = await get_stream(url, path, **{"Last-Event-ID": f"{stream_id}:3"})
+            kept, kept_events = await get_stream(url, path, **{"Last-Event-ID": f"{stream_id}:45"})
+            unknown, _ = await get_stream(url, f"/streams/{new_stream_id()}")
+            ancient, _ = await get_stream(url, "/streams/lz3k9a1b-0000000000000000")
+            malformed = await stream_request(
+                url, ROUTE, completions_body(), headers={"Last-Event-ID": "42"}
+            )
+            await asyncio.sleep(1.3)
+            expired, _ = await get_stream(url, path)
+    assert dropped.status_code == 410 and dropped.json()["error"]["type"] == "events_expired"
+    assert kept.status_code == 200
+    assert [e.id for e in kept_events[:-1]] == [f"{stream_id}:{n}" for n in range(46, 53)]
+    assert kept_events[-1].data == "[DONE]"
+    assert unknown.status_code == 404 and unknown.json()["error"]["type"] == "stream_not_found"
+    assert ancient.status_code == 410 and ancient.json()["error"]["type"] == "stream_expired"
+    assert malformed.status == 404 and malformed.json["error"]["type"] == "stream_not_found"
+    assert expired.status_code == 410 and expired.json()["error"]["type"] == "stream_expired"
+
+
+async def test_the_producer_goes_on_for_the_grace_time_then_stops() -> None:
+    async with FakeUpstream(tokens=1000, delay=0.01) as upstream:
+        app = proxy(upstream, STREAMPLUS_RESUME_GRACE=0.5)
+        async with serve_app(app) as url:
+            first = await stream_request(url, ROUTE, completions_body(), disconnect_after=3)
+            record = upstream.requests[0]
+            await asyncio.sleep(0.3)
+            assert record.closed is None  # the reader left; the producer goes on
+            closed = await upstream.wait_closed(record, 5)
+            path = f"/streams/{first.headers['x-stream-id']}?dialect=openai"
+            _, events = await get_stream(url, path, **{"Last-Event-ID": first.events[-1].id})
+    assert closed is not None and not record.completed
+    assert json.loads(events[-2].data)["error"]["type"] == "cancelled"
+
+
+async def test_a_producer_that_fails_gives_every_reader_its_error_frame() -> None:
+    async with FakeUpstream(tokens=20, delay=0.01, fail_after=8) as upstream:
+        async with serve_app(proxy(upstream)) as url:
+            first = await stream_request(url, ROUTE, completions_body())
+            stream_id = first.headers["x-stream-id"]
+            _, replay = await get_stream(url, f"/streams/{stream_id}?dialect=openai")
+    for events in (first.events, replay):
+        error = json.loads(events[-2].data)["error"]
+        assert error["type"] == "upstream_disconnected"
+        assert events[-1].data == "[DONE]"
+        assert [e.id for e in events[:-2]] == [f"{stream_id}:{n}" for n in range(1, 9)]

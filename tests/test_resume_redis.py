@@ -1,0 +1,117 @@
+"""Resumable streams across processes: two example proxies share one real redis-server.
+
+A stream starts on one process and resumes on the other; an idempotent retry on the other
+attaches to it; a cancel on the other stops the producer; a producer process killed outright
+leaves its readers a ``producer_lost`` frame, not a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import signal
+from collections.abc import AsyncIterator
+
+import httpx
+import pytest
+from conftest import completions_body, run_example
+from test_resume import ROUTE, contents, get_stream
+
+from sanic_streamplus.testing import FakeUpstream, fake_tokens, stream_request
+
+TOKENS = 40
+
+
+@contextlib.asynccontextmanager
+async def two_proxies(
+    upstream: FakeUpstream, redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> AsyncIterator[tuple[tuple[asyncio.subprocess.Process, str], ...]]:
+    monkeypatch.setenv("SANIC_STREAMPLUS_RESUME_STORE", "redis")
+    monkeypatch.setenv("SANIC_STREAMPLUS_REDIS_URL", redis_url)
+    async with (
+        run_example("--upstream", upstream.url) as one,
+        run_example("--upstream", upstream.url) as two,
+    ):
+        yield one, two
+
+
+async def test_a_stream_started_on_one_process_resumes_on_the_other(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        FakeUpstream(tokens=TOKENS, delay=0.01) as upstream,
+        two_proxies(upstream, redis_url, monkeypatch) as ((_, one), (_, two)),
+    ):
+        first = await stream_request(one, ROUTE, completions_body(), disconnect_after=7)
+        stream_id = first.headers["x-stream-id"]
+        path = f"/streams/{stream_id}?dialect=openai"
+        response, rest = await get_stream(two, path, **{"Last-Event-ID": first.events[-1].id})
+    assert response.status_code == 200
+    ids = [event.id for event in first.events + rest if event.id]
+    assert ids == [f"{stream_id}:{n}" for n in range(1, TOKENS + 3)]
+    assert contents(first.events + rest) == "".join(fake_tokens(TOKENS))
+    assert rest[-1].data == "[DONE]"
+    assert len(upstream.requests) == 1
+
+
+async def test_an_idempotent_retry_on_the_other_process_attaches(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        FakeUpstream(tokens=TOKENS, delay=0.01) as upstream,
+        two_proxies(upstream, redis_url, monkeypatch) as ((_, one), (_, two)),
+    ):
+        key = {"Idempotency-Key": "retry-7"}
+        first, second = await asyncio.gather(
+            stream_request(one, ROUTE, completions_body(), headers=key),
+            stream_request(two, ROUTE, completions_body(), headers=key),
+        )
+    assert first.headers["x-stream-id"] == second.headers["x-stream-id"]
+    for result in (first, second):
+        assert result.complete
+        assert contents(result.events) == "".join(fake_tokens(TOKENS))
+    assert len(upstream.requests) == 1  # the upstream saw one request
+
+
+async def test_a_cancel_on_the_other_process_stops_the_producer(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        FakeUpstream(tokens=1000, delay=0.01) as upstream,
+        two_proxies(upstream, redis_url, monkeypatch) as ((_, one), (_, two)),
+        httpx.AsyncClient(timeout=10) as client,
+    ):
+        request = client.build_request("POST", one + ROUTE, json=completions_body())
+        response = await client.send(request, stream=True)
+        stream_id = response.headers["x-stream-id"]
+        await asyncio.sleep(0.2)
+        cancelled = await client.delete(f"{two}/streams/{stream_id}")
+        raw = b"".join([chunk async for chunk in response.aiter_raw()])
+        closed = await upstream.wait_closed(upstream.requests[0], 5)
+    events = [line for line in raw.decode().split("\n\n") if line]
+    assert cancelled.status_code == 202
+    assert json.loads(events[-2].removeprefix("data: "))["error"]["type"] == "cancelled"
+    assert closed is not None and not upstream.requests[0].completed
+
+
+async def test_a_killed_producer_leaves_its_readers_an_error_frame(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async with (
+        FakeUpstream(tokens=1000, delay=0.01) as upstream,
+        two_proxies(upstream, redis_url, monkeypatch) as ((producer, one), (_, two)),
+    ):
+        first = await stream_request(one, ROUTE, completions_body(), disconnect_after=3)
+        stream_id = first.headers["x-stream-id"]
+        reading = asyncio.ensure_future(
+            get_stream(two, f"/streams/{stream_id}?dialect=openai")
+        )
+        await asyncio.sleep(0.3)
+        producer.send_signal(signal.SIGKILL)  # no finish, no goodbye: the lease lapses
+        response, events = await asyncio.wait_for(reading, 30)
+    assert response.status_code == 200
+    error = json.loads(events[-2].data)["error"]
+    assert error["type"] == "producer_lost"
+    assert events[-1].data == "[DONE]"
+    assert len(events) > 5  # it was reading live when the producer died
