@@ -6,7 +6,8 @@ The public API::
     stream_post         the decorator for streaming POST handlers
     upstream_events     stream the events of an upstream request on the shared httpx client
     ServerSentEvent     one event; SSEDecoder / encode / encode_comment: the sans-IO codec
-    errors              StreamPlusError and its subclasses
+    EventStore          the event store of resumable streams: MemoryEventStore, RedisEventStore
+    errors              StreamPlusError and its subclasses (sanic_streamplus.errors has them all)
 """
 
 from .decorators import stream_post
@@ -24,14 +25,18 @@ from .errors import (
 )
 from .extension import StreamPlus
 from .sse import ServerSentEvent, SSEDecoder, encode, encode_comment
+from .store import EventStore, MemoryEventStore, RedisEventStore
 from .upstream import stream_events, upstream_events
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "EventStore",
     "EventTooLarge",
     "ExtensionMissing",
     "InvalidRequest",
+    "MemoryEventStore",
+    "RedisEventStore",
     "SSEDecoder",
     "ServerSentEvent",
     "StreamPlus",
