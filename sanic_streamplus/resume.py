@@ -171,8 +171,12 @@ class Resumer:
         """Renew the lease; stop the producer when cancelled or when no reader is left."""
         while True:
             await asyncio.sleep(_TICK)
-            record = await self.store.record(stream_id)
-            renewed = await self.store.renew(stream_id, token, _LEASE)
+            try:
+                record = await self.store.record(stream_id)
+                renewed = await self.store.renew(stream_id, token, _LEASE)
+            except Exception:  # the store is unreachable: try again; the lease may lapse
+                logger.warning("stream %s: the event store failed", stream_id, exc_info=True)
+                continue
             if record is None or not renewed or record.cancel_requested:
                 break
             if record.reader_seen and time.time() - record.reader_seen > self.grace:
