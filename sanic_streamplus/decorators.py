@@ -33,6 +33,7 @@ __all__ = ["cancel_stream", "resume_stream", "stream_post"]
 logger = logging.getLogger("sanic_streamplus")
 
 Handler = TypeVar("Handler", bound=Callable[..., Any])
+_FRAMING = ("format", "dialect")  # what a resumable stream's record says of its framing
 _UNSET: Any = object()
 
 
@@ -111,7 +112,8 @@ async def _resumable(
         await resumer.check(stream_id, after)
         return await read_stream(request, resumer, stream_id, after, options, registry)
     key = request.headers.get("idempotency-key") or None
-    stream_id, created = await resumer.store.open(new_stream_id(), key)
+    info = {"format": options.format.name, "dialect": options.dialect.name}
+    stream_id, created = await resumer.store.open(new_stream_id(), key, info)
     if created:
         try:
             source = await produce()
@@ -300,8 +302,8 @@ def stream_post(
 async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None:
     """``GET <STREAMPLUS_RESUME_PATH>/<stream_id>``: read a resumable stream from the start, or
     after the ``Last-Event-ID`` header (``<stream>:<seq>``, as EventSource sends it on
-    reconnect), then live. Framed in the ``format`` and ``dialect`` query arguments (default
-    ``STREAMPLUS_FORMAT`` / ``STREAMPLUS_DIALECT``).
+    reconnect), then live, in the format and dialect of the route that started it (the
+    ``format`` and ``dialect`` query arguments override them).
 
     Answers 404 ``stream_not_found``, 410 ``stream_expired`` or ``events_expired`` before
     anything is sent when it cannot replay without a gap.
@@ -309,17 +311,17 @@ async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None
     state = getattr(request.app.ctx, "streamplus", None)
     if state is None or state.resumer is None:
         return error_response(ExtensionMissing())
-    overrides = {"format": request.args.get("format"), "dialect": request.args.get("dialect")}
     try:
-        options = _options(request, state.settings, overrides)
         after = 0
         last_event_id = request.headers.get("last-event-id")
         if last_event_id:
             named, after = parse_last_event_id(last_event_id)
             if named != stream_id:
                 raise InvalidRequest("the Last-Event-ID names another stream")
-        await state.resumer.check(stream_id, after)
-    except ValueError as exc:  # an unknown format or dialect in the query
+        record = await state.resumer.check(stream_id, after)
+        overrides = {name: request.args.get(name) or record.info.get(name) for name in _FRAMING}
+        options = _options(request, state.settings, overrides)
+    except ValueError as exc:  # an unknown format or dialect
         return error_response(InvalidRequest(str(exc)))
     except Exception as exc:
         return _refusal(exc)

@@ -24,6 +24,7 @@ import json
 import math
 import time
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -61,6 +62,7 @@ class StreamRecord:
         cancel_requested: someone asked the producer to stop (bool).
         reader_seen: when a reader last read, in seconds since the epoch (float), 0.0 if never.
         error: the error body ``{"type", "message", "upstream_status"}`` of a failed stream.
+        info: what the stream's opener said of it (str to str), e.g. its format and dialect.
     """
 
     stream_id: str
@@ -71,6 +73,7 @@ class StreamRecord:
     cancel_requested: bool = False
     reader_seen: float = 0.0
     error: dict[str, Any] | None = None
+    info: dict[str, str] = field(default_factory=dict)
 
     @property
     def finished(self) -> bool:
@@ -81,10 +84,13 @@ class StreamRecord:
 class EventStore(Protocol):
     """The interface of an event store (see the module docstring). Times are seconds."""
 
-    async def open(self, stream_id: str, idempotency_key: str | None) -> tuple[str, bool]:
-        """Register the stream ``stream_id``, or, when ``idempotency_key`` is already bound to a
-        stream, return that one. Returns ``(stream_id, created)``: ``created`` is True when this
-        call registered the stream (its caller then starts the producer)."""
+    async def open(
+        self, stream_id: str, idempotency_key: str | None, info: Mapping[str, str] | None = None
+    ) -> tuple[str, bool]:
+        """Register the stream ``stream_id`` with ``info`` (kept in its record), or, when
+        ``idempotency_key`` is already bound to a stream, return that one. Returns
+        ``(stream_id, created)``: ``created`` is True when this call registered the stream (its
+        caller then starts the producer)."""
         ...
 
     async def claim(self, stream_id: str, token: str, lease: float) -> bool:
@@ -178,7 +184,9 @@ class MemoryEventStore:
             raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
         return stream
 
-    async def open(self, stream_id: str, idempotency_key: str | None) -> tuple[str, bool]:
+    async def open(
+        self, stream_id: str, idempotency_key: str | None, info: Mapping[str, str] | None = None
+    ) -> tuple[str, bool]:
         self._get(stream_id)  # expire what is due
         if idempotency_key is not None:
             bound = self._keys.get(idempotency_key)
@@ -186,7 +194,9 @@ class MemoryEventStore:
                 return bound[0], False
             self._keys[idempotency_key] = (stream_id, time.monotonic() + self.ttl)
         self._streams[stream_id] = _MemoryStream(
-            StreamRecord(stream_id), expires=time.monotonic() + self.ttl, key=idempotency_key
+            StreamRecord(stream_id, info=dict(info or {})),
+            expires=time.monotonic() + self.ttl,
+            key=idempotency_key,
         )
         return stream_id, True
 
@@ -266,6 +276,7 @@ class MemoryEventStore:
             record.cancel_requested,
             record.reader_seen,
             record.error,
+            record.info,
         )
 
     async def record(self, stream_id: str) -> StreamRecord | None:
@@ -316,7 +327,8 @@ local function fenced(token)
 end
 """
 
-# KEYS[5]: the idempotency key (absent without one). ARGV: stream_id, ttl.
+# KEYS[5]: the idempotency key (absent without one). ARGV: stream_id, ttl, then the info as
+# name, value pairs (kept in the meta as info:<name>).
 # Returns the stream the key is bound to already, or nil after registering the stream.
 _LUA_OPEN = """
 if KEYS[5] then
@@ -328,6 +340,7 @@ redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[1], 'state', 'running', 'last_seq', 0, 'signals', 0, 'cancel', 0,
            'reader_seen', 0)
 if KEYS[5] then redis.call('HSET', KEYS[1], 'key', KEYS[5]) end
+for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], 'info:' .. ARGV[i], ARGV[i + 1]) end
 redis.call('PEXPIRE', KEYS[1], ARGV[2])
 return false
 """
@@ -509,11 +522,14 @@ class RedisEventStore:
     def _text(self, value: Any) -> str:
         return value.decode(self._encoding) if isinstance(value, bytes) else str(value)
 
-    async def open(self, stream_id: str, idempotency_key: str | None) -> tuple[str, bool]:
+    async def open(
+        self, stream_id: str, idempotency_key: str | None, info: Mapping[str, str] | None = None
+    ) -> tuple[str, bool]:
         keys = self._keys(stream_id)
         if idempotency_key is not None:
             keys.append(f"{self.prefix}key:{idempotency_key}")
-        bound = await self._open(keys=keys, args=[stream_id, _ms(self.ttl)])
+        pairs = [item for name, value in (info or {}).items() for item in (name, value)]
+        bound = await self._open(keys=keys, args=[stream_id, _ms(self.ttl), *pairs])
         return (stream_id, True) if bound is None else (self._text(bound), False)
 
     async def claim(self, stream_id: str, token: str, lease: float) -> bool:
@@ -579,6 +595,7 @@ class RedisEventStore:
             meta.get("cancel") == "1",
             float(meta.get("reader_seen", 0.0)),
             None if error is None else json.loads(error),
+            {name[5:]: value for name, value in meta.items() if name.startswith("info:")},
         )
         return record, int(meta.get("signals", 0))
 

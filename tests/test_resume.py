@@ -59,7 +59,7 @@ async def test_resume_after_a_disconnect_yields_the_whole_sequence_once(how: str
             await asyncio.sleep(0.2)  # the producer goes on without a reader
             if how == "get-route":
                 response, rest = await get_stream(
-                    url, f"/streams/{stream_id}?dialect=openai", **{"Last-Event-ID": last_id}
+                    url, f"/streams/{stream_id}", **{"Last-Event-ID": last_id}
                 )
                 status = response.status_code
             else:
@@ -121,7 +121,7 @@ async def test_unknown_expired_and_dropped_ids_get_a_clear_answer_before_the_str
                     break
                 await asyncio.sleep(0.05)
             await asyncio.sleep(0.1)
-            path = f"/streams/{stream_id}?dialect=openai"
+            path = f"/streams/{stream_id}"
             dropped, _ = await get_stream(url, path, **{"Last-Event-ID": f"{stream_id}:3"})
             kept, kept_events = await get_stream(url, path, **{"Last-Event-ID": f"{stream_id}:45"})
             unknown, _ = await get_stream(url, f"/streams/{new_stream_id()}")
@@ -150,7 +150,7 @@ async def test_the_producer_goes_on_for_the_grace_time_then_stops() -> None:
             await asyncio.sleep(0.3)
             assert record.closed is None  # the reader left; the producer goes on
             closed = await upstream.wait_closed(record, 5)
-            path = f"/streams/{first.headers['x-stream-id']}?dialect=openai"
+            path = f"/streams/{first.headers['x-stream-id']}"
             _, events = await get_stream(url, path, **{"Last-Event-ID": first.events[-1].id})
     assert closed is not None and not record.completed
     assert json.loads(events[-2].data)["error"]["type"] == "cancelled"
@@ -161,7 +161,7 @@ async def test_a_producer_that_fails_gives_every_reader_its_error_frame() -> Non
         async with serve_app(proxy(upstream)) as url:
             first = await stream_request(url, ROUTE, completions_body())
             stream_id = first.headers["x-stream-id"]
-            _, replay = await get_stream(url, f"/streams/{stream_id}?dialect=openai")
+            _, replay = await get_stream(url, f"/streams/{stream_id}")
     for events in (first.events, replay):
         error = json.loads(events[-2].data)["error"]
         assert error["type"] == "upstream_disconnected"

@@ -45,7 +45,7 @@ async def test_a_stream_started_on_one_process_resumes_on_the_other(
     ):
         first = await stream_request(one, ROUTE, completions_body(), disconnect_after=7)
         stream_id = first.headers["x-stream-id"]
-        path = f"/streams/{stream_id}?dialect=openai"
+        path = f"/streams/{stream_id}"
         response, rest = await get_stream(two, path, **{"Last-Event-ID": first.events[-1].id})
     assert response.status_code == 200
     ids = [event.id for event in first.events + rest if event.id]
@@ -105,7 +105,7 @@ async def test_a_killed_producer_leaves_its_readers_an_error_frame(
         first = await stream_request(one, ROUTE, completions_body(), disconnect_after=3)
         stream_id = first.headers["x-stream-id"]
         reading = asyncio.ensure_future(
-            get_stream(two, f"/streams/{stream_id}?dialect=openai")
+            get_stream(two, f"/streams/{stream_id}")
         )
         await asyncio.sleep(0.3)
         producer.send_signal(signal.SIGKILL)  # no finish, no goodbye: the lease lapses

@@ -86,6 +86,15 @@ async def test_open_and_idempotency_key(store: EventStore) -> None:
     assert not record.finished
 
 
+async def test_open_keeps_the_info(store: EventStore) -> None:
+    info = {"format": "sse", "dialect": "openai"}
+    assert await store.open("a", None, info) == ("a", True)
+    record = await store.record("a")
+    assert record is not None and record.info == info
+    empty = await store.record((await store.open("b", None))[0])
+    assert empty is not None and empty.info == {}
+
+
 async def test_unknown_stream(store: EventStore) -> None:
     started = time.monotonic()
     assert await store.read("nope", 0, BLOCK) == ([], None)  # at once, not after BLOCK
