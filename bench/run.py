@@ -8,12 +8,17 @@ forwarding ``POST /v1/chat/completions`` to that upstream: ``direct`` (no proxy:
 ``nginx`` (``proxy_buffering off``, when nginx is installed), ``sse-starlette``, ``aiohttp``,
 ``naive-sanic`` and ``streamplus`` (the example proxy's pass-through route) with
 ``streamplus-transform`` (its ``/chat`` route: JSON parse of every chunk, re-emitted as token
-events). Each scenario runs its peers interleaved (A B C … then again in a rotated order) so that
-machine noise hits all of them alike, and takes the median over rounds. Every stream is verified
+events). Optional peers, only when named in ``--peers``: ``streamplus-httpcore`` (httpx's stock
+transport), ``streamplus-resume-memory`` and ``streamplus-resume-redis`` (the example's
+resumable route, ``POST /resumable/v1/chat/completions``, with its in-memory event store, or
+with Redis Streams on a private ``redis-server`` that the run starts on a free port and stops).
+Each scenario runs its peers interleaved (A B C … then again in a rotated order) so that machine
+noise hits all of them alike, and takes the median over rounds. Every stream is verified
 (``bench/client.py``): a peer that loses or mangles an event is flagged, and not timed.
 
 CPU is the proxy process tree's own run time (``/proc/<pid>/task/*/schedstat``, nanoseconds),
-memory its resident set (``VmRSS``). Ratios are the headline: absolute figures depend on the
+memory its resident set (``VmRSS``); the Redis peer's ``redis-server`` is counted apart
+(``redis_cpu_us_per_event``). Ratios are the headline: absolute figures depend on the
 machine. ``--quick`` runs in under a minute, the full run in under ten.
 """
 
@@ -22,11 +27,13 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
 import random
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
@@ -45,6 +52,7 @@ import client
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 CHAT = "/v1/chat/completions"
+RESUMABLE_CHAT = "/resumable/v1/chat/completions"
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -112,6 +120,7 @@ class Peer:
     path: str = CHAT
     pid: int | None = None
     transform: bool = False
+    helper_pid: int | None = None  # a process the peer needs, measured apart (redis-server)
 
 
 @dataclass
@@ -136,7 +145,36 @@ ALL_PEERS = [
     "streamplus",
     "streamplus-transform",
 ]
-OPTIONAL_PEERS = ["streamplus-httpcore"]  # httpx's stock transport, for comparison
+OPTIONAL_PEERS = [
+    "streamplus-httpcore",  # httpx's stock transport, for comparison
+    "streamplus-resume-memory",  # the resumable route, events in the proxy's memory
+    "streamplus-resume-redis",  # the resumable route, events in a private redis-server
+]
+STREAMPLUS_PEERS = ("streamplus", *OPTIONAL_PEERS)
+
+
+async def start_redis(
+    spawn: Callable[[list[str]], subprocess.Popen[bytes]], workdir: str
+) -> tuple[subprocess.Popen[bytes], str] | None:
+    """A private redis-server on a free 127.0.0.1 port, no persistence; None if not installed."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        return None
+    port = free_port()
+    directory = tempfile.mkdtemp(dir=workdir)
+    process = spawn(
+        [
+            binary,
+            "--bind", "127.0.0.1",
+            "--port", str(port),
+            "--save", "",
+            "--appendonly", "no",
+            "--dir", directory,
+            "--daemonize", "no",
+        ]
+    )  # fmt: skip
+    await wait_port(port, process, "redis-server")
+    return process, f"redis://127.0.0.1:{port}/0"
 
 
 @contextlib.asynccontextmanager
@@ -171,6 +209,7 @@ async def fleet(names: list[str], workdir: str, env: dict[str, str]) -> Any:
                 peers.append(Peer(name, streamplus.port, "/chat", streamplus.pid, True))
                 continue
             port = free_port()
+            path, helper_pid = CHAT, None
             if name == "nginx":
                 from peers import nginx
 
@@ -179,14 +218,31 @@ async def fleet(names: list[str], workdir: str, env: dict[str, str]) -> Any:
                     continue
                 process = nginx.start_nginx(port, url, tempfile.mkdtemp(dir=workdir))
                 processes.append(process)
-            elif name in ("streamplus", "streamplus-httpcore"):
+            elif name in STREAMPLUS_PEERS:
                 transport = "httpcore" if name.endswith("httpcore") else "aiohttp"
+                settings = {
+                    "SANIC_STREAMPLUS_MAX_CONNECTIONS": "4000",
+                    "SANIC_STREAMPLUS_TRANSPORT": transport,
+                }
+                if name == "streamplus-resume-memory":
+                    path = RESUMABLE_CHAT
+                    settings["SANIC_STREAMPLUS_RESUME_STORE"] = "memory"
+                elif name == "streamplus-resume-redis":
+                    path = RESUMABLE_CHAT
+                    redis = await start_redis(spawn, workdir)
+                    if redis is None:
+                        print(
+                            "redis-server is not installed (apt-get install redis-server): "
+                            "the streamplus-resume-redis column is left out",
+                            file=sys.stderr,
+                        )
+                        continue
+                    helper_pid = redis[0].pid
+                    settings["SANIC_STREAMPLUS_RESUME_STORE"] = "redis"
+                    settings["SANIC_STREAMPLUS_REDIS_URL"] = redis[1]
                 process = spawn(
                     [PY, "examples/chat_proxy.py", "--port", str(port), "--upstream", url],
-                    {
-                        "SANIC_STREAMPLUS_MAX_CONNECTIONS": "4000",
-                        "SANIC_STREAMPLUS_TRANSPORT": transport,
-                    },
+                    settings,
                 )
             elif name in PEER_SCRIPTS:
                 process = spawn([PY, PEER_SCRIPTS[name], "--port", str(port), "--upstream", url])
@@ -194,7 +250,7 @@ async def fleet(names: list[str], workdir: str, env: dict[str, str]) -> Any:
                 known = ", ".join(ALL_PEERS + OPTIONAL_PEERS)
                 raise SystemExit(f"unknown peer {name!r}; peers: {known}")
             await wait_port(port, process, name)
-            peer = Peer(name, port, pid=process.pid)
+            peer = Peer(name, port, path, pid=process.pid, helper_pid=helper_pid)
             peers.append(peer)
             if name == "streamplus":
                 streamplus = peer
@@ -231,8 +287,19 @@ def cpu(peer: Peer) -> Iterator[dict[str, float]]:
     """Measure the peer's CPU seconds over the block (0 for ``direct``)."""
     out: dict[str, float] = {}
     before = cpu_seconds(peer.pid) if peer.pid else 0.0
+    helper_before = cpu_seconds(peer.helper_pid) if peer.helper_pid else 0.0
     yield out
     out["cpu"] = (cpu_seconds(peer.pid) - before) if peer.pid else 0.0
+    if peer.helper_pid:
+        out["helper_cpu"] = cpu_seconds(peer.helper_pid) - helper_before
+
+
+def cpu_per_event(used: dict[str, float], events: int) -> Metrics:
+    """CPU µs per event of the peer, and of its helper process apart when it has one."""
+    metrics = {"cpu_us_per_event": used["cpu"] / events * 1e6}
+    if "helper_cpu" in used:
+        metrics["redis_cpu_us_per_event"] = used["helper_cpu"] / events * 1e6
+    return metrics
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -256,10 +323,7 @@ async def one_stream(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
             assert result.ended_at is not None
             elapsed += result.ended_at - result.sent_at
             total_events += events
-    return {
-        "events_per_s": total_events / elapsed,
-        "cpu_us_per_event": used["cpu"] / total_events * 1e6,
-    }
+    return {"events_per_s": total_events / elapsed} | cpu_per_event(used, total_events)
 
 
 async def concurrent(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
@@ -279,12 +343,12 @@ async def concurrent(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
         )
         elapsed = time.monotonic() - started
     total = sum(result.events for result in results)
-    return {"events_per_s": total / elapsed, "cpu_us_per_event": used["cpu"] / total * 1e6}
+    return {"events_per_s": total / elapsed} | cpu_per_event(used, total)
 
 
-async def paced(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
-    """200 streams, each one event every 50 ms (one event per upstream write)."""
-    streams, interval = 200, 0.05
+async def paced(peer: Peer, fleet_: Fleet, quick: bool, streams: int = 200) -> Metrics:
+    """``streams`` streams, each one event every 50 ms (one event per upstream write)."""
+    interval = 0.05
     events = 30 if quick else 100
     knobs = {"events": events, "interval": interval}
 
@@ -303,8 +367,7 @@ async def paced(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
         raise Failed(f"only {len(latencies)} of {streams * events} events carried a stamp")
     ttfbs = [result.ttfb for result in results if result.ttfb is not None]
     total = sum(result.events for result in results)
-    return {
-        "cpu_us_per_event": used["cpu"] / total * 1e6,
+    return cpu_per_event(used, total) | {
         "latency_p50_ms": percentile(latencies, 0.5) * 1e3,
         "latency_p99_ms": percentile(latencies, 0.99) * 1e3,
         "ttfb_p50_ms": percentile(ttfbs, 0.5) * 1e3,
@@ -339,6 +402,8 @@ async def slow_client(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
 
 async def disconnects(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
     """Clients that leave after 3 events: how long until the upstream sees its connection close."""
+    if peer.path == RESUMABLE_CHAT:  # its producer outlives the client (resume_grace) by design
+        return {}
     count = 20 if quick else 50
     prefix = f"{peer.name}-{time.monotonic_ns()}-"
     gone: dict[str, float] = {}
@@ -422,12 +487,20 @@ SCENARIOS: dict[str, tuple[Scenario, int]] = {  # name: (function, rounds in a f
     "slow_client": (slow_client, 1),
     "disconnect": (disconnects, 1),
 }
+OPTIONAL_SCENARIOS: dict[str, tuple[Scenario, int]] = {  # run only when named in --scenarios
+    # a light load: per-event costs without queueing, where a peer saturates under 200x20
+    "paced_20x20": (functools.partial(paced, streams=20), 3),
+}
 
 
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     names = args.peers.split(",") if args.peers else ALL_PEERS
     chosen = args.scenarios.split(",") if args.scenarios else list(SCENARIOS)
-    scenarios = [name for name in chosen if name in SCENARIOS]
+    known = SCENARIOS | OPTIONAL_SCENARIOS
+    unknown = [name for name in chosen if name not in known and name != "decoder"]
+    if unknown:
+        raise SystemExit(f"unknown scenario {unknown[0]!r}; scenarios: {', '.join(known)}")
+    scenarios = [name for name in chosen if name in known]
     report: dict[str, Any] = {
         "mode": "quick" if args.quick else "full",
         "machine": {
@@ -452,7 +525,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 )
             for name in scenarios:
-                function, full_rounds = SCENARIOS[name]
+                function, full_rounds = known[name]
                 rounds = 1 if args.quick else full_rounds
                 runs: dict[str, list[Metrics]] = {peer.name: [] for peer in fl.peers}
                 failures: dict[str, str] = {}
@@ -488,6 +561,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         print("  decoder: ours vs httpx-sse", file=sys.stderr)
         report["decoder"] = decoder.run(args.quick)
     report["headline"] = headline(report["scenarios"], report.get("decoder"))
+    cost = resume_cost(report["scenarios"])
+    if cost:
+        report["resume_cost"] = cost
     return report
 
 
@@ -584,6 +660,62 @@ def headline(scenarios: dict[str, Any], decoding: dict[str, Any] | None) -> list
     return rows
 
 
+RESUME_PEERS = {"memory": "streamplus-resume-memory", "redis": "streamplus-resume-redis"}
+
+
+def resume_cost(scenarios: dict[str, Any]) -> dict[str, dict[str, dict[str, float]]]:
+    """What resumption adds over ``streamplus`` (resumption off), per scenario and metric.
+
+    For each store measured: its median, minus off's median (``<store>_minus_off``) and over
+    it (``<store>_over_off``). Empty unless ``streamplus`` and a resumable peer both ran."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for name, scenario in scenarios.items():
+        peers = scenario.get("peers", {})
+        off = peers.get("streamplus")
+        stores = {store: peers[peer] for store, peer in RESUME_PEERS.items() if peer in peers}
+        if off is None or not stores:
+            continue
+        rows: dict[str, dict[str, float]] = {}
+        for metric, base in off.items():
+            if metric == "runs" or not isinstance(base, int | float):
+                continue
+            row = {"off": float(base)}
+            for store, metrics in stores.items():
+                if metric in metrics:
+                    row[store] = float(metrics[metric])
+                    row[f"{store}_minus_off"] = row[store] - base
+                    row[f"{store}_over_off"] = row[store] / base if base else float("nan")
+            rows[metric] = row
+        out[name] = rows
+    return out
+
+
+def resume_markdown(cost: dict[str, dict[str, dict[str, float]]]) -> str:
+    """:func:`resume_cost` as Markdown tables: off, then each store with − off and ÷ off."""
+    parts = []
+    for name, rows in cost.items():
+        stores = [store for store in RESUME_PEERS if any(store in row for row in rows.values())]
+        head = ["metric", "off"]
+        for store in stores:
+            head += [store, f"{store} − off", f"{store} ÷ off"]
+        lines = [f"**resumption: {name}**", "", "| " + " | ".join(head) + " |"]
+        lines.append("|---|" + "---:|" * (len(head) - 1))
+        for metric, row in rows.items():
+            cells = [metric, f"{row['off']:.2f}"]
+            for store in stores:
+                if store not in row:
+                    cells += ["-", "-", "-"]
+                    continue
+                cells += [
+                    f"{row[store]:.2f}",
+                    f"{row[f'{store}_minus_off']:+.2f}",
+                    f"{row[f'{store}_over_off']:.2f}×",
+                ]
+            lines.append("| " + " | ".join(cells) + " |")
+        parts.append("\n".join(lines))
+    return "\n\n".join(parts)
+
+
 def headline_markdown(rows: list[dict[str, Any]]) -> str:
     """The targets as a Markdown table (streamplus; ratio = ours / theirs unless stated)."""
     lines = ["| target | measured | bound | |", "|---|---:|---:|---|"]
@@ -597,12 +729,12 @@ def headline_markdown(rows: list[dict[str, Any]]) -> str:
 def scenario_markdown(name: str, scenario: dict[str, Any]) -> str:
     """One scenario's medians as a Markdown table, failed peers last."""
     peers = scenario["peers"]
-    keys = [key for key in next(iter(peers.values()), {}) if key != "runs"]
+    keys = [key for key in dict.fromkeys(k for m in peers.values() for k in m) if key != "runs"]
     lines = [f"**{name}** ({scenario['seconds']} s)", ""]
     lines.append("| peer | " + " | ".join(keys) + " | runs |")
     lines.append("|---|" + "---:|" * (len(keys) + 1))
     for peer, metrics in peers.items():
-        cells = " | ".join(f"{metrics.get(key, float('nan')):.2f}" for key in keys)
+        cells = " | ".join(f"{metrics[key]:.2f}" if key in metrics else "-" for key in keys)
         lines.append(f"| {peer} | {cells} | {metrics['runs']} |")
     for peer, why in scenario["failures"].items():
         lines.append(f"| {peer} | failed: {why} |")
@@ -613,6 +745,8 @@ def markdown(report: dict[str, Any]) -> str:
     """The headline and every scenario's table, as Markdown (medians over rounds)."""
     parts = [headline_markdown(report["headline"])]
     parts += [scenario_markdown(name, scenario) for name, scenario in report["scenarios"].items()]
+    if report.get("resume_cost"):
+        parts.append(resume_markdown(report["resume_cost"]))
     return "\n\n".join(parts) + "\n"
 
 
@@ -654,7 +788,8 @@ def main() -> None:
         "--peers", help=f"comma-separated, of {','.join(ALL_PEERS + OPTIONAL_PEERS)}"
     )
     parser.add_argument(
-        "--scenarios", help=f"comma-separated subset of {','.join([*SCENARIOS, 'decoder'])}"
+        "--scenarios",
+        help=f"comma-separated, of {','.join([*SCENARIOS, 'decoder', *OPTIONAL_SCENARIOS])}",
     )
     args = parser.parse_args()
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -669,6 +804,8 @@ def main() -> None:
         report = asyncio.run(run(args))
     report["seconds"] = round(time.monotonic() - started, 1)
     print("\n" + headline_markdown(report["headline"]))
+    if report.get("resume_cost"):
+        print("\n" + resume_markdown(report["resume_cost"]))
     print(f"\n{report['mode']} run: {report['seconds']} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
