@@ -95,7 +95,10 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
     else:
         store = MemoryEventStore(settings.resume_max_events, settings.resume_ttl or 600.0)
     state.resumer = Resumer(
-        store, ttl=settings.resume_ttl or 600.0, grace=settings.resume_grace or float("inf")
+        store,
+        ttl=settings.resume_ttl or 600.0,
+        grace=settings.resume_grace or float("inf"),
+        window=max(1, settings.resume_max_events // 2),
     )
 
 

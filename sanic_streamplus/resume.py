@@ -29,7 +29,7 @@ import contextlib
 import logging
 import secrets
 import time
-from collections.abc import AsyncIterable, AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from typing import Any
 
 from ._aio import aclose_iterator, close_completely
@@ -104,13 +104,19 @@ class Resumer:
         ttl: seconds a stream is kept after its last event (the store's TTL), used to tell an
             expired stream (410) from an unknown one (404).
         grace: seconds a producer goes on with no reader before it stops.
+        window: the most events a producer may run ahead of a reader of the same worker that
+            is still reading (half the store's cap: such a reader never falls off it); readers
+            in other workers, and the ones that left, do not hold it back.
     """
 
-    def __init__(self, store: EventStore, *, ttl: float, grace: float) -> None:
+    def __init__(self, store: EventStore, *, ttl: float, grace: float, window: int) -> None:
         self.store = store
         self.ttl = ttl
         self.grace = grace
+        self.window = window
         self.producers: dict[str, asyncio.Task[None]] = {}
+        self.readers: dict[str, dict[object, int]] = {}  # stream -> reader -> seq it has read
+        self.advanced: dict[str, asyncio.Event] = {}  # stream -> a local reader moved on
         self.closing = False  # the server is stopping: a cancelled producer failed with shutdown
 
     async def start(
@@ -140,7 +146,10 @@ class Resumer:
                 event = to_event(item)
                 if dialect.is_end(event):
                     break
-                await store.append(stream_id, token, event)
+                seq = await store.append(stream_id, token, event)
+                readers = self.readers.get(stream_id)
+                if readers and seq - min(readers.values()) > self.window:
+                    await self._wait_for_readers(stream_id, seq)
         except asyncio.CancelledError:
             state = "cancelled"
             if self.closing:
@@ -159,6 +168,16 @@ class Resumer:
         with contextlib.suppress(FencingError):
             await close_completely(store.finish(stream_id, token, state, error))
         logger.info("stream %s produced: state=%s", stream_id, state)
+
+    async def _wait_for_readers(self, stream_id: str, seq: int) -> None:
+        """Hold the producer while a reader of this worker is more than ``window`` events
+        behind ``seq`` (the upstream read waits with it: backpressure, as without resumption)."""
+        advanced = self.advanced.setdefault(stream_id, asyncio.Event())
+        window = self.window
+        while (readers := self.readers.get(stream_id)) and seq - min(readers.values()) > window:
+            advanced.clear()
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(advanced.wait(), _TICK)
 
     async def fail(self, stream_id: str, error: StreamPlusError) -> None:
         """Finish ``stream_id`` (just opened) as failed with ``error`` without a producer: its
@@ -215,6 +234,28 @@ class Resumer:
             EventsExpired: this reader fell behind the store's cap.
             StreamExpired: the stream expired while being read.
         """
+        reader = object()
+        readers = self.readers.setdefault(stream_id, {})
+        readers[reader] = after
+        try:
+            async with contextlib.aclosing(self._read(stream_id, after, reader, readers)) as read:
+                async for event in read:
+                    yield event
+        finally:
+            del readers[reader]
+            if not readers:
+                self.readers.pop(stream_id, None)
+                self.advanced.pop(stream_id, None)
+            self._moved(stream_id)
+
+    def _moved(self, stream_id: str) -> None:
+        advanced = self.advanced.get(stream_id)
+        if advanced is not None:
+            advanced.set()
+
+    async def _read(
+        self, stream_id: str, after: int, reader: object, readers: dict[object, int]
+    ) -> AsyncGenerator[ServerSentEvent, None]:
         lost_since: float | None = None
         while True:
             events, record = await self.store.read(stream_id, after, _BLOCK)
@@ -225,7 +266,9 @@ class Resumer:
                 raise EventsExpired(stream_id, after)
             for seq, event in events:
                 yield ServerSentEvent(event.data, event.event, f"{stream_id}:{seq}")
-                after = seq
+                after = readers[reader] = seq
+            if events:
+                self._moved(stream_id)
             if record.finished and after >= record.last_seq:
                 if record.state == "cancelled":
                     raise StreamCancelled(stream_id)

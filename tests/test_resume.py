@@ -141,6 +141,24 @@ async def test_unknown_expired_and_dropped_ids_get_a_clear_answer_before_the_str
     assert expired.status_code == 410 and expired.json()["error"]["type"] == "stream_expired"
 
 
+async def test_a_fast_stream_longer_than_the_cap_reaches_its_live_reader_whole() -> None:
+    """The producer runs at most half the cap ahead of a reader of its own worker (the
+    upstream waits with it); a reader that left does not hold it back."""
+    async with FakeUpstream(tokens=2000, delay=0) as upstream:
+        app = proxy(upstream, STREAMPLUS_RESUME_MAX_EVENTS=50)
+        async with serve_app(app) as url:
+            live = await stream_request(url, ROUTE, completions_body())
+            await stream_request(url, ROUTE, completions_body(), disconnect_after=3)
+            left = upstream.requests[1]
+            for _ in range(100):
+                if left.completed:
+                    break
+                await asyncio.sleep(0.05)
+    assert live.complete and live.events[-1].data == "[DONE]"
+    assert contents(live.events) == "".join(fake_tokens(2000))
+    assert left.completed  # produced to the end with no reader
+
+
 async def test_the_producer_goes_on_for_the_grace_time_then_stops() -> None:
     async with FakeUpstream(tokens=1000, delay=0.01) as upstream:
         app = proxy(upstream, STREAMPLUS_RESUME_GRACE=0.5)
