@@ -55,6 +55,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from run import wait_port  # bench/run.py: this folder is on sys.path when run as a script
+
 from sanic_streamplus.sse import ServerSentEvent, SSEDecoder
 from sanic_streamplus.testing import FakeModel, FakeUpstream
 
@@ -574,20 +576,6 @@ def rss_mb(pid: int) -> float:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
     return 0.0
-
-
-async def wait_port(port: int, process: subprocess.Popen[bytes], name: str) -> None:
-    deadline = time.monotonic() + 30
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise RuntimeError(f"{name} exited with {process.returncode} before listening")
-        try:
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        except OSError:
-            await asyncio.sleep(0.05)
-    raise RuntimeError(f"{name} did not listen on {port} within 30 s")
 
 
 async def get_stats(control_port: int) -> dict[str, Any]:
