@@ -56,6 +56,7 @@ logger = logging.getLogger("sanic_streamplus")
 _LEASE = 3.0  # seconds a producer's lease lasts; renewed every _TICK
 _TICK = 0.5  # seconds between a producer's checks (lease, cancel, readers)
 _BLOCK = 1.0  # seconds a reader waits in the store before it checks the producer
+_BATCH = 1024  # events a producer may have waiting for the store before it waits too
 
 
 def new_stream_id() -> str:
@@ -141,15 +142,19 @@ class Resumer:
         state, error = "completed", None
         iterator = source.__aiter__()
         watcher = asyncio.ensure_future(self._watch(stream_id, token, asyncio.current_task()))
+        appender = _Appender(store, stream_id, token)
+        seq = 0  # this producer is the stream's only writer: the n-th event is seq n
         try:
             async for item in iterator:
                 event = to_event(item)
                 if dialect.is_end(event):
                     break
-                seq = await store.append(stream_id, token, event)
+                await appender.put(event)
+                seq += 1
                 readers = self.readers.get(stream_id)
                 if readers and seq - min(readers.values()) > self.window:
                     await self._wait_for_readers(stream_id, seq)
+            await appender.drain()
         except asyncio.CancelledError:
             state = "cancelled"
             if self.closing:
@@ -165,6 +170,8 @@ class Resumer:
         finally:
             watcher.cancel()
             await close_completely(aclose_iterator(iterator))
+        with contextlib.suppress(Exception):  # what was read before a failure is kept
+            await close_completely(appender.drain())
         with contextlib.suppress(FencingError):
             await close_completely(store.finish(stream_id, token, state, error))
         logger.info("stream %s produced: state=%s", stream_id, state)
@@ -303,3 +310,59 @@ class Resumer:
             await asyncio.wait(tasks, timeout=5)
         await self.store.close()
 
+
+class _Appender:
+    """Write-behind for a producer: events wait while one ``append`` is in flight, and the
+    next append takes all of them in one operation (one round trip to Redis for a burst)."""
+
+    def __init__(self, store: EventStore, stream_id: str, token: str) -> None:
+        self.store, self.stream_id, self.token = store, stream_id, token
+        self.pending: list[ServerSentEvent] = []
+        self.writing: asyncio.Task[int] | None = None
+        self.failure: BaseException | None = None
+        self.idle = asyncio.Event()
+        self.idle.set()
+
+    async def put(self, event: ServerSentEvent) -> None:
+        """Queue ``event``; wait only while ``_BATCH`` events are queued already.
+
+        Raises:
+            FencingError: an earlier append found the lease lost.
+        """
+        if self.failure is not None:
+            raise self.failure
+        self.pending.append(event)
+        if self.writing is None:
+            self._write()
+        while len(self.pending) >= _BATCH and self.failure is None:
+            await self._written()
+
+    async def drain(self) -> None:
+        """Wait until every queued event is stored.
+
+        Raises:
+            FencingError: an append found the lease lost.
+        """
+        while (self.writing is not None or self.pending) and self.failure is None:
+            await self._written()
+        if self.failure is not None:
+            raise self.failure
+
+    async def _written(self) -> None:
+        self.idle.clear()
+        await self.idle.wait()
+
+    def _write(self) -> None:
+        batch, self.pending = self.pending, []
+        self.writing = asyncio.ensure_future(self.store.append(self.stream_id, self.token, *batch))
+        self.writing.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task[int]) -> None:
+        self.writing = None
+        if task.cancelled():
+            self.failure = asyncio.CancelledError()
+        elif task.exception() is not None:
+            self.failure = task.exception()
+        elif self.pending:
+            self._write()
+        self.idle.set()

@@ -101,8 +101,9 @@ class EventStore(Protocol):
         """Extend the lease held with ``token``; False if it is lost."""
         ...
 
-    async def append(self, stream_id: str, token: str, event: ServerSentEvent) -> int:
-        """Append ``event`` (its ``event`` type and ``data``); return its sequence number.
+    async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
+        """Append ``events`` (at least one; their ``event`` type and ``data``), in order, in one
+        operation; return the sequence number of the last.
 
         Raises:
             FencingError: ``token`` does not hold the lease.
@@ -226,12 +227,13 @@ class MemoryEventStore:
         stream.lease_until = time.monotonic() + lease
         return True
 
-    async def append(self, stream_id: str, token: str, event: ServerSentEvent) -> int:
+    async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
         stream = self._fenced(stream_id, token)
         record = stream.record
-        record.last_seq += 1
-        stream.events.append((record.last_seq, ServerSentEvent(event.data, event.event)))
-        if len(stream.events) > self.max_events:
+        for event in events:
+            record.last_seq += 1
+            stream.events.append((record.last_seq, ServerSentEvent(event.data, event.event)))
+        while len(stream.events) > self.max_events:
             stream.events.popleft()
         record.first_seq = stream.events[0][0]
         self._refresh(stream)
@@ -364,14 +366,19 @@ return 1
 """
 )
 
-# ARGV: token, max_events, ttl, event type, data. Returns the sequence number.
+# ARGV: token, max_events, ttl, then event type, data for each event. Returns the last
+# sequence number.
 _LUA_APPEND = (
     _LUA_FENCED
     + _LUA_REFRESH
     + """
 if fenced(ARGV[1]) then return -1 end
-local seq = redis.call('HINCRBY', KEYS[1], 'last_seq', 1)
-redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '0-' .. seq, 'event', ARGV[4], 'data', ARGV[5])
+local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq'))
+for i = 4, #ARGV, 2 do
+  seq = seq + 1
+  redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '0-' .. seq, 'event', ARGV[i], 'data', ARGV[i + 1])
+end
+redis.call('HSET', KEYS[1], 'last_seq', seq)
 refresh(ARGV[3])
 return seq
 """
@@ -538,8 +545,9 @@ class RedisEventStore:
     async def renew(self, stream_id: str, token: str, lease: float) -> bool:
         return bool(await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)]))
 
-    async def append(self, stream_id: str, token: str, event: ServerSentEvent) -> int:
-        args = [token, self.max_events, _ms(self.ttl), event.event, event.data]
+    async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
+        fields = [item for event in events for item in (event.event, event.data)]
+        args = [token, self.max_events, _ms(self.ttl), *fields]
         seq = int(await self._append(keys=self._keys(stream_id), args=args))
         if seq < 0:
             raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")

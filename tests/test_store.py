@@ -189,6 +189,16 @@ async def test_append_numbers_events_and_read_returns_the_rest(store: EventStore
     assert time.monotonic() - started < PROMPT
 
 
+async def test_one_append_may_carry_many_events(store: EventStore) -> None:
+    await running(store)
+    assert await store.append("s1", "t1", event(1), event(2), event(3)) == 3
+    assert await store.append("s1", "t1", event(4)) == 4
+    events, record = await store.read("s1", 1, 0)
+    assert [seq for seq, _ in events] == [2, 3, 4]
+    assert [e.data for _, e in events] == [event(n).data for n in (2, 3, 4)]
+    assert record is not None and record.last_seq == 4
+
+
 async def test_read_blocks_until_an_append(store: EventStore) -> None:
     await running(store)
     readers = [asyncio.ensure_future(timed_read(store, "s1", 0)) for _ in range(3)]
