@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, TypeVar, overload
 
 from sanic import Request
@@ -96,12 +96,12 @@ async def _resumable(
     request: Request,
     resumer: Resumer,
     options: StreamOptions,
-    registry: set[Any],
     produce: Callable[[], Awaitable[Any]],
-) -> HTTPResponse | None:
+) -> HTTPResponse | tuple[AsyncIterator[Any], dict[str, str]]:
     """A resumable stream: resume the one ``Last-Event-ID`` names, attach to the one the
     ``Idempotency-Key`` is bound to, or start a producer on the handler's events (``produce()``
-    calls the handler); then read.
+    calls the handler). Returns the handler's own response, or the reader's events and the
+    response headers that name the stream.
 
     Raises:
         StreamPlusError: a clear answer before anything is sent (404/410 for a resume).
@@ -110,7 +110,7 @@ async def _resumable(
     if last_event_id:
         stream_id, after = parse_last_event_id(last_event_id)
         await resumer.check(stream_id, after)
-        return await read_stream(request, resumer, stream_id, after, options, registry)
+        return resumer.events(stream_id, after), {"X-Stream-Id": stream_id}
     key = request.headers.get("idempotency-key") or None
     info = {"format": options.format.name, "dialect": options.dialect.name}
     stream_id, created = await resumer.store.open(new_stream_id(), key, info)
@@ -124,21 +124,7 @@ async def _resumable(
             await resumer.fail(stream_id, InvalidRequest("the handler refused the request"))
             return source
         await resumer.start(source, options.dialect, stream_id)
-    return await read_stream(request, resumer, stream_id, 0, options, registry)
-
-
-async def read_stream(
-    request: Request,
-    resumer: Resumer,
-    stream_id: str,
-    after: int,
-    options: StreamOptions,
-    registry: set[Any],
-) -> HTTPResponse | None:
-    """Relay the events of resumable stream ``stream_id`` after ``after`` to the client, with
-    its ID in ``X-Stream-Id``."""
-    events = resumer.events(stream_id, after)
-    return await relay(request, events, options, registry, {"X-Stream-Id": stream_id})
+    return resumer.events(stream_id, 0), {"X-Stream-Id": stream_id}
 
 
 def _head_response(options: StreamOptions) -> HTTPResponse:
@@ -260,18 +246,23 @@ def stream_post(
                     return error_response(InvalidRequest("the request body must be JSON"))
             token = object()  # holds a place under max_streams until the relay takes it over
             state.streams.add(token)
+            headers: dict[str, str] | None = None
             try:
                 if resumable:
                     produce = functools.partial(call, request, *args, **kwargs)
-                    return await _resumable(request, state.resumer, options, state.streams, produce)
-                source = await call(request, *args, **kwargs)
-                if isinstance(source, HTTPResponse):
-                    return source
+                    started = await _resumable(request, state.resumer, options, produce)
+                    if isinstance(started, HTTPResponse):
+                        return started
+                    source, headers = started
+                else:
+                    source = await call(request, *args, **kwargs)
+                    if isinstance(source, HTTPResponse):
+                        return source
             except Exception as exc:
                 return _refusal(exc)
             finally:
                 state.streams.discard(token)
-            return await relay(request, source, options, state.streams)
+            return await relay(request, source, options, state.streams, headers)
 
         async def call(request: Request, *args: Any, **kwargs: Any) -> Any:
             """The handler's events (an async iterable), or the response it returned."""
@@ -325,7 +316,8 @@ async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None
         return error_response(InvalidRequest(str(exc)))
     except Exception as exc:
         return _refusal(exc)
-    return await read_stream(request, state.resumer, stream_id, after, options, state.streams)
+    events = state.resumer.events(stream_id, after)
+    return await relay(request, events, options, state.streams, {"X-Stream-Id": stream_id})
 
 
 async def cancel_stream(request: Request, stream_id: str) -> HTTPResponse:

@@ -91,6 +91,20 @@ async def test_an_idempotent_retry_attaches_instead_of_generating_again() -> Non
     assert len(upstream.requests) == 1
 
 
+async def test_a_resumable_stream_counts_once_under_max_streams() -> None:
+    async with FakeUpstream(tokens=200, delay=0.01) as upstream:
+        app = proxy(upstream, STREAMPLUS_MAX_STREAMS=2)
+        async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
+            async with (
+                client.stream("POST", url + ROUTE, json=completions_body()) as one,
+                client.stream("POST", url + ROUTE, json=completions_body()) as two,
+            ):
+                statuses = [one.status_code, two.status_code]
+                refused = await client.post(url + ROUTE, json=completions_body())
+    assert statuses == [200, 200]
+    assert refused.status_code == 503
+
+
 async def test_cancel_closes_the_upstream_and_readers_get_a_cancelled_frame() -> None:
     async with FakeUpstream(tokens=1000, delay=0.01) as upstream:
         async with serve_app(proxy(upstream)) as url, httpx.AsyncClient(timeout=10) as client:
