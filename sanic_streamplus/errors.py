@@ -40,6 +40,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from sanic.exceptions import SanicException
+
 __all__ = [
     "BodyTooLarge",
     "ConnectTimeout",
@@ -452,8 +454,6 @@ def to_stream_error(exc: BaseException) -> StreamPlusError:
     is an ``internal_error`` (HTTP 500) whose message says nothing of the cause (the caller logs
     the traceback).
     """
-    from sanic.exceptions import SanicException
-
     if isinstance(exc, StreamPlusError):
         return exc
     if isinstance(exc, SanicException) and int(exc.status_code) < 500:

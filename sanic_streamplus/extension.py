@@ -11,6 +11,7 @@ from sanic_ext import Extend
 from sanic_ext.extensions.base import Extension
 
 from .config import Settings
+from .decorators import cancel_stream, resume_stream
 from .errors import ExtensionMissing
 from .relay import shutdown_streams
 from .resume import Resumer
@@ -61,8 +62,6 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
     name = "StreamPlus"
 
     def startup(self, bootstrap: Any) -> None:
-        from .decorators import cancel_stream, resume_stream
-
         app = self.app
         settings = Settings.from_config(app.config)
         app.ctx.streamplus = StreamPlusState(settings)
