@@ -12,6 +12,7 @@ import contextlib
 import json
 import signal
 from collections.abc import AsyncIterator
+from typing import Any
 
 import httpx
 import pytest
@@ -25,23 +26,25 @@ TOKENS = 40
 
 @contextlib.asynccontextmanager
 async def two_proxies(
-    upstream: FakeUpstream, redis_url: str, monkeypatch: pytest.MonkeyPatch
-) -> AsyncIterator[tuple[tuple[asyncio.subprocess.Process, str], ...]]:
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, **knobs: Any
+) -> AsyncIterator[tuple[FakeUpstream, asyncio.subprocess.Process, str, str]]:
+    """A fake upstream with ``knobs``, and two example proxies on it sharing the Redis store;
+    yields the upstream, the first proxy's process, and the two proxies' URLs."""
     monkeypatch.setenv("SANIC_STREAMPLUS_RESUME_STORE", "redis")
     monkeypatch.setenv("SANIC_STREAMPLUS_REDIS_URL", redis_url)
     async with (
-        run_example("--upstream", upstream.url) as one,
-        run_example("--upstream", upstream.url) as two,
+        FakeUpstream(**knobs) as upstream,
+        run_example("--upstream", upstream.url) as (process, one),
+        run_example("--upstream", upstream.url) as (_, two),
     ):
-        yield one, two
+        yield upstream, process, one, two
 
 
 async def test_a_stream_started_on_one_process_resumes_on_the_other(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with (
-        FakeUpstream(tokens=TOKENS, delay=0.01) as upstream,
-        two_proxies(upstream, redis_url, monkeypatch) as ((_, one), (_, two)),
+        two_proxies(redis_url, monkeypatch, tokens=TOKENS, delay=0.01) as (upstream, _, one, two),
     ):
         first = await stream_request(one, ROUTE, completions_body(), disconnect_after=7)
         stream_id = first.headers["x-stream-id"]
@@ -59,8 +62,7 @@ async def test_an_idempotent_retry_on_the_other_process_attaches(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with (
-        FakeUpstream(tokens=TOKENS, delay=0.01) as upstream,
-        two_proxies(upstream, redis_url, monkeypatch) as ((_, one), (_, two)),
+        two_proxies(redis_url, monkeypatch, tokens=TOKENS, delay=0.01) as (upstream, _, one, two),
     ):
         key = {"Idempotency-Key": "retry-7"}
         first, second = await asyncio.gather(
@@ -78,8 +80,7 @@ async def test_a_cancel_on_the_other_process_stops_the_producer(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with (
-        FakeUpstream(tokens=1000, delay=0.01) as upstream,
-        two_proxies(upstream, redis_url, monkeypatch) as ((_, one), (_, two)),
+        two_proxies(redis_url, monkeypatch, tokens=1000, delay=0.01) as (upstream, _, one, two),
         httpx.AsyncClient(timeout=10) as client,
     ):
         request = client.build_request("POST", one + ROUTE, json=completions_body())
@@ -99,14 +100,11 @@ async def test_a_killed_producer_leaves_its_readers_an_error_frame(
     redis_url: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     async with (
-        FakeUpstream(tokens=1000, delay=0.01) as upstream,
-        two_proxies(upstream, redis_url, monkeypatch) as ((producer, one), (_, two)),
+        two_proxies(redis_url, monkeypatch, tokens=1000, delay=0.01) as (_, producer, one, two),
     ):
         first = await stream_request(one, ROUTE, completions_body(), disconnect_after=3)
         stream_id = first.headers["x-stream-id"]
-        reading = asyncio.ensure_future(
-            get_stream(two, f"/streams/{stream_id}")
-        )
+        reading = asyncio.ensure_future(get_stream(two, f"/streams/{stream_id}"))
         await asyncio.sleep(0.3)
         producer.send_signal(signal.SIGKILL)  # no finish, no goodbye: the lease lapses
         response, events = await asyncio.wait_for(reading, 30)
