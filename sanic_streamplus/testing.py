@@ -36,16 +36,20 @@ request with a ``"fake": {...}`` object in the JSON body; ``FakeModel`` holds th
   ``x_padding`` field;
 - ``long_line`` (bytes, or None): right after the first token's event, a line of that many bytes
   (``data: xxx...``) that never ends; nothing follows and the connection stays open;
+- ``hold_before`` (int or None): go silent (keeping the connection open) before event number N
+  until :meth:`FakeUpstream.release` is called; the request's ``held`` is True meanwhile. For a test
+  that must see a stream still open (first tokens shown, the end not yet sent), then let it finish;
 - ``done`` (bool): end with ``data: [DONE]``; ``hold_after_done`` (bool): after the last event,
   never end the body: the connection stays open until the client closes it;
 - ``trickle`` (bytes, or None): write the body in pieces of that many bytes, each its own chunk and
   its own write, with ``delay`` between pieces instead of between tokens;
 - ``set_cookie`` (str, or None): send this ``Set-Cookie`` header with the stream.
 
-Event numbers (``fail_after``, ``stall_after``, ``stall_mid_frame``) count the blocks of the body
-from 0: the role chunk, then the extra blocks above where they are enabled, the tokens, the stop
-chunk, ``[DONE]``. ``FakeModel.frames()`` gives those blocks as written, to compute byte offsets,
-and ``FakeModel.expected_tokens()`` the token texts as a correct client decodes them.
+Event numbers (``fail_after``, ``stall_after``, ``stall_mid_frame``, ``hold_before``) count the
+blocks of the body from 0: the role chunk, then the extra blocks above where they are enabled, the
+tokens, the stop chunk, ``[DONE]``. ``FakeModel.frames()`` gives those blocks as written, to
+compute byte offsets, and ``FakeModel.expected_tokens()`` the token texts as a correct client
+decodes them.
 
 ``serve_app(app)`` runs a Sanic app on a socket bound to 127.0.0.1 port 0 and yields its base
 URL: streams need a real server (``app.test_client`` buffers whole bodies).
@@ -123,6 +127,7 @@ class FakeModel:
     stall_after: int | None = None
     stall_mid_frame: int | None = None
     comment_every: float | None = None
+    hold_before: int | None = None
     error_status: int | None = None
     retry_after: str | None = None
     content_type: str = "text/event-stream"
@@ -219,6 +224,7 @@ class UpstreamRequest:
         sent: bytes of the event-stream body written (keep-alive comments not counted).
         comments: keep-alive comments written (``comment_every``).
         reset: the fake broke the connection with a TCP reset (``fail_after``, ``reset_at_byte``).
+        held: the stream is waiting at ``hold_before`` for :meth:`FakeUpstream.release` now.
     """
 
     method: str
@@ -232,6 +238,7 @@ class UpstreamRequest:
     sent: int = 0
     comments: int = 0
     reset: bool = False
+    held: bool = False
     closed_event: asyncio.Event = field(default_factory=asyncio.Event, repr=False)
 
     @property
@@ -376,6 +383,13 @@ class _Connection(asyncio.Protocol):
             if number == model.stall_after:
                 await body.write(b"", flush=True)
                 await self.pause(request, model)
+            if number == model.hold_before and not self.server.released.is_set():
+                await body.write(b"", flush=True)
+                request.held = True
+                try:
+                    await self.server.released.wait()
+                finally:
+                    request.held = False
             if model.delay and number and not model.trickle:
                 await asyncio.sleep(model.delay)
             if number == model.stall_mid_frame:
@@ -506,6 +520,7 @@ class FakeUpstream:
         model: the default :class:`FakeModel` knobs.
         requests: every :class:`UpstreamRequest` seen, in arrival order.
         connections: the connections open now.
+        released: set by :meth:`release`: streams no longer wait at ``hold_before``.
     """
 
     def __init__(self, model: FakeModel | None = None, **knobs: Any) -> None:
@@ -513,6 +528,7 @@ class FakeUpstream:
         self.requests: list[UpstreamRequest] = []
         self.connections: set[_Connection] = set()
         self.arrived = asyncio.Event()
+        self.released = asyncio.Event()
         self._server: asyncio.AbstractServer | None = None
         self.port = 0
 
@@ -537,6 +553,11 @@ class FakeUpstream:
                     connection.transport.abort()
             await self._server.wait_closed()
             self._server = None
+
+    def release(self) -> None:
+        """Let every stream waiting at ``hold_before`` go on, and any later one pass it
+        without waiting."""
+        self.released.set()
 
     async def wait_requests(self, count: int, timeout: float) -> UpstreamRequest:
         """Wait up to ``timeout`` seconds until ``count`` requests have arrived; return the last.
