@@ -7,6 +7,7 @@ The public API::
     upstream_events     stream the events of an upstream request on the shared httpx client
     ServerSentEvent     one event; SSEDecoder / encode / encode_comment: the sans-IO codec
     EventStore          the event store of resumable streams: MemoryEventStore, RedisEventStore
+    StreamInfo          what a finished stream did, for on_finish hooks; before_final_frame
     errors              StreamPlusError and its subclasses (sanic_streamplus.errors has them all)
 """
 
@@ -24,6 +25,7 @@ from .errors import (
     UpstreamUnreachable,
 )
 from .extension import StreamPlus
+from .observe import StreamInfo, before_final_frame
 from .sse import ServerSentEvent, SSEDecoder, encode, encode_comment
 from .store import EventStore, MemoryEventStore, RedisEventStore
 from .upstream import stream_events, upstream_events
@@ -39,6 +41,7 @@ __all__ = [
     "RedisEventStore",
     "SSEDecoder",
     "ServerSentEvent",
+    "StreamInfo",
     "StreamPlus",
     "StreamPlusError",
     "UpstreamBadResponse",
@@ -47,6 +50,7 @@ __all__ = [
     "UpstreamStatusError",
     "UpstreamTimeout",
     "UpstreamUnreachable",
+    "before_final_frame",
     "encode",
     "encode_comment",
     "stream_events",

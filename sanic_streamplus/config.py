@@ -6,6 +6,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
+from .framing import DIALECTS
 from .sse import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_LENGTH
 
 __all__ = [
@@ -45,6 +46,20 @@ _POSITIVE_INTS = (
     "max_connections",
     "resume_max_events",
 )
+
+_BOOLS = ("metrics", "otel")
+_TRUE = ("1", "true", "yes", "on", "y", "t")
+_FALSE = ("", "0", "false", "no", "off", "n", "f")
+
+
+def _flag(value: Any) -> bool:
+    """A switch: a bool, or one of the strings Sanic's environment loader knows."""
+    if isinstance(value, bool) or value is None:
+        return bool(value)
+    text = str(value).strip().lower()
+    if text in _TRUE or text in _FALSE:
+        return text in _TRUE
+    raise ValueError("must be true or false")
 
 
 def _names(value: Any) -> tuple[str, ...]:
@@ -110,8 +125,17 @@ class Settings:
             :func:`~sanic_streamplus.upstream.upstream_events` (an allowlist; a comma-separated
             string in config). Nothing is forwarded by default, credentials included; hop-by-hop
             headers never are.
+        metrics: collect Prometheus metrics (needs ``prometheus-client``: the ``metrics``
+            extra) into its default registry: histograms of time to first byte, inter-event
+            gap and duration, counters of streams by outcome, events and bytes (see
+            :mod:`sanic_streamplus.observe`).
+        metrics_path: the route that serves them in Prometheus' text format when ``metrics``
+            is on (``GET``); empty for none (serve the default registry yourself).
+        otel: one OpenTelemetry span per stream (needs ``opentelemetry-api``: the ``otel``
+            extra), child of the request's ``traceparent``.
         format: default output format: ``sse``, ``ndjson`` or ``text``.
-        dialect: default dialect for termination and error frames: ``plain`` or ``openai``.
+        dialect: default dialect (end, error and heartbeat frames; see docs/dialects.md):
+            ``plain``, ``openai``, ``anthropic`` or ``openai-responses``.
         transport: what carries the shared ``httpx.AsyncClient``'s requests: ``aiohttp``
             (httpx-aiohttp's ``AiohttpTransport``, the default: about a fifth of the CPU per
             upstream read, see docs/benchmarks.md) or ``httpcore`` (httpx's stock transport).
@@ -140,6 +164,9 @@ class Settings:
     resume_max_events: int = 10_000
     resume_grace: float | None = 120.0
     resume_path: str = "/streams"
+    metrics: bool = False
+    metrics_path: str = "/metrics"
+    otel: bool = False
     format: str = "sse"
     dialect: str = "plain"
     transport: str = "aiohttp"
@@ -164,6 +191,8 @@ class Settings:
                     values[field.name] = int(raw)
                     if values[field.name] <= 0:
                         raise ValueError("must be positive")
+                elif field.name in _BOOLS:
+                    values[field.name] = _flag(raw)
                 elif field.name == "forward_headers":
                     values[field.name] = _names(raw or ())
                 else:
@@ -173,6 +202,10 @@ class Settings:
         settings = cls(**values)
         if settings.format not in FORMATS:
             raise ValueError(f"STREAMPLUS_FORMAT must be one of {FORMATS}, not {settings.format!r}")
+        if settings.dialect not in DIALECTS:
+            raise ValueError(
+                f"STREAMPLUS_DIALECT must be one of {tuple(DIALECTS)}, not {settings.dialect!r}"
+            )
         if settings.slow_client not in SLOW_CLIENT_POLICIES:
             raise ValueError(
                 f"STREAMPLUS_SLOW_CLIENT must be one of {SLOW_CLIENT_POLICIES}, "

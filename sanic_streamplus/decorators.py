@@ -5,15 +5,14 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar, overload
 
 from sanic import Request
 from sanic.exceptions import PayloadTooLarge
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
-from sanic_ext.extensions.openapi import openapi
-from sanic_ext.extensions.openapi.builders import OperationStore
 
 from .config import SLOW_CLIENT_POLICIES, Settings
 from .errors import (
@@ -25,6 +24,8 @@ from .errors import (
     to_stream_error,
 )
 from .framing import get_dialect, get_format
+from .observe import Hook
+from .openapi import document
 from .relay import STREAM_HEADERS, StreamOptions, error_response, relay
 from .resume import Resumer, new_stream_id, parse_last_event_id
 
@@ -148,6 +149,8 @@ def stream_post(
     slow_client: str | None = ...,
     resumable: bool = ...,
     require_json: bool = ...,
+    event_schema: type | Mapping[str, Any] | None = ...,
+    on_finish: Hook | Iterable[Hook] | None = ...,
 ) -> Callable[[Handler], Handler]: ...
 
 
@@ -161,6 +164,8 @@ def stream_post(
     slow_client: str | None = None,
     resumable: bool = False,
     require_json: bool = True,
+    event_schema: type | Mapping[str, Any] | None = None,
+    on_finish: Hook | Iterable[Hook] | None = None,
 ) -> Any:
     """Make a POST handler answer with a stream (an SSE event stream by default).
 
@@ -182,12 +187,19 @@ def stream_post(
     worker, 413 ``body_too_large`` past ``STREAMPLUS_MAX_BODY_SIZE`` bytes of body, 400 for a
     body that is not JSON. A ``HEAD`` request gets the stream's headers and no body.
 
+    Validate the body with sanic-ext's ``@validate(json=Model)`` placed *below* this decorator
+    (it then runs once the body is read): a failure is a 400 ``invalid_request`` naming the
+    problem, before the handler runs. Above it, the server refuses to start. In sanic-ext's
+    OpenAPI document the route answers 200 in its format's content type, and the errors above
+    as JSON (see ``docs/openapi.md``).
+
     Args:
         heartbeat: seconds of silence before a heartbeat comment (float), None for none; default
             ``STREAMPLUS_HEARTBEAT``. Always kept below half of ``RESPONSE_TIMEOUT``.
         format: ``"sse"`` (default), ``"ndjson"`` or ``"text"`` (the data alone); default
             ``STREAMPLUS_FORMAT``.
-        dialect: ``"plain"`` or ``"openai"``, for end and error frames; default
+        dialect: ``"plain"``, ``"openai"``, ``"anthropic"`` or ``"openai-responses"``, for end,
+            error and heartbeat frames (see ``docs/dialects.md``); default
             ``STREAMPLUS_DIALECT``.
         high_water_mark: the client's write-buffer high-water mark in bytes; default
             ``STREAMPLUS_HIGH_WATER_MARK``.
@@ -198,9 +210,20 @@ def stream_post(
             ``Idempotency-Key`` attaches instead of starting again, and the stream can be
             cancelled (see ``docs/resume.md`` and :mod:`sanic_streamplus.resume`).
         require_json: answer 400 before calling the handler if the body is not a JSON document.
+        event_schema: the schema of each event's data, for the OpenAPI document only (events
+            are not checked): a dataclass, pydantic or msgspec model (rendered by sanic-ext as
+            it renders a body model), or a dict (an OpenAPI schema object).
+        on_finish: a hook, or hooks, called with a :class:`~sanic_streamplus.observe.StreamInfo`
+            once per stream (outcome and stats), before the app-wide ones; a hook marked
+            :func:`~sanic_streamplus.observe.before_final_frame` runs before the terminating
+            frame is written (see :mod:`sanic_streamplus.observe`).
 
     Raises:
         ValueError: at decoration time, for an unknown format, dialect or policy name.
+        TypeError: at decoration time, for an ``event_schema`` that is neither a class nor a
+            dict.
+        RuntimeError: at server start, for a sanic-ext ``@validate`` above ``@stream_post``
+            (see :func:`~sanic_streamplus.openapi.prepare_stream_routes`).
     """
     if format is not None:
         get_format(format)
@@ -208,6 +231,8 @@ def stream_post(
         get_dialect(dialect)
     if slow_client is not None and slow_client not in SLOW_CLIENT_POLICIES:
         raise ValueError(f"slow_client must be one of {SLOW_CLIENT_POLICIES}, not {slow_client!r}")
+    if event_schema is not None and not isinstance(event_schema, (type, Mapping)):
+        raise TypeError(f"event_schema must be a model class or a dict, not {event_schema!r}")
     overrides: dict[str, Any] = {
         "format": format,
         "dialect": dialect,
@@ -216,6 +241,9 @@ def stream_post(
     }
     if heartbeat is not _UNSET:
         overrides["heartbeat"] = heartbeat
+    hooks: list[Hook] = (
+        [] if on_finish is None else [on_finish] if callable(on_finish) else [*on_finish]
+    )
 
     def decorate(handler: Handler) -> Handler:
         is_generator = inspect.isasyncgenfunction(handler)
@@ -247,6 +275,7 @@ def stream_post(
             token = object()  # holds a place under max_streams until the relay takes it over
             state.streams.add(token)
             headers: dict[str, str] | None = None
+            began = time.monotonic()  # the stream's start: the handler's call
             try:
                 if resumable:
                     produce = functools.partial(call, request, *args, **kwargs)
@@ -259,10 +288,19 @@ def stream_post(
                     if isinstance(source, HTTPResponse):
                         return source
             except Exception as exc:
-                return _refusal(exc)
+                refusal = _refusal(exc)
+                names = options.format.name, options.dialect.name
+                watch = state.observer.watch(request, *names, hooks, started=began)
+                watch.settle(to_stream_error(exc), False, refusal.status, 0, 0, None)
+                await watch.before_final()
+                watch.finish()
+                return refusal
             finally:
                 state.streams.discard(token)
-            return await relay(request, source, options, state.streams, headers)
+            stream_id = headers["X-Stream-Id"] if headers else None
+            names = options.format.name, options.dialect.name
+            watch = state.observer.watch(request, *names, hooks, stream_id, began)
+            return await relay(request, source, options, state.streams, headers, watch)
 
         async def call(request: Request, *args: Any, **kwargs: Any) -> Any:
             """The handler's events (an async iterable), or the response it returned."""
@@ -278,11 +316,7 @@ def stream_post(
 
         wrapper.__streamplus__ = True  # type: ignore[attr-defined]
         wrapper.is_stream = True  # type: ignore[attr-defined]  # Sanic leaves the body to us
-        store = OperationStore()  # type: ignore[no-untyped-call]
-        if handler in store:  # docs attached by sanic-ext decorators below this one
-            store[wrapper] = store[handler]
-        content_type = get_format(format or "sse").content_type.split(";")[0]
-        openapi.response(200, {content_type: str}, "A stream of events")(wrapper)
+        document(wrapper, handler, format, event_schema)
         return wrapper  # type: ignore[return-value]
 
     if handler is not None:
@@ -317,7 +351,9 @@ async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None
     except Exception as exc:
         return _refusal(exc)
     events = state.resumer.events(stream_id, after)
-    return await relay(request, events, options, state.streams, {"X-Stream-Id": stream_id})
+    names = options.format.name, options.dialect.name
+    watch = state.observer.watch(request, *names, stream_id=stream_id)
+    return await relay(request, events, options, state.streams, {"X-Stream-Id": stream_id}, watch)
 
 
 async def cancel_stream(request: Request, stream_id: str) -> HTTPResponse:

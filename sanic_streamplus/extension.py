@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from sanic import Sanic
+from sanic import HTTPResponse, Request, Sanic
 from sanic_ext import Extend
 from sanic_ext.extensions.base import Extension
 
 from .config import Settings
 from .decorators import cancel_stream, resume_stream
 from .errors import ExtensionMissing
+from .observe import H, Hook, Observer, metrics_response_body
+from .openapi import prepare_stream_routes
 from .relay import shutdown_streams
 from .resume import Resumer
 from .store import EventStore, MemoryEventStore
@@ -33,12 +35,26 @@ class StreamPlusState:
             ``max_streams``; the server's stop ends them with a ``shutdown`` frame).
         resumer: the worker's :class:`~sanic_streamplus.resume.Resumer` (resumable streams:
             producers, readers, cancel); None outside the server's life, like ``client``.
+        observer: the worker's :class:`~sanic_streamplus.observe.Observer` (hooks, signals,
+            metrics, spans).
+        hooks: the app-wide ``on_finish`` hooks (see :meth:`on_finish`).
     """
 
     settings: Settings
     client: httpx.AsyncClient | None = None
     streams: set[Any] = field(default_factory=set)
     resumer: Resumer | None = None
+    observer: Observer = field(init=False)
+    hooks: list[Hook] = field(default_factory=list)
+
+    def on_finish(self, hook: H) -> H:
+        """Call ``hook`` with a :class:`~sanic_streamplus.observe.StreamInfo` once for every
+        stream of the app, after the route's own hooks (usable as a decorator:
+        ``@app.ctx.streamplus.on_finish``). Mark it with
+        :func:`~sanic_streamplus.observe.before_final_frame` to run before the terminating
+        frame is written."""
+        self.hooks.append(hook)
+        return hook
 
 
 class StreamPlus(Extension):  # type: ignore[no-untyped-call]
@@ -64,11 +80,16 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
     def startup(self, bootstrap: Any) -> None:
         app = self.app
         settings = Settings.from_config(app.config)
-        app.ctx.streamplus = StreamPlusState(settings)
+        app.ctx.streamplus = state = StreamPlusState(settings)
+        state.observer = Observer(app, state.hooks)  # metrics and spans from server start on
+        if settings.metrics and settings.metrics_path:
+            name = "streamplus_metrics"
+            app.add_route(_metrics, settings.metrics_path, methods=["GET"], name=name)
         path = settings.resume_path.rstrip("/") + "/<stream_id:str>"
         app.add_route(resume_stream, path, methods=["GET"], name="streamplus_resume")
         app.add_route(cancel_stream, path, methods=["DELETE"], name="streamplus_cancel")
         app.before_server_start(_open_client, priority=-10)
+        app.before_server_start(prepare_stream_routes)  # before sanic-ext's document
         app.before_server_stop(_end_streams)
         app.after_server_stop(_close_client)
 
@@ -79,6 +100,7 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
 async def _open_client(app: Sanic[Any, Any]) -> None:
     state: StreamPlusState = app.ctx.streamplus
     state.settings = settings = Settings.from_config(app.config)
+    state.observer = Observer(app, state.hooks, metrics=settings.metrics, otel=settings.otel)
     state.client = create_client(settings)
     store: EventStore
     if settings.resume_store == "redis":
@@ -105,6 +127,13 @@ async def _end_streams(app: Sanic[Any, Any]) -> None:
     state: StreamPlusState = app.ctx.streamplus
     grace = float(app.config.get("GRACEFUL_SHUTDOWN_TIMEOUT") or 0) / 2
     await shutdown_streams(state.streams, grace or 1.0)
+    await state.observer.close(grace or 1.0)  # the hooks of the streams just ended
+
+
+async def _metrics(request: Request) -> HTTPResponse:
+    """``GET <STREAMPLUS_METRICS_PATH>``: the Prometheus metrics, in its text format."""
+    body, content_type = metrics_response_body()
+    return HTTPResponse(body, content_type=content_type)
 
 
 async def _close_client(app: Sanic[Any, Any]) -> None:

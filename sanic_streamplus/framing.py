@@ -1,29 +1,48 @@
 """How events become bytes on the downstream wire: output formats and dialects.
 
 A *format* turns one event into bytes (``sse``, ``ndjson``, ``text``). A *dialect* says how a
-stream of that kind ends and how it reports an error once the response has started:
+stream of that kind ends, how it reports an error once the response has started, what it writes
+while idle, which of its events are text deltas and where its token usage is:
 
-======== ============================================ ==============================================
-dialect  normal end                                   error after the commit point
-======== ============================================ ==============================================
-plain    the body ends                                ``event: error`` with data
-                                                      ``{"error": {"type", "message",
-                                                      "upstream_status"}}``
-openai   ``data: [DONE]`` (once, even if the upstream ``data: {"error": {"message", "type",
-         sent it), then the body ends at once         "code"}}`` then ``data: [DONE]``
-======== ============================================ ==============================================
+================ ================================== =========================================
+dialect          normal end                         error after the commit point
+================ ================================== =========================================
+plain            the body ends                      ``event: error`` with data
+                                                    ``{"error": {"type", "message",
+                                                    "upstream_status"}}``
+openai           ``data: [DONE]`` (once, even if    ``data: {"error": {"message", "type",
+                 the upstream sent it), then the    "code"}}`` then ``data: [DONE]``
+                 body ends at once
+anthropic        the ``message_stop`` event, then   ``event: error`` with data ``{"type":
+                 the body ends at once              "error", "error": {"type", "message"}}``
+openai-responses ``response.completed``,            ``event: response.failed`` (after a
+                 ``response.incomplete`` or         ``response.created`` when none was seen)
+                 ``response.failed``, then the body
+                 ends at once
+================ ================================== =========================================
 
-The ``ndjson`` and ``text`` formats carry no end marker: only ``sse`` writes ``[DONE]``.
+The ``ndjson`` and ``text`` formats carry no end marker: only ``sse`` writes ``[DONE]``. The
+``anthropic`` and ``openai-responses`` dialects synthesize no end: a source that ends without
+its terminal event just ends (a ``message_stop`` or ``response.completed`` made up by the proxy
+would tell the client that a truncated answer is complete). In the ``sse`` format the
+``anthropic`` heartbeat is Anthropic's ``event: ping`` (data ``{"type": "ping"}``); every other
+heartbeat is the format's own (``: ping`` in ``sse``).
 
 A dialect also knows its *text deltas* (events that each carry the next piece of a text), so the
-``coalesce`` slow-client policy can merge consecutive ones: ``plain`` events whose data is the
-JSON object ``{"text": str}``, ``openai`` ``chat.completion.chunk`` events whose one choice's
-delta is only ``content`` (no role, tool call, finish reason, logprobs or usage).
+``coalesce`` slow-client policy can merge consecutive ones, and its *usage* blocks (token counts),
+found without parsing events that carry none. See ``docs/dialects.md``.
+
+:func:`get_dialect` returns a new dialect object per call: one per stream, as
+``openai-responses`` remembers what its error frame must repeat (the response's ``id``, the next
+``sequence_number``).
 """
 
 from __future__ import annotations
 
 import json
+import re
+import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -31,11 +50,22 @@ from typing import Any, TypeVar
 from .errors import StreamPlusError, error_body
 from .sse import ServerSentEvent, encode, encode_comment
 
-__all__ = ["DIALECTS", "Dialect", "Format", "get_dialect", "get_format", "to_event"]
+__all__ = [
+    "DIALECTS",
+    "AnthropicDialect",
+    "Dialect",
+    "Format",
+    "OpenAIDialect",
+    "OpenAIResponsesDialect",
+    "get_dialect",
+    "get_format",
+    "to_event",
+]
 
 T = TypeVar("T")
 _DONE = ServerSentEvent("[DONE]")
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_USAGE = re.compile(r'"usage"\s*:\s*\{')  # a usage object, not "usage": null
 
 
 def to_event(item: Any) -> ServerSentEvent:
@@ -60,48 +90,142 @@ def to_event(item: Any) -> ServerSentEvent:
     )
 
 
+def _object(data: str) -> dict[str, Any] | None:
+    """``data`` parsed as a JSON object, or None (not JSON, or not an object)."""
+    if not data.startswith("{"):
+        return None
+    try:
+        value = json.loads(data)
+    except ValueError:
+        return None
+    return value if isinstance(value, dict) else None
+
+
+def _delta_object(event: ServerSentEvent, marker: str) -> dict[str, Any] | None:
+    """The JSON object of an event that may be merged: no ``id`` or ``retry`` (a merge would
+    lose them), and ``marker`` in its data (tested before parsing)."""
+    if event.id is not None or event.retry is not None or marker not in event.data:
+        return None
+    return _object(event.data)
+
+
+def _event_type(event: ServerSentEvent, names: frozenset[str]) -> str | None:
+    """The type of ``event`` if it is one of ``names``, else None: its event name, or for an
+    unnamed event (``message``) the ``"type"`` of its JSON data, parsed only when one of the
+    names occurs quoted in it."""
+    if event.event != "message":
+        return event.event if event.event in names else None
+    data = event.data
+    if not any(f'"{name}"' in data for name in names):
+        return None
+    value = _object(data)
+    kind = value.get("type") if value is not None else None
+    return kind if kind in names else None
+
+
+def _status(error: StreamPlusError) -> int:
+    """The HTTP status that says most about ``error``: the upstream's error status when there is
+    one (a 529 stays a 529), else the error's own."""
+    upstream = error.upstream_status
+    return upstream if upstream is not None and upstream >= 400 else error.status
+
+
 class Dialect:
-    """The ``plain`` dialect: no end marker; errors as ``event: error`` with a JSON body."""
+    """The ``plain`` dialect, and the interface of every dialect.
+
+    No end marker; an error is ``event: error`` with data ``{"error": {"type", "message",
+    "upstream_status"}}`` (:func:`~sanic_streamplus.errors.error_body`); heartbeat: the format's
+    own; text deltas: events whose data is exactly the JSON object ``{"text": str}`` (same event
+    name: merged); usage: a top-level ``"usage"`` object of the data.
+
+    Attributes:
+        name: the dialect's name (``STREAMPLUS_DIALECT``, ``@stream_post(dialect=...)``).
+        heartbeat_event: the event written while idle in the ``sse`` format, or None for the
+            format's comment heartbeat.
+        usage_paths: where a usage object may be in an event's JSON data, as key paths tried in
+            order (``("usage",)``: ``data["usage"]``).
+        end_is_data: the end marker is an event with data of its own (``message_stop``,
+            ``response.completed``), written in every format; False: a bare marker
+            (``[DONE]``), written only where the format ``writes_end``.
+    """
 
     name = "plain"
+    heartbeat_event: ServerSentEvent | None = None
+    end_is_data = False
+    usage_paths: tuple[tuple[str, ...], ...] = (("usage",),)
 
     def is_end(self, event: ServerSentEvent) -> bool:
-        """True if ``event`` is the stream's end marker (nothing may follow it)."""
+        """True if ``event`` is the stream's end marker (nothing may follow it).
+
+        The relay calls it once for every event of the stream, in order, before writing it: a
+        dialect may remember what its error frame needs (``openai-responses`` does).
+        """
         return False
 
     def end_events(self) -> list[ServerSentEvent]:
-        """Events that end a stream that completed normally."""
+        """Events that end a stream whose source completed without an end marker."""
         return []
 
     def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
         """Events that report ``error`` after the commit point, and end the stream."""
         return [ServerSentEvent(_DUMPS(error_body(error)), event="error")]
 
+    def heartbeat(self, fmt: Format) -> bytes | None:
+        """The bytes written while the stream is idle in ``fmt``: :attr:`heartbeat_event`
+        encoded in the ``sse`` format when the dialect has one, else ``fmt.heartbeat`` (None:
+        the format has no way to say nothing)."""
+        if self.heartbeat_event is not None and fmt.name == "sse":
+            return fmt.encode(self.heartbeat_event)
+        return fmt.heartbeat
+
+    def usage(self, event: ServerSentEvent) -> dict[str, Any] | None:
+        """The token-usage object ``event`` carries (the upstream's own keys, e.g.
+        ``prompt_tokens`` / ``input_tokens``, as it sent them), or None.
+
+        Cheap on events without one: the data is parsed only if it contains ``"usage"``
+        followed by an object (``"usage": null`` is not parsed).
+        """
+        data = event.data
+        if '"usage"' not in data or _USAGE.search(data) is None:
+            return None
+        value = _object(data)
+        for path in self.usage_paths:
+            found: Any = value
+            for key in path:
+                found = found.get(key) if isinstance(found, dict) else None
+            if isinstance(found, dict):
+                return found
+        return None
+
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
         """Split a text-delta event into (shape, template, text), or None if it is not one.
 
         Two consecutive deltas of the same ``shape`` (str) merge into one:
-        ``with_text(template, text1 + text2)``.
+        ``with_text(template, text1 + text2)``, the first delta with the joined text. The
+        template is (event name, the data's JSON object, the object holding the text, its key).
         """
-        if event.id is not None or event.retry is not None or not event.data.startswith("{"):
+        value = _delta_object(event, '"text"')
+        if value is None or len(value) != 1 or not isinstance(value.get("text"), str):
             return None
-        try:
-            value = json.loads(event.data)
-        except ValueError:
-            return None
-        if not isinstance(value, dict) or len(value) != 1 or not isinstance(value.get("text"), str):
-            return None
-        return event.event, event.event, value["text"]
+        return event.event, (event.event, value, value, "text"), value["text"]
 
     def with_text(self, template: Any, text: str) -> ServerSentEvent:
         """The text-delta event of ``template`` (from :meth:`text_delta`) carrying ``text``."""
-        return ServerSentEvent(_DUMPS({"text": text}), event=template)
+        name, value, holder, key = template
+        holder[key] = text
+        return ServerSentEvent(_DUMPS(value), event=name)
 
 
 class OpenAIDialect(Dialect):
-    """The OpenAI chat-completions dialect: ``data: [DONE]`` ends a stream; an error is a data
-    event ``{"error": {"message", "type", "code"}}`` (``code`` is the upstream HTTP status or
-    null), then ``[DONE]``. Never writes an event without data (the official SDK crashes on one).
+    """The OpenAI chat-completions dialect (API reference: "Chat Completions, streaming").
+
+    ``data: [DONE]`` ends a stream (written by the proxy when the source ends without it); an
+    error is a data event ``{"error": {"message", "type", "code"}}`` (``code``: the upstream
+    HTTP status or null), then ``[DONE]``: openai-python raises ``APIError`` on it. Never writes
+    an event without data (the official SDK crashes on one). Text deltas: unnamed
+    ``chat.completion.chunk`` events whose one choice's delta is only ``content`` (no role, tool
+    call, finish reason, logprobs or usage). Usage: the chunk's ``usage`` (the last chunk, with
+    ``stream_options: {"include_usage": true}``).
     """
 
     name = "openai"
@@ -118,16 +242,18 @@ class OpenAIDialect(Dialect):
         return [ServerSentEvent(_DUMPS(body)), _DONE]
 
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
-        if event.event != "message" or event.id is not None or event.retry is not None:
+        if event.event != "message":
             return None
-        try:
-            chunk = json.loads(event.data)
-        except ValueError:
-            return None
-        if not isinstance(chunk, dict) or chunk.get("object") != "chat.completion.chunk":
+        chunk = _delta_object(event, '"chat.completion.chunk"')
+        if chunk is None:
             return None
         choices = chunk.get("choices")
-        if chunk.get("usage") is not None or not isinstance(choices, list) or len(choices) != 1:
+        if (
+            chunk.get("object") != "chat.completion.chunk"
+            or chunk.get("usage") is not None
+            or not isinstance(choices, list)
+            or len(choices) != 1
+        ):
             return None
         choice = choices[0]
         if (
@@ -143,14 +269,195 @@ class OpenAIDialect(Dialect):
         if not isinstance(text, str):
             return None
         delta["content"] = ""
-        return _DUMPS(chunk), chunk, text
-
-    def with_text(self, template: Any, text: str) -> ServerSentEvent:
-        template["choices"][0]["delta"]["content"] = text
-        return ServerSentEvent(_DUMPS(template))
+        return _DUMPS(chunk), (event.event, chunk, delta, "content"), text
 
 
-DIALECTS: dict[str, Dialect] = {"plain": Dialect(), "openai": OpenAIDialect()}
+_ANTHROPIC_END = frozenset({"message_stop"})
+_ANTHROPIC_ERRORS = {  # HTTP status -> Anthropic error type (anthropic-sdk ErrorType)
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    408: "timeout_error",
+    410: "not_found_error",
+    413: "invalid_request_error",
+    422: "invalid_request_error",
+    429: "rate_limit_error",
+    503: "overloaded_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+class AnthropicDialect(Dialect):
+    """The Anthropic Messages streaming dialect (API reference: "Messages, streaming").
+
+    - End: the ``message_stop`` event (by event name, or an unnamed event whose data has
+      ``"type": "message_stop"``) is written and the body ends at once: the anthropic SDK reads
+      until the server closes. Nothing is synthesized when the source ends without it.
+    - Error: ``event: error`` with data ``{"type": "error", "error": {"type", "message"}}``, the
+      error type from the upstream's error status when there is one, else ours:
+      400/413/422 ``invalid_request_error``, 401 ``authentication_error``, 402
+      ``billing_error``, 403 ``permission_error``, 404/410 ``not_found_error``, 408/504
+      (every timeout) ``timeout_error``, 429 ``rate_limit_error``, 503 (shutdown) and 529
+      ``overloaded_error``, anything else ``api_error``. The anthropic SDK raises
+      ``APIStatusError`` on it (``.type`` the error type, ``.api_message`` the message).
+    - Heartbeat (``sse``): ``event: ping`` with data ``{"type": "ping"}``, as Anthropic sends
+      (the SDK skips it).
+    - Text deltas: ``content_block_delta`` events whose data is exactly ``{"type",
+      "index", "delta": {"type": "text_delta", "text"}}``; same ``index``: merged.
+    - Usage: ``message_start``'s ``message.usage`` (input tokens) and ``message_delta``'s
+      ``usage`` (cumulative output tokens): a later block's counts supersede an earlier one's.
+    """
+
+    name = "anthropic"
+    end_is_data = True
+    heartbeat_event = ServerSentEvent('{"type": "ping"}', event="ping")
+    usage_paths = (("usage",), ("message", "usage"))
+
+    def is_end(self, event: ServerSentEvent) -> bool:
+        return _event_type(event, _ANTHROPIC_END) is not None
+
+    def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
+        kind = _ANTHROPIC_ERRORS.get(_status(error), "api_error")
+        body = {"type": "error", "error": {"type": kind, "message": error.message}}
+        return [ServerSentEvent(_DUMPS(body), event="error")]
+
+    def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
+        if event.event != "content_block_delta":
+            return None
+        chunk = _delta_object(event, '"text_delta"')
+        if chunk is None or len(chunk) != 3:
+            return None
+        delta = chunk.get("delta")
+        if (
+            chunk.get("type") != "content_block_delta"
+            or not isinstance(chunk.get("index"), int)
+            or not isinstance(delta, dict)
+            or len(delta) != 2
+            or delta.get("type") != "text_delta"
+            or not isinstance(delta.get("text"), str)
+        ):
+            return None
+        text = delta["text"]
+        delta["text"] = ""
+        return _DUMPS(chunk), (event.event, chunk, delta, "text"), text
+
+
+_RESPONSE_START = frozenset({"response.created", "response.in_progress", "response.queued"})
+_RESPONSE_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSE_TYPES = _RESPONSE_START | _RESPONSE_END
+_TEXT_DELTA = "response.output_text.delta"
+_TEXT_DELTA_KEYS = frozenset(
+    "type item_id output_index content_index delta sequence_number logprobs obfuscation".split()
+)
+
+
+class OpenAIResponsesDialect(Dialect):
+    """The OpenAI Responses API streaming dialect (API reference: "Responses, streaming
+    events"). One object per stream: it remembers the stream's last event and its last
+    ``response.created`` / ``response.in_progress`` / ``response.queued`` event (references
+    only; they are parsed only to build an error frame).
+
+    - End: ``response.completed``, ``response.incomplete`` or ``response.failed`` (by event
+      name, or an unnamed event's data ``"type"``) is written and the body ends at once: the
+      openai SDK reads until the server closes. Nothing is synthesized without one.
+    - Error: ``event: response.failed`` with data ``{"type": "response.failed",
+      "sequence_number": <last + 1>, "response": {... "status": "failed", "error": {"code",
+      "message"}}}``, the response object being the last one the stream announced (same
+      ``id``: the SDK's ``responses.stream()`` refuses a lifecycle event whose id changed).
+      ``code`` is ``rate_limit_exceeded`` for a 429, else ``server_error`` (the codes of
+      ``ResponseError``). When no response was announced yet (a heartbeat committed the stream,
+      then the upstream failed), a ``response.created`` with a new ``resp_...`` id (model ``""``)
+      goes first, as the SDK's stream helper needs one; either way the frame validates as the
+      SDK's ``ResponseStreamEvent``.
+    - Heartbeat: the format's own (``: ping``; SSE comments are ignored by every parser).
+    - Text deltas: ``response.output_text.delta`` events with no ``logprobs`` and no fields
+      beyond ``item_id``, ``output_index``, ``content_index``, ``delta``, ``sequence_number``
+      and ``obfuscation``; same ``item_id``, ``output_index`` and ``content_index``: merged.
+      A merged delta keeps the first delta's ``sequence_number`` (and ``obfuscation``): the
+      numbers of the deltas merged into it are skipped, so the sequence stays increasing,
+      with gaps.
+    - Usage: ``response.usage`` of the terminal events (``response.completed``, and
+      ``response.incomplete`` / ``response.failed`` when the upstream counted tokens).
+    """
+
+    name = "openai-responses"
+    end_is_data = True
+    usage_paths = (("response", "usage"),)
+
+    def __init__(self) -> None:
+        self.last: ServerSentEvent | None = None
+        self.started: ServerSentEvent | None = None
+
+    def is_end(self, event: ServerSentEvent) -> bool:
+        self.last = event
+        kind = _event_type(event, _RESPONSE_TYPES)
+        if kind in _RESPONSE_START:
+            self.started = event
+        return kind in _RESPONSE_END
+
+    def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
+        last = _object(self.last.data) if self.last is not None else None
+        number = last.get("sequence_number") if last is not None else None
+        sequence = number + 1 if isinstance(number, int) and number >= 0 else 0
+        started = _object(self.started.data) if self.started is not None else None
+        response = started.get("response") if started is not None else None
+        events = []
+        if not isinstance(response, dict):
+            response = {
+                "id": f"resp_{secrets.token_hex(16)}",
+                "object": "response",
+                "created_at": int(time.time()),
+                "status": "in_progress",
+                "model": "",
+                "output": [],
+                "parallel_tool_calls": True,
+                "tool_choice": "auto",
+                "tools": [],
+                "error": None,
+                "incomplete_details": None,
+                "usage": None,
+            }
+            events.append(_response_event("response.created", sequence, response))
+            sequence += 1
+        code = "rate_limit_exceeded" if _status(error) == 429 else "server_error"
+        failed = {**response, "status": "failed", "error": {"code": code, "message": error.message}}
+        events.append(_response_event("response.failed", sequence, failed))
+        return events
+
+    def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
+        if event.event not in ("message", _TEXT_DELTA):
+            return None
+        chunk = _delta_object(event, f'"{_TEXT_DELTA}"')
+        if chunk is None:
+            return None
+        text = chunk.get("delta")
+        if (
+            chunk.get("type") != _TEXT_DELTA
+            or not isinstance(text, str)
+            or chunk.get("logprobs")
+            or not _TEXT_DELTA_KEYS.issuperset(chunk)
+        ):
+            return None
+        where = (event.event, chunk.get("item_id"), chunk.get("output_index"))
+        shape = _DUMPS([*where, chunk.get("content_index")])
+        return shape, (event.event, chunk, chunk, "delta"), text
+
+
+def _response_event(kind: str, sequence: int, response: dict[str, Any]) -> ServerSentEvent:
+    """A Responses API lifecycle event ``kind`` carrying ``response``, named by its type."""
+    body = {"type": kind, "sequence_number": sequence, "response": response}
+    return ServerSentEvent(_DUMPS(body), event=kind)
+
+
+DIALECTS: dict[str, type[Dialect]] = {
+    "plain": Dialect,
+    "openai": OpenAIDialect,
+    "anthropic": AnthropicDialect,
+    "openai-responses": OpenAIResponsesDialect,
+}
 
 
 def encode_ndjson(event: ServerSentEvent) -> bytes:
@@ -179,7 +486,8 @@ class Format:
         content_type: the response ``Content-Type``.
         encode: turns one event into its bytes (``sse``: :func:`sanic_streamplus.sse.encode`,
             ``ndjson``: :func:`encode_ndjson`, ``text``: :func:`encode_text`).
-        heartbeat: the bytes written while idle, or None if the format has no way to say nothing.
+        heartbeat: the bytes written while idle, or None if the format has no way to say nothing
+            (a dialect may replace it: :meth:`Dialect.heartbeat`).
         writes_end: whether the dialect's end events are written.
     """
 
@@ -207,12 +515,13 @@ def get_format(name: str) -> Format:
 
 
 def get_dialect(name: str) -> Dialect:
-    """The :class:`Dialect` called ``name``.
+    """A new :class:`Dialect` called ``name``, for one stream (``plain``, ``openai``,
+    ``anthropic`` or ``openai-responses``).
 
     Raises:
         ValueError: unknown dialect name.
     """
-    return _lookup(DIALECTS, "dialect", name)
+    return _lookup(DIALECTS, "dialect", name)()
 
 
 def _lookup(table: dict[str, T], kind: str, name: str) -> T:

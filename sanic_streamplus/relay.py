@@ -51,6 +51,7 @@ from .errors import (
     to_stream_error,
 )
 from .framing import Dialect, Format, to_event
+from .observe import Watch
 from .sse import ServerSentEvent
 
 __all__ = ["STREAM_HEADERS", "StreamOptions", "error_response", "relay", "shutdown_streams"]
@@ -172,7 +173,7 @@ class _Stream:
         self.held: list[Any] = []  # coalesce: [shape, template, [texts]] or [None, event, None]
         self.text_delta = options.dialect.text_delta
         self.interval = options.heartbeat or 0.0  # seconds; 0: no heartbeat
-        self.beat = options.format.heartbeat if self.interval else None
+        self.beat = options.dialect.heartbeat(options.format) if self.interval else None
         self.beat_due = False
         self.timer: asyncio.TimerHandle | None = None
         if self.beat is not None:
@@ -398,6 +399,16 @@ class _Stream:
             self.watchdog.cancel()
         self.writer.cancel()
 
+    def report(
+        self, watch: Watch, error: StreamPlusError | None, status: int, disconnected: bool = False
+    ) -> None:
+        """Hand the stream's ending and stats to ``watch`` (a committed stream's status is 200,
+        whatever happened after)."""
+        ttfb = None if self.first_byte is None else self.first_byte - self.started
+        if self.response is not None:
+            status = 200
+        watch.settle(error, disconnected, status, self.events, self.bytes, ttfb)
+
     def log(self, outcome: str, status: int) -> None:
         now = self.loop.time()
         ttfb = "-" if self.first_byte is None else f"{self.first_byte - self.started:.3f}s"
@@ -426,6 +437,7 @@ async def relay(
     options: StreamOptions,
     registry: set[Any] | None = None,
     headers: Mapping[str, str] | None = None,
+    watch: Watch | None = None,
 ) -> HTTPResponse | None:
     """Write the events of ``source`` to the client of ``request``.
 
@@ -437,6 +449,9 @@ async def relay(
             slow-client policy.
         registry: a set the stream is in while it runs, for :func:`shutdown_streams`.
         headers: response headers of the stream's own, on top of the usual ones.
+        watch: what the stream reports to (``on_finish`` hooks, metrics, span): it gets every
+            event's usage block, and the ending twice: before the final frame is written
+            (``before_final_frame`` hooks are awaited then), and once the stream ended.
 
     Returns:
         None once the response was committed and ended (Sanic needs nothing more), or an
@@ -463,13 +478,16 @@ async def relay(
     iterator = source.__aiter__()
     outcome, status = "completed", 200
     error: StreamPlusError | None = None
+    usage = dialect.usage
+    final: list[ServerSentEvent] = []  # the terminating frame: end marker or error events
     try:
         try:
             async for item in iterator:
                 event = to_event(item)
+                if watch is not None:
+                    watch.event(usage(event))
                 if dialect.is_end(event):
-                    if fmt.writes_end:
-                        put(encode(event))
+                    final = [event]
                     break
                 if coalesce and (stream.held or stream.sending or buffered()):
                     stream.hold(event)  # the client is behind: merge text deltas
@@ -481,9 +499,7 @@ async def relay(
                         raise SlowClient(limit)
                     await stream.backpressure()
             else:
-                if fmt.writes_end:
-                    for event in dialect.end_events():
-                        put(encode(event))
+                final = dialect.end_events()
         except asyncio.CancelledError:
             error = stream.interrupt_error
             if error is None:
@@ -494,17 +510,26 @@ async def relay(
             if error.outcome == "internal_error":
                 logger.exception("stream handler failed", exc_info=exc)
         stream.relaying = False
+        committed = True
         if error is not None:
             outcome = error.outcome
-            if not await stream.seal():
+            committed = await stream.seal()
+            if not committed:
                 status = error.status
-                stream.stop()
-                return error_response(error)
+            final = dialect.error_events(error)
+        elif not fmt.writes_end and not dialect.end_is_data:
+            final = []  # a bare end marker ([DONE]): only the sse format writes it
+        if watch is not None:
+            stream.report(watch, error, status)
+            await watch.before_final()
+        if not committed:
+            assert error is not None
+            stream.stop()
+            return error_response(error)
         if not isinstance(error, DownstreamError):
             try:
-                if error is not None:
-                    for event in dialect.error_events(error):
-                        put(encode(event))
+                for event in final:
+                    put(encode(event))
                 await stream.end()
                 return None
             except DownstreamError as exc:
@@ -530,6 +555,9 @@ async def relay(
             await close_completely(aclose_iterator(iterator))
         finally:  # even when a cancellation (the cut connection's) lands here
             stream.log(outcome, status)
+            if watch is not None:
+                stream.report(watch, error, status, outcome == "client_disconnected")
+                watch.finish()
             stream.ended.set()
 
 
