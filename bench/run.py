@@ -53,6 +53,13 @@ ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 CHAT = "/v1/chat/completions"
 RESUMABLE_CHAT = "/resumable/v1/chat/completions"
+STARTED = time.monotonic()  # reset by main(); progress lines show the time since
+
+
+def progress(message: str) -> None:
+    """One progress line on stderr, stamped with the time since the run started (stdout is
+    kept for the results)."""
+    print(f"[{time.monotonic() - STARTED:6.1f} s] {message}", file=sys.stderr, flush=True)
 
 
 # --- processes ------------------------------------------------------------------------------
@@ -194,6 +201,7 @@ async def fleet(names: list[str], workdir: str, env: dict[str, str]) -> Any:
 
     try:
         upstream_port = free_port()
+        progress(f"starting the upstream and {len(names)} peers: {', '.join(names)}")
         up = spawn([PY, "bench/upstream.py", "--port", str(upstream_port)])
         await wait_port(upstream_port, up, "upstream")
         url = f"http://127.0.0.1:{upstream_port}/v1"
@@ -214,7 +222,7 @@ async def fleet(names: list[str], workdir: str, env: dict[str, str]) -> Any:
                 from peers import nginx
 
                 if not nginx.nginx_available():
-                    print("nginx is not installed: its column is left out", file=sys.stderr)
+                    progress("nginx is not installed: its column is left out")
                     continue
                 process = nginx.start_nginx(port, url, tempfile.mkdtemp(dir=workdir))
                 processes.append(process)
@@ -231,10 +239,9 @@ async def fleet(names: list[str], workdir: str, env: dict[str, str]) -> Any:
                     path = RESUMABLE_CHAT
                     redis = await start_redis(spawn, workdir)
                     if redis is None:
-                        print(
+                        progress(
                             "redis-server is not installed (apt-get install redis-server): "
-                            "the streamplus-resume-redis column is left out",
-                            file=sys.stderr,
+                            "the streamplus-resume-redis column is left out"
                         )
                         continue
                     helper_pid = redis[0].pid
@@ -513,6 +520,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as workdir:
         async with fleet(names, workdir, {}) as fl:
             # warm every peer up (imports, pools, JIT-free but cache-warm)
+            progress(f"warming up {len(fl.peers)} peers")
             for peer in fl.peers:
                 checked(
                     await asyncio.gather(
@@ -524,7 +532,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                     )
                 )
-            for name in scenarios:
+            steps = sum((1 if args.quick else known[name][1]) * len(fl.peers) for name in scenarios)
+            step = 0
+            for number, name in enumerate(scenarios, 1):
                 function, full_rounds = known[name]
                 rounds = 1 if args.quick else full_rounds
                 runs: dict[str, list[Metrics]] = {peer.name: [] for peer in fl.peers}
@@ -533,14 +543,24 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 for round_ in range(rounds):
                     order = fl.peers[round_ % len(fl.peers) :] + fl.peers[: round_ % len(fl.peers)]
                     for peer in order:
-                        print(f"  {name} round {round_ + 1}/{rounds}: {peer.name}", file=sys.stderr)
+                        step += 1
+                        progress(
+                            f"step {step}/{steps}: scenario {number}/{len(scenarios)} {name}, "
+                            f"round {round_ + 1}/{rounds}, {peer.name}"
+                        )
+                        began = time.monotonic()
                         try:
                             metrics = await function(peer, fl, args.quick)
                         except Failed as exc:
                             failures[peer.name] = str(exc)
+                            progress(f"  {peer.name} failed: {exc}")
                             continue
                         if metrics:
                             runs[peer.name].append(metrics)
+                        else:
+                            progress(f"  {peer.name}: not measured in {name}")
+                        if time.monotonic() - began >= 10:
+                            progress(f"  {peer.name}: {time.monotonic() - began:.1f} s")
                 report["scenarios"][name] = {
                     "seconds": round(time.monotonic() - started, 1),
                     "peers": {
@@ -558,8 +578,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     if not args.scenarios or "decoder" in chosen:
         import decoder
 
-        print("  decoder: ours vs httpx-sse", file=sys.stderr)
+        progress("decoder: ours vs httpx-sse (bench/decoder.py)")
         report["decoder"] = decoder.run(args.quick)
+        progress(f"decoder: done in {report['decoder']['elapsed_s']:.1f} s")
     report["headline"] = headline(report["scenarios"], report.get("decoder"))
     cost = resume_cost(report["scenarios"])
     if cost:
@@ -795,7 +816,9 @@ def main() -> None:
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 16384), hard), hard))
     random.seed(0)
-    started = time.monotonic()
+    global STARTED
+    started = STARTED = time.monotonic()
+    progress(f"{'quick' if args.quick else 'full'} run; progress goes to stderr, results to stdout")
     try:
         import uvloop
 
@@ -809,10 +832,13 @@ def main() -> None:
     print(f"\n{report['mode']} run: {report['seconds']} s")
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+        progress(f"wrote {args.json}")
     if args.chart:
         chart(report, args.chart)
+        progress(f"wrote {args.chart}")
     if args.markdown:
         Path(args.markdown).write_text(markdown(report))
+        progress(f"wrote {args.markdown}")
 
 
 if __name__ == "__main__":

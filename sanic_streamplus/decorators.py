@@ -291,9 +291,8 @@ def stream_post(
                 refusal = _refusal(exc)
                 names = options.format.name, options.dialect.name
                 watch = state.observer.watch(request, *names, hooks, started=began)
-                watch.settle(to_stream_error(exc), False, refusal.status, 0, 0, None)
-                await watch.before_final()
-                watch.finish()
+                if watch is not None:
+                    await watch.refused(to_stream_error(exc), refusal.status)
                 return refusal
             finally:
                 state.streams.discard(token)

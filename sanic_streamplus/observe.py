@@ -317,8 +317,10 @@ class Observer:
         hooks: Iterable[Hook] = (),
         stream_id: str | None = None,
         started: float | None = None,
-    ) -> Watch:
-        """Start watching one stream (its start signal, span and gauge go out now).
+    ) -> Watch | None:
+        """Start watching one stream (its start signal, span and gauge go out now), or None
+        when nothing listens: no hook, metric, span or signal handler (then the stream pays
+        nothing per event).
 
         Args:
             request: the request the stream answers.
@@ -329,6 +331,11 @@ class Observer:
             started: when the stream started (``time.monotonic()`` seconds; default now):
                 the handler's call, so that its own wait for the upstream counts.
         """
+        hooks = [*hooks, *self.hooks]
+        if not (hooks or self.metrics or self.tracer or self.has_signal(START_SIGNAL)) and (
+            not self.has_signal(FINISH_SIGNAL)
+        ):
+            return None
         route = request.route.name if request.route is not None else request.path
         now = time.monotonic()
         started = now if started is None else started
@@ -342,7 +349,7 @@ class Observer:
             stream_id,
             time.time() - (now - started),
         )
-        return Watch(self, info, [*hooks, *self.hooks], started)
+        return Watch(self, info, hooks, started)
 
     def has_signal(self, event: str) -> bool:
         """True if a handler for the Sanic signal ``event`` is registered."""
@@ -452,6 +459,12 @@ class Watch:
         self.early_done = True
         for hook in self.early:
             await _call(hook, self.info)
+
+    async def refused(self, error: StreamPlusError, status: int) -> None:
+        """The stream failed before it started (its handler raised): answered ``status``."""
+        self.settle(error, False, status, 0, 0, None)
+        await self.before_final()
+        self.finish()
 
     def finish(self) -> None:
         """The stream ended: metrics and span now; the other hooks (and ``before_final_frame``
