@@ -11,7 +11,8 @@ forwarding ``POST /v1/chat/completions`` to that upstream: ``direct`` (no proxy:
 events). Optional peers, only when named in ``--peers``: ``streamplus-httpcore`` (httpx's stock
 transport), ``streamplus-resume-memory`` and ``streamplus-resume-redis`` (the example's
 resumable route, ``POST /resumable/v1/chat/completions``, with its in-memory event store, or
-with Redis Streams on a private ``redis-server`` that the run starts on a free port and stops).
+with Redis Streams on a private ``redis-server`` that the run starts on a free port and stops),
+``streamplus-observed`` (Prometheus metrics and OpenTelemetry spans switched on).
 Each scenario runs its peers interleaved (A B C … then again in a rotated order) so that machine
 noise hits all of them alike, and takes the median over rounds. Every stream is verified
 (``bench/client.py``): a peer that loses or mangles an event is flagged, and not timed.
@@ -156,6 +157,7 @@ OPTIONAL_PEERS = [
     "streamplus-httpcore",  # httpx's stock transport, for comparison
     "streamplus-resume-memory",  # the resumable route, events in the proxy's memory
     "streamplus-resume-redis",  # the resumable route, events in a private redis-server
+    "streamplus-observed",  # Prometheus metrics and OpenTelemetry spans on (STREAMPLUS_METRICS)
 ]
 STREAMPLUS_PEERS = ("streamplus", *OPTIONAL_PEERS)
 
@@ -232,7 +234,10 @@ async def fleet(names: list[str], workdir: str, env: dict[str, str]) -> Any:
                     "SANIC_STREAMPLUS_MAX_CONNECTIONS": "4000",
                     "SANIC_STREAMPLUS_TRANSPORT": transport,
                 }
-                if name == "streamplus-resume-memory":
+                if name == "streamplus-observed":
+                    settings["SANIC_STREAMPLUS_METRICS"] = "true"
+                    settings["SANIC_STREAMPLUS_OTEL"] = "true"
+                elif name == "streamplus-resume-memory":
                     path = RESUMABLE_CHAT
                     settings["SANIC_STREAMPLUS_RESUME_STORE"] = "memory"
                 elif name == "streamplus-resume-redis":
