@@ -24,7 +24,7 @@ from .errors import (
     to_stream_error,
 )
 from .framing import get_dialect, get_format
-from .observe import Hook
+from .observe import Hook, Watch
 from .openapi import document
 from .relay import STREAM_HEADERS, StreamOptions, error_response, relay
 from .resume import Resumer, new_stream_id, parse_last_event_id
@@ -126,6 +126,20 @@ async def _resumable(
             return source
         await resumer.start(source, options.dialect, stream_id)
     return resumer.events(stream_id, 0), {"X-Stream-Id": stream_id}
+
+
+def _watch(
+    state: Any,
+    request: Request,
+    options: StreamOptions,
+    hooks: Iterable[Hook],
+    stream_id: str | None,
+    began: float | None = None,
+) -> Watch | None:
+    """What the stream reports to (hooks, signals, metrics, span), or None if nothing listens;
+    ``began`` is when it started (``time.monotonic()``), by default now."""
+    names = options.format.name, options.dialect.name
+    return state.observer.watch(request, *names, hooks, stream_id, began)  # type: ignore[no-any-return]
 
 
 def _head_response(options: StreamOptions) -> HTTPResponse:
@@ -289,16 +303,14 @@ def stream_post(
                         return source
             except Exception as exc:
                 refusal = _refusal(exc)
-                names = options.format.name, options.dialect.name
-                watch = state.observer.watch(request, *names, hooks, started=began)
+                watch = _watch(state, request, options, hooks, None, began)
                 if watch is not None:
                     await watch.refused(to_stream_error(exc), refusal.status)
                 return refusal
             finally:
                 state.streams.discard(token)
             stream_id = headers["X-Stream-Id"] if headers else None
-            names = options.format.name, options.dialect.name
-            watch = state.observer.watch(request, *names, hooks, stream_id, began)
+            watch = _watch(state, request, options, hooks, stream_id, began)
             return await relay(request, source, options, state.streams, headers, watch)
 
         async def call(request: Request, *args: Any, **kwargs: Any) -> Any:
@@ -350,8 +362,7 @@ async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None
     except Exception as exc:
         return _refusal(exc)
     events = state.resumer.events(stream_id, after)
-    names = options.format.name, options.dialect.name
-    watch = state.observer.watch(request, *names, stream_id=stream_id)
+    watch = _watch(state, request, options, (), stream_id)
     return await relay(request, events, options, state.streams, {"X-Stream-Id": stream_id}, watch)
 
 

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import os
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -248,13 +249,9 @@ def _metrics() -> _Metrics:
 def metrics_response_body() -> tuple[bytes, str]:
     """The default registry in Prometheus' text format, and its content type. Under
     prometheus-client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set: several Sanic
-    workers), every worker's values, summed.
-
-    Raises:
-        ValueError: prometheus-client is not installed.
+    workers), every worker's values, summed. Served only when ``STREAMPLUS_METRICS`` is on,
+    which fails the server's start without prometheus-client.
     """
-    import os
-
     from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 
     registry = REGISTRY
