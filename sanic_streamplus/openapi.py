@@ -64,8 +64,10 @@ def _carry_docs(handler: Any, wrapper: Any) -> None:
     ``@openapi.summary`` below it, say)."""
     store = OperationStore()  # type: ignore[no-untyped-call]
     found: list[Any] = []
+    seen: set[int] = set()  # a __wrapped__ chain may loop
     fn = handler
-    while fn is not None and len(found) < 100:
+    while fn is not None and id(fn) not in seen:
+        seen.add(id(fn))
         if fn in store and all(store[fn] is not builder for builder in found):
             found.append(store[fn])
         fn = getattr(fn, "__wrapped__", None)

@@ -534,9 +534,10 @@ async def relay(
                 return None
             except DownstreamError as exc:
                 error, outcome = exc, exc.outcome
+                final = dialect.error_events(exc)
         # a client that stopped draining: the upstream closes first, as the cut takes time
         await close_completely(aclose_iterator(iterator))
-        await stream.cut([encode(event) for event in dialect.error_events(error)])
+        await stream.cut([encode(event) for event in final])
         return None
     except asyncio.CancelledError:
         outcome, status = "client_disconnected", 499
