@@ -584,24 +584,19 @@ def anthropic_sdk(proxy: str) -> anthropic.AsyncAnthropic:
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
 
 
+ASK: Any = {"model": "claude-fake", "max_tokens": 100, "messages": MESSAGES}  # one message
+
+
 @pytest.mark.usefixtures("transport")
 async def test_anthropic_sdk_reads_a_full_stream() -> None:
     """Pings between the events; the upstream stays open after message_stop, and the SDK
     reads until the connection ends: the proxy must end it at once."""
     fake = {"delay": 0.03, "hold": True}
     async with dialect_proxy(STREAMPLUS_HEARTBEAT=0.01) as proxy, anthropic_sdk(proxy) as sdk:
-        async with sdk.messages.stream(
-            model="claude-fake", max_tokens=100, messages=MESSAGES, extra_body={"fake": fake}
-        ) as stream:
+        async with sdk.messages.stream(**ASK, extra_body={"fake": fake}) as stream:
             text = "".join([piece async for piece in stream.text_stream])
             message = await stream.get_final_message()
-        raw = await sdk.messages.create(
-            model="claude-fake",
-            max_tokens=100,
-            messages=MESSAGES,
-            stream=True,
-            extra_body={"fake": fake},
-        )
+        raw = await sdk.messages.create(**ASK, stream=True, extra_body={"fake": fake})
         kinds = [event.type async for event in raw]
     assert text == "".join(fake_tokens(TOKENS))
     assert message.id == MESSAGE_ID and message.stop_reason == "end_turn"
@@ -614,20 +609,12 @@ async def test_anthropic_sdk_raises_its_status_error_on_event_error() -> None:
     fake = {"fail_after": 5}
     async with dialect_proxy() as proxy, anthropic_sdk(proxy) as sdk:
         with pytest.raises(anthropic.APIStatusError) as raised:
-            raw = await sdk.messages.create(
-                model="claude-fake",
-                max_tokens=100,
-                messages=MESSAGES,
-                stream=True,
-                extra_body={"fake": fake},
-            )
+            raw = await sdk.messages.create(**ASK, stream=True, extra_body={"fake": fake})
             async for _ in raw:
                 pass
         text = ""
         with pytest.raises(anthropic.APIStatusError) as helped:
-            async with sdk.messages.stream(
-                model="claude-fake", max_tokens=100, messages=MESSAGES, extra_body={"fake": fake}
-            ) as stream:
+            async with sdk.messages.stream(**ASK, extra_body={"fake": fake}) as stream:
                 async for piece in stream.text_stream:
                     text += piece
     for error in (raised.value, helped.value):

@@ -82,6 +82,16 @@ def observed_app(upstream_url: str, finished: Finished | None = None, **config: 
     return app
 
 
+async def one_stream(
+    app: Sanic, finished: Finished, path: str, body: Any
+) -> tuple[httpx.Response, StreamInfo]:
+    """Serve ``app``, POST ``body`` to ``path``, and return the answer and the stream's info."""
+    async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
+        response = await client.post(url + path, json=body)
+        [info] = await finished.wait()
+    return response, info
+
+
 def chunk(fields: dict[str, Any]) -> ServerSentEvent:
     body = {"id": "c1", "object": "chat.completion.chunk", "model": "fake", **fields}
     return ServerSentEvent(json.dumps(body))
@@ -116,9 +126,7 @@ async def test_on_finish_reports_a_completed_stream_and_its_stats() -> None:
 async def test_the_usage_block_of_the_upstream_is_reported() -> None:
     finished = Finished()
     app = observed_app("http://127.0.0.1:9", finished)
-    async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
-        response = await client.post(url + "/usage", json={})
-        [info] = await finished.wait()
+    response, info = await one_stream(app, finished, "/usage", {})
     assert response.text.endswith("data: [DONE]\n\n")
     assert info.usage == USAGE
     assert info.events == 4
@@ -162,9 +170,7 @@ async def test_each_failure_has_its_outcome(
     config.setdefault("STREAMPLUS_HEARTBEAT", 0)
     async with FakeUpstream(tokens=50, delay=0.01, **knobs) as upstream:
         app = observed_app(upstream.url, finished, **config)
-        async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
-            response = await client.post(url + "/s", json=completions_body())
-            [info] = await finished.wait()
+        response, info = await one_stream(app, finished, "/s", completions_body())
     assert response.status_code == status
     assert (info.outcome, info.error, info.status) == (outcome, error, status)
 
@@ -172,9 +178,7 @@ async def test_each_failure_has_its_outcome(
 async def test_a_bug_in_the_handler_is_an_error_outcome() -> None:
     finished = Finished()
     app = observed_app("http://127.0.0.1:9", finished)
-    async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
-        response = await client.post(url + "/bug", json={})
-        [info] = await finished.wait()
+    response, info = await one_stream(app, finished, "/bug", {})
     assert response.status_code == 500
     assert (info.outcome, info.error, info.status, info.events) == (
         "error",
