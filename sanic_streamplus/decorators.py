@@ -21,12 +21,11 @@ from .errors import (
     InvalidRequest,
     StreamNotFound,
     TooManyStreams,
-    to_stream_error,
 )
 from .framing import get_dialect, get_format
 from .observe import Hook, Watch
 from .openapi import document
-from .relay import STREAM_HEADERS, StreamOptions, error_response, relay
+from .relay import STREAM_HEADERS, StreamOptions, error_response, relay, to_stream_error
 from .resume import Resumer, new_stream_id, parse_last_event_id
 
 __all__ = ["cancel_stream", "resume_stream", "stream_post"]

@@ -34,13 +34,15 @@ Catch the class that says what you can act on::
 Each error has an HTTP ``status`` (used before the commit point, when the response status can
 still change) and a short machine-readable ``type`` (used in the JSON body and in error frames
 after the commit point). See ``docs/errors.md`` for the wire format in each phase.
+
+This module is plain Python (it imports nothing of Sanic, sanic-ext, httpx or aiohttp), so the
+sans-IO codec can raise these errors; how a Sanic exception maps onto them is
+:func:`sanic_streamplus.relay.to_stream_error`, beside the Sanic side.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from sanic.exceptions import SanicException
 
 __all__ = [
     "BodyTooLarge",
@@ -72,7 +74,6 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamUnreachable",
     "error_body",
-    "to_stream_error",
 ]
 
 
@@ -445,17 +446,3 @@ def error_body(error: StreamPlusError) -> dict[str, Any]:
         }
     }
 
-
-def to_stream_error(exc: BaseException) -> StreamPlusError:
-    """Map any exception to the :class:`StreamPlusError` the client is told about.
-
-    A ``StreamPlusError`` is itself; a 4xx Sanic ``SanicException`` (e.g. ``BadRequest`` raised
-    by a handler) becomes an :class:`InvalidRequest` with its status and message; anything else
-    is an ``internal_error`` (HTTP 500) whose message says nothing of the cause (the caller logs
-    the traceback).
-    """
-    if isinstance(exc, StreamPlusError):
-        return exc
-    if isinstance(exc, SanicException) and int(exc.status_code) < 500:
-        return InvalidRequest(str(exc.message or exc), status=int(exc.status_code))
-    return StreamPlusError("internal server error")

@@ -38,23 +38,31 @@ from dataclasses import dataclass
 from typing import Any
 
 from sanic import Request
+from sanic.exceptions import SanicException
 from sanic.response import HTTPResponse, json
 
 from ._aio import aclose_iterator, close_completely
 from .errors import (
     DownstreamError,
+    InvalidRequest,
     SendTimeout,
     ServerShutdown,
     SlowClient,
     StreamPlusError,
     error_body,
-    to_stream_error,
 )
 from .framing import Dialect, Format, to_event
 from .observe import Watch
 from .sse import ServerSentEvent
 
-__all__ = ["STREAM_HEADERS", "StreamOptions", "error_response", "relay", "shutdown_streams"]
+__all__ = [
+    "STREAM_HEADERS",
+    "StreamOptions",
+    "error_response",
+    "relay",
+    "shutdown_streams",
+    "to_stream_error",
+]
 
 logger = logging.getLogger("sanic_streamplus")
 
@@ -83,6 +91,22 @@ class StreamOptions:
     high_water_mark: int
     send_timeout: float | None = None
     slow_client: str = "block"
+
+
+def to_stream_error(exc: BaseException) -> StreamPlusError:
+    """Map any exception to the :class:`~sanic_streamplus.errors.StreamPlusError` the client is
+    told about.
+
+    A ``StreamPlusError`` is itself; a 4xx Sanic ``SanicException`` (e.g. ``BadRequest`` raised
+    by a handler) becomes an :class:`~sanic_streamplus.errors.InvalidRequest` with its status and
+    message; anything else is an ``internal_error`` (HTTP 500) whose message says nothing of the
+    cause (the caller logs the traceback).
+    """
+    if isinstance(exc, StreamPlusError):
+        return exc
+    if isinstance(exc, SanicException) and int(exc.status_code) < 500:
+        return InvalidRequest(str(exc.message or exc), status=int(exc.status_code))
+    return StreamPlusError("internal server error")
 
 
 def error_response(error: StreamPlusError) -> HTTPResponse:

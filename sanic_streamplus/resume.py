@@ -43,9 +43,9 @@ from .errors import (
     StreamNotFound,
     StreamPlusError,
     error_body,
-    to_stream_error,
 )
 from .framing import Dialect, to_event
+from .relay import to_stream_error
 from .sse import ServerSentEvent
 from .store import EventStore, FencingError, StreamRecord
 

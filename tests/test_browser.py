@@ -42,7 +42,7 @@ WAIT = WAIT_MS / 1000
 def chromium() -> Path:
     """Debian's Chromium; the browser tests are skipped without it, and only then."""
     if not CHROMIUM.exists():
-        pytest.skip(f"{CHROMIUM} is missing (Debian/Ubuntu: apt-get install chromium)")
+        pytest.skip(f"needs {CHROMIUM}: apt-get install chromium (.ci/run does)")
     return CHROMIUM
 
 

@@ -179,7 +179,7 @@ async def test_curl_shows_the_first_event_before_the_stream_ends(
 ) -> None:
     curl = shutil.which("curl")
     if curl is None:
-        pytest.skip("curl is not on PATH")
+        pytest.skip("needs curl: apt-get install curl (.ci/run does)")
     body = json.dumps(chat_body(hold_before=3))  # the role chunk and two tokens, then hold
     process = await asyncio.create_subprocess_exec(
         curl, "-N", "-sS", "--max-time", str(WAIT),
@@ -228,7 +228,7 @@ async def test_curl_shows_a_failure(
 ) -> None:
     curl = shutil.which("curl")
     if curl is None:
-        pytest.skip("curl is not on PATH")
+        pytest.skip("needs curl: apt-get install curl (.ci/run does)")
     process = await asyncio.create_subprocess_exec(
         curl, "-N", "-sS", "--fail-with-body", "--max-time", str(WAIT),
         "-H", "Content-Type: application/json", "--data", json.dumps(chat_body(**fault)),
