@@ -205,23 +205,48 @@ class UpstreamUnreachable(UpstreamError):
 class UpstreamStatusError(UpstreamError):
     """The upstream answered with a non-2xx status before its stream started.
 
-    A 429 from the upstream stays a 429 (with ``retry_after`` copied to ``Retry-After``), so a
-    client's rate-limit back-off keeps working; any other status becomes a 502 that carries the
-    upstream status in ``upstream_status``.
+    The status keeps its meaning for the client, so that SDKs raise the right class and do not
+    retry a request that is at fault: a 429 stays a 429 (``retry_after`` copied to
+    ``Retry-After``); 400, 401, 403, 404, 409, 413 and 422 keep their status (the request, its
+    key or its model is at fault); any other status (5xx included) becomes a 502 that carries
+    the upstream status in ``upstream_status``. When the upstream's body was a JSON error
+    (OpenAI's ``{"error": {"message", "type", "param", "code"}}`` or Anthropic's ``{"type":
+    "error", "error": {"type", "message"}}``), its message, type, code and param are kept,
+    bounded in length and with the configured API key masked.
 
     Attributes:
         retry_after: the upstream's ``Retry-After`` header value (str), or None.
+        upstream_type: the upstream's own error type (str, e.g. ``invalid_request_error``), or
+            None.
+        upstream_code: the upstream's own error code (str or int, e.g. ``model_not_found``), or
+            None.
+        upstream_param: the request parameter the upstream blamed (str), or None.
     """
 
     type = "upstream_status"
+    KEPT_STATUSES = frozenset({400, 401, 403, 404, 409, 413, 422, 429})
 
-    def __init__(self, upstream_status: int, *, retry_after: str | None = None) -> None:
+    def __init__(
+        self,
+        upstream_status: int,
+        *,
+        retry_after: str | None = None,
+        message: str | None = None,
+        upstream_type: str | None = None,
+        upstream_code: str | int | None = None,
+        upstream_param: str | None = None,
+    ) -> None:
         super().__init__(
-            f"upstream answered HTTP {upstream_status}", upstream_status=upstream_status
+            message or f"upstream answered HTTP {upstream_status}",
+            upstream_status=upstream_status,
         )
         self.retry_after = retry_after
+        self.upstream_type = upstream_type
+        self.upstream_code = upstream_code
+        self.upstream_param = upstream_param
+        if upstream_status in self.KEPT_STATUSES:
+            self.status = upstream_status
         if upstream_status == 429:
-            self.status = 429
             self.type = "rate_limited"
 
 

@@ -170,6 +170,13 @@ class Dialect:
         """Events that report ``error`` after the commit point, and end the stream."""
         return [ServerSentEvent(_DUMPS(error_body(error)), event="error")]
 
+    def refusal_body(self, error: StreamPlusError) -> dict[str, Any]:
+        """The JSON body of the answer that refuses the stream with ``error`` before the commit
+        point (its status is ``error.status``): here ``{"error": {"type", "message",
+        "upstream_status"}}`` (:func:`~sanic_streamplus.errors.error_body`); each dialect gives
+        its API's own error shape, so that its SDK reads the message and the error type."""
+        return error_body(error)
+
     def heartbeat(self, fmt: Format) -> bytes | None:
         """The bytes written while the stream is idle in ``fmt``: :attr:`heartbeat_event`
         encoded in the ``sse`` format when the dialect has one, else ``fmt.heartbeat`` (None:
@@ -240,6 +247,11 @@ class OpenAIDialect(Dialect):
         code = error.upstream_status
         body = {"error": {"message": error.message, "type": error.type, "code": code}}
         return [ServerSentEvent(_DUMPS(body)), _DONE]
+
+    def refusal_body(self, error: StreamPlusError) -> dict[str, Any]:
+        """OpenAI's error object, ``{"error": {"message", "type", "param", "code"}}``: the
+        upstream's own type, param and code when it sent them, else ours (``type``) and null."""
+        return {"error": _openai_error(error)}
 
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
         if event.event != "message":
@@ -320,9 +332,15 @@ class AnthropicDialect(Dialect):
         return _event_type(event, _ANTHROPIC_END) is not None
 
     def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
-        kind = _ANTHROPIC_ERRORS.get(_status(error), "api_error")
-        body = {"type": "error", "error": {"type": kind, "message": error.message}}
-        return [ServerSentEvent(_DUMPS(body), event="error")]
+        return [ServerSentEvent(_DUMPS(self.refusal_body(error)), event="error")]
+
+    def refusal_body(self, error: StreamPlusError) -> dict[str, Any]:
+        """Anthropic's error object, ``{"type": "error", "error": {"type", "message"}}``: the
+        upstream's own error type when it sent one, else the type of the status."""
+        kind = getattr(error, "upstream_type", None)
+        if not isinstance(kind, str):
+            kind = _ANTHROPIC_ERRORS.get(_status(error), "api_error")
+        return {"type": "error", "error": {"type": kind, "message": error.message}}
 
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
         if event.event != "content_block_delta":
@@ -387,6 +405,10 @@ class OpenAIResponsesDialect(Dialect):
     end_is_data = True
     usage_paths = (("response", "usage"),)
 
+    def refusal_body(self, error: StreamPlusError) -> dict[str, Any]:
+        """OpenAI's error object, as for chat completions (the SDK reads it the same way)."""
+        return {"error": _openai_error(error)}
+
     def __init__(self) -> None:
         self.last: ServerSentEvent | None = None
         self.started: ServerSentEvent | None = None
@@ -444,6 +466,17 @@ class OpenAIResponsesDialect(Dialect):
         where = (event.event, chunk.get("item_id"), chunk.get("output_index"))
         shape = _DUMPS([*where, chunk.get("content_index")])
         return shape, (event.event, chunk, chunk, "delta"), text
+
+
+def _openai_error(error: StreamPlusError) -> dict[str, Any]:
+    """OpenAI's error fields for ``error``: the upstream's own type, param and code when an
+    :class:`~sanic_streamplus.errors.UpstreamStatusError` carries them."""
+    return {
+        "message": error.message,
+        "type": getattr(error, "upstream_type", None) or error.type,
+        "param": getattr(error, "upstream_param", None),
+        "code": getattr(error, "upstream_code", None),
+    }
 
 
 def _response_event(kind: str, sequence: int, response: dict[str, Any]) -> ServerSentEvent:

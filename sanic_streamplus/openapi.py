@@ -3,7 +3,8 @@
 - :func:`document` (called by ``@stream_post``): the route answers 200 in its format's content
   type (``text/event-stream`` by default), with the schema of each event's data when the route
   declares one (``event_schema``), and the JSON errors it can answer before its first event
-  (400, 413, 429, 502, 503, 504, as ``#/components/schemas/StreamPlusError``).
+  (400, 401, 403, 404, 409, 413, 422, 429, 502, 503, 504, as
+  ``#/components/schemas/StreamPlusError``).
 - :func:`prepare_stream_routes` (a ``before_server_start`` listener of the extension): refuses
   ``@validate`` *above* ``@stream_post``, where the body is not read yet (below, it works: a
   failure is a 400 ``invalid_request`` before the handler runs), and carries the docs of
@@ -47,10 +48,18 @@ _ERROR_SCHEMA: dict[str, Any] = {
 }
 # the answers a stream route can give before its first event (docs/errors.md has them all)
 _ERROR_ANSWERS = {
-    400: "Not JSON, or refused by the route's validation (`invalid_request`)",
-    413: "Body larger than `STREAMPLUS_MAX_BODY_SIZE` (`body_too_large`)",
+    400: "Not JSON, refused by the route's validation (`invalid_request`), or by the upstream "
+    "(`upstream_status`, with the upstream's message)",
+    401: "The upstream refused the request's credentials (`upstream_status`)",
+    403: "The upstream refused the request (`upstream_status`)",
+    404: "The upstream has no such model or route (`upstream_status`)",
+    409: "The upstream answered 409 (`upstream_status`)",
+    413: "Body larger than `STREAMPLUS_MAX_BODY_SIZE` (`body_too_large`), or than the "
+    "upstream takes (`upstream_status`)",
+    422: "The upstream could not process the request (`upstream_status`)",
     429: "The upstream answered 429 (`rate_limited`, with its `Retry-After`)",
-    502: "The upstream failed before the first event (unreachable, non-2xx, not an event stream)",
+    502: "The upstream failed before the first event (unreachable, 5xx or another status, "
+    "not an event stream)",
     503: "Too many streams in this worker (`too_many_streams`, with `Retry-After`), or the "
     "server is stopping (`shutdown`)",
     504: "An upstream timeout expired before the first event (`connect_timeout`, ...)",

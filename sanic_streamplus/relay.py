@@ -109,13 +109,15 @@ def to_stream_error(exc: BaseException) -> StreamPlusError:
     return StreamPlusError("internal server error")
 
 
-def error_response(error: StreamPlusError) -> HTTPResponse:
-    """The JSON response for ``error`` before the commit point; a 429 or 503 carries the
-    error's ``Retry-After``."""
+def error_response(error: StreamPlusError, dialect: Dialect | None = None) -> HTTPResponse:
+    """The JSON response for ``error`` before the commit point, its body in ``dialect``'s error
+    shape (:meth:`~sanic_streamplus.framing.Dialect.refusal_body`; the ``plain`` one without a
+    dialect); a 429 or 503 carries the error's ``Retry-After``."""
     headers = {}
     if error.retry_after and error.status in (429, 503):
         headers["Retry-After"] = error.retry_after
-    return json(error_body(error), status=error.status, headers=headers)
+    body = error_body(error) if dialect is None else dialect.refusal_body(error)
+    return json(body, status=error.status, headers=headers)
 
 
 def _tune_socket(request: Request, send_timeout: float | None, send_buffer: int | None) -> None:
@@ -549,7 +551,7 @@ async def relay(
         if not committed:
             assert error is not None
             stream.stop()
-            return error_response(error)
+            return error_response(error, dialect)
         if not isinstance(error, DownstreamError):
             try:
                 for event in final:

@@ -22,7 +22,8 @@ request with a ``"fake": {...}`` object in the JSON body; ``FakeModel`` holds th
   (with its comments) sits between them and the first event. Not during a ``stall_mid_frame``:
   any byte sent in the middle of a line would change the event;
 - ``error_status`` (int or None) and ``retry_after`` (str or None): answer that status with an
-  OpenAI-style JSON error instead of a stream;
+  OpenAI-style JSON error instead of a stream; ``error_body``: that answer's body instead, as
+  JSON (a str: written as it is, with Content-Type ``text/plain``);
 - ``content_type`` (str): the stream's Content-Type; ``bom`` (bool): start the body with a BOM;
 - ``line_ending`` (``"lf"``, ``"crlf"`` or ``"cr"``): every line ending of the body;
 - ``malformed_utf8`` (bool): the content of token 1 (``MALFORMED_TOKEN``, the second token) ends
@@ -130,6 +131,7 @@ class FakeModel:
     hold_before: int | None = None
     error_status: int | None = None
     retry_after: str | None = None
+    error_body: Any = None
     content_type: str = "text/event-stream"
     bom: bool = False
     line_ending: str = "lf"
@@ -359,7 +361,9 @@ class _Connection(asyncio.Protocol):
             await asyncio.sleep(min(stall_first, _FOREVER))
         if model.error_status:
             extra = f"Retry-After: {model.retry_after}\r\n" if model.retry_after else ""
-            error = {"error": {"message": "fake upstream error", "type": "fake_error"}}
+            error = model.error_body
+            if error is None:
+                error = {"error": {"message": "fake upstream error", "type": "fake_error"}}
             await self.simple(model.error_status, error, extra)
             return
         await self.write(
@@ -426,9 +430,11 @@ class _Connection(asyncio.Protocol):
                 request.comments += 1
 
     async def simple(self, status: int, payload: Any, extra: str = "") -> None:
-        data = json.dumps(payload).encode()
+        raw = isinstance(payload, str)
+        data = payload.encode() if raw else json.dumps(payload).encode()
+        kind = "text/plain" if raw else "application/json"
         await self.write(
-            f"HTTP/1.1 {status} Fake\r\nContent-Type: application/json\r\n"
+            f"HTTP/1.1 {status} Fake\r\nContent-Type: {kind}\r\n"
             f"Content-Length: {len(data)}\r\n{extra}\r\n".encode()
             + data
         )

@@ -10,6 +10,7 @@ completes even if a second cancellation lands while it runs.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
@@ -37,7 +38,9 @@ from .sse import ServerSentEvent, SSEDecoder
 __all__ = ["create_client", "stream_events", "upstream_events"]
 
 logger = logging.getLogger("sanic_streamplus")
-_ERROR_BODY_LIMIT = 2048  # bytes of a non-2xx upstream body kept for the log
+_ERROR_BODY_LIMIT = 2048  # bytes of a non-2xx upstream body read, for the log and its error
+_ERROR_FIELD_LIMIT = 1000  # characters of each field of an upstream error kept for the client
+_ERROR_FIELDS = (("message", "message"), ("upstream_type", "type"), ("upstream_param", "param"))
 
 
 def create_client(settings: Settings) -> httpx.AsyncClient:
@@ -152,10 +155,7 @@ async def stream_events(
             raise UpstreamUnreachable(f"upstream unreachable ({type(exc).__name__})") from None
         assert response is not None
         if not response.is_success:
-            await _log_refusal(response, deadline)
-            raise UpstreamStatusError(
-                response.status_code, retry_after=response.headers.get("retry-after")
-            )
+            raise await _refusal(response, deadline, settings.upstream_api_key)
         content_type = response.headers.get("content-type", "")
         if not content_type.lower().startswith("text/event-stream"):
             raise UpstreamBadResponse(
@@ -196,8 +196,12 @@ async def stream_events(
             await close_completely(_close(chunks, response))
 
 
-async def _log_refusal(response: httpx.Response, deadline: Deadline) -> None:
-    """Log the start of a non-2xx upstream answer (read within the same deadline)."""
+async def _refusal(
+    response: httpx.Response, deadline: Deadline, secret: str | None
+) -> UpstreamStatusError:
+    """The error for a non-2xx upstream answer, from its status, its ``Retry-After`` and the
+    start of its body (at most ``_ERROR_BODY_LIMIT`` bytes, read within the same deadline),
+    which is logged with the upstream URL."""
 
     async def head() -> bytes:
         body = bytearray()
@@ -211,13 +215,49 @@ async def _log_refusal(response: httpx.Response, deadline: Deadline) -> None:
         body = await deadline.guard(head())
     except (TimeoutError, httpx.HTTPError):
         body = b""
+    text = body.decode("utf-8", "replace")
+    if secret:
+        text = text.replace(secret, "***")  # an upstream that echoes the key gives it to no one
     logger.warning(
         "upstream %s %s answered %d: %s",
         response.request.method,
         response.request.url,
         response.status_code,
-        body.decode("utf-8", "replace"),
+        text,
     )
+    return UpstreamStatusError(
+        response.status_code,
+        retry_after=response.headers.get("retry-after"),
+        **_error_fields(text),
+    )
+
+
+def _error_fields(text: str) -> dict[str, Any]:
+    """The message, type, code and param of a JSON error body: OpenAI's ``{"error": {"message",
+    "type", "param", "code"}}``, Anthropic's ``{"type": "error", "error": {"type", "message"}}``,
+    or ``{"error": "message"}`` / ``{"message": ...}``; only string (and integer code) values,
+    each at most ``_ERROR_FIELD_LIMIT`` characters. Empty for any other body."""
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return {}
+    if not isinstance(value, dict):
+        return {}
+    error = value.get("error", value)
+    if isinstance(error, str):
+        error = {"message": error}
+    if not isinstance(error, dict):
+        return {}
+    fields: dict[str, Any] = {}
+    for name, key in _ERROR_FIELDS:
+        if isinstance(error.get(key), str) and error[key]:
+            fields[name] = error[key][:_ERROR_FIELD_LIMIT]
+    code = error.get("code")
+    if isinstance(code, str) and code:
+        fields["upstream_code"] = code[:_ERROR_FIELD_LIMIT]
+    elif isinstance(code, int) and not isinstance(code, bool):
+        fields["upstream_code"] = code
+    return fields
 
 
 async def _close(chunks: AsyncIterator[bytes] | None, response: httpx.Response) -> None:

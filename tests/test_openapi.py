@@ -160,7 +160,7 @@ async def test_answers_before_the_stream_are_documented_as_json_errors() -> None
         document = await openapi_document(url)
     responses = document["paths"]["/errors"]["post"]["responses"]
     reference = {"$ref": "#/components/schemas/StreamPlusError"}
-    for status in ("413", "429", "502", "503", "504"):
+    for status in ("401", "403", "404", "409", "413", "422", "429", "502", "503", "504"):
         assert responses[status]["content"] == {"application/json": {"schema": reference}}
         assert responses[status]["description"]
     assert responses["400"]["description"] == "The route's own 400"  # declared: kept as is

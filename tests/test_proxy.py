@@ -138,7 +138,9 @@ async def test_upstream_reset_mid_stream_becomes_an_error_frame_and_a_clean_end(
     ("fake", "status", "error_type", "upstream_status"),
     [
         ({"error_status": 500}, 502, "upstream_status", 500),
-        ({"error_status": 401}, 502, "upstream_status", 401),
+        ({"error_status": 401}, 401, "upstream_status", 401),
+        ({"error_status": 403}, 403, "upstream_status", 403),
+        ({"error_status": 503}, 502, "upstream_status", 503),
         ({"error_status": 429, "retry_after": "7"}, 429, "rate_limited", 429),
         ({"content_type": "text/html"}, 502, "upstream_bad_response", 200),
     ],
