@@ -148,6 +148,8 @@ class Resumer:
             async for item in iterator:
                 event = to_event(item)
                 if dialect.is_end(event):
+                    if dialect.end_is_data:  # message_stop, response.completed: readers need it
+                        await appender.put(event)
                     break
                 await appender.put(event)
                 seq += 1

@@ -195,9 +195,10 @@ def relay_to(path: str) -> Callable[[Request], Any]:
 
 
 @contextlib.asynccontextmanager
-async def dialect_proxy(**config: Any) -> AsyncIterator[str]:
+async def dialect_proxy(resumable: bool = False, **config: Any) -> AsyncIterator[str]:
     """The scripted upstream, and a proxy that relays each ``ROUTES[dialect]`` in its dialect
-    (``STREAMPLUS_*`` ``config`` on top of no heartbeat). Yields the proxy's base URL."""
+    (``STREAMPLUS_*`` ``config`` on top of no heartbeat), resumable or not. Yields the proxy's
+    base URL."""
     async with serve_app(script_app()) as upstream:
         app: Sanic[Any, Any] = Sanic(app_name("dialects"))
         app.config.STREAMPLUS_UPSTREAM_URL = upstream
@@ -207,7 +208,7 @@ async def dialect_proxy(**config: Any) -> AsyncIterator[str]:
         app.extend(extensions=[StreamPlus])
         for dialect, path in ROUTES.items():
             app.post(path, name=f"relay_{dialect}".replace("-", "_"))(
-                stream_post(dialect=dialect)(relay_to(path))
+                stream_post(dialect=dialect, resumable=resumable)(relay_to(path))
             )
         async with serve_app(app) as proxy:
             yield proxy
@@ -243,13 +244,21 @@ ENDS = {
 
 
 @pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
 @pytest.mark.parametrize("dialect", list(ROUTES))
 async def test_a_stream_ends_at_once_after_its_end_marker_and_nothing_follows(
-    dialect: str,
+    dialect: str, resumable: bool
 ) -> None:
     hold = dialect != "plain"  # the upstream stays open after its end marker (plain has none)
-    async with dialect_proxy() as proxy:
+    async with dialect_proxy(resumable) as proxy:
         result = await fetch(proxy, dialect, hold=hold)
+        if resumable:  # and a reader that resumes mid-stream gets the same end
+            assert result.events[3].id is not None
+            resumed = await stream_request(
+                proxy, ROUTES[dialect], {}, headers={"Last-Event-ID": result.events[3].id}
+            )
+            assert resumed.status == 200 and resumed.complete
+            assert resumed.events == result.events[4:]
     assert result.status == 200 and result.complete
     assert result.elapsed < 5  # not held open by the upstream
     assert ENDS[dialect](result.events[-1])
