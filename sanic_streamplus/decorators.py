@@ -19,6 +19,7 @@ from .errors import (
     BodyTooLarge,
     ExtensionMissing,
     InvalidRequest,
+    StreamFinished,
     StreamNotFound,
     TooManyStreams,
     to_stream_error,
@@ -368,11 +369,18 @@ async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None
 
 async def cancel_stream(request: Request, stream_id: str) -> HTTPResponse:
     """``DELETE <STREAMPLUS_RESUME_PATH>/<stream_id>``: cancel a running resumable stream in
-    whatever worker produces it (202 ``{"stream_id", "cancelled": true}``); 404 if it is
-    unknown or already finished."""
+    whatever worker produces it (202 ``{"stream_id", "cancelled": true}``); 409
+    ``stream_finished`` if it has finished (``GET`` still replays it); 404 or 410 if it is
+    unknown or expired, as ``GET`` answers."""
     state = getattr(request.app.ctx, "streamplus", None)
     if state is None or state.resumer is None:
         return error_response(ExtensionMissing())
-    if not await state.resumer.cancel(stream_id):
-        return error_response(StreamNotFound(stream_id))
+    resumer: Resumer = state.resumer
+    if not await resumer.cancel(stream_id):
+        try:  # no record: the 404 or 410 of GET
+            record = await resumer.store.record(stream_id) or await resumer.check(stream_id, 0)
+        except Exception as exc:
+            return _refusal(exc)
+        finished = StreamFinished(stream_id, record.state) if record.finished else None
+        return error_response(finished or StreamNotFound(stream_id))
     return json_response({"stream_id": stream_id, "cancelled": True}, status=202)
