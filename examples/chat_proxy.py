@@ -4,7 +4,9 @@
         [--api-key KEY] [--model NAME] [--heartbeat SECONDS] [--first-event-timeout SECONDS]
 
 Without ``--upstream`` (or ``UPSTREAM_URL``) it starts an embedded fake model that streams
-deterministic tokens, so it works offline. Routes:
+deterministic tokens, so it works offline. It prints ``chat page: http://HOST:PORT/`` once it
+listens; a bad ``--upstream`` (not http:// or https:// with a host) or a port in use is one line
+on stderr and exit status 1. Routes:
 
 - ``POST /v1/chat/completions``: OpenAI-compatible pass-through (point the ``openai`` SDK's
   ``base_url`` at ``http://HOST:PORT/v1``);

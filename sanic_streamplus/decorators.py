@@ -238,7 +238,8 @@ def stream_post(
         TypeError: at decoration time, for an ``event_schema`` that is neither a class nor a
             dict.
         RuntimeError: at server start, for a sanic-ext ``@validate`` above ``@stream_post``
-            (see :func:`~sanic_streamplus.openapi.prepare_stream_routes`).
+            (see :func:`~sanic_streamplus.openapi.prepare_stream_routes`), or for a route
+            that does not accept ``POST`` (``@app.get``, say).
     """
     if format is not None:
         get_format(format)
