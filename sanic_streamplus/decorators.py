@@ -239,7 +239,8 @@ def stream_post(
             dict.
         RuntimeError: at server start, for a sanic-ext ``@validate`` above ``@stream_post``
             (see :func:`~sanic_streamplus.openapi.prepare_stream_routes`), or for a route
-            that does not accept ``POST`` (``@app.get``, say).
+            that does not accept ``POST`` (``@app.get``, say) unless ``require_json=False``
+            (a stream that takes no body, for an ``EventSource``).
     """
     if format is not None:
         get_format(format)
@@ -328,6 +329,7 @@ def stream_post(
             return source
 
         wrapper.__streamplus__ = True  # type: ignore[attr-defined]
+        wrapper.__streamplus_json__ = require_json  # type: ignore[attr-defined]  # needs POST
         wrapper.is_stream = True  # type: ignore[attr-defined]  # Sanic leaves the body to us
         document(wrapper, handler, format, event_schema)
         return wrapper  # type: ignore[return-value]

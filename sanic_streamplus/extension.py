@@ -74,7 +74,8 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
     Raises:
         ValueError: at server start, for a malformed ``STREAMPLUS_*`` value.
         RuntimeError: at server start, for a ``@stream_post`` route that does not accept
-            ``POST`` (``@app.get``, say); the message names the route.
+            ``POST`` (``@app.get``, say) and needs a JSON body (``require_json``, the
+            default); the message names the route.
     """
 
     name = "StreamPlus"
@@ -127,14 +128,16 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
 
 
 def _check_methods(app: Sanic[Any, Any]) -> None:
-    """Refuse to start with a ``@stream_post`` route that does not accept POST: its requests
-    would all be refused as bodies that are not JSON."""
+    """Refuse to start with a ``@stream_post`` route that needs a JSON body but does not
+    accept POST: its requests would all be refused as bodies that are not JSON."""
     for route in app.router.routes:
-        if getattr(route.handler, "__streamplus__", False) and "POST" not in route.methods:
+        handler = route.handler
+        if getattr(handler, "__streamplus_json__", False) and "POST" not in route.methods:
             methods = ", ".join(sorted(route.methods))
             raise RuntimeError(
-                f"route {route.name!r} ({methods} {route.uri}) has @stream_post, which answers "
-                "POST (and HEAD): register it with @app.post(...) or methods=[\"POST\"]"
+                f"route {route.name!r} ({methods} {route.uri}) has @stream_post, which reads a "
+                "JSON body: register it with @app.post(...) (HEAD may go beside POST), or "
+                "pass @stream_post(require_json=False) for a stream that takes no body"
             )
 
 

@@ -219,9 +219,11 @@ def _log_unreachable(
 def _reason(exc: BaseException) -> str:
     """What an error of the connect phase says, without a URL that may carry a secret."""
     cause: BaseException | None = exc
-    while cause is not None:  # the OS' own words (ECONNREFUSED, a DNS failure) when there
-        if isinstance(cause, OSError) and cause.strerror:
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:  # the OS' own words when there
+        if isinstance(cause, OSError) and cause.strerror:  # ECONNREFUSED, a DNS failure
             return f"{type(exc).__name__}: {cause.strerror}"
+        seen.add(id(cause))
         cause = cause.__cause__ or cause.__context__
     if isinstance(exc, httpx.UnsupportedProtocol):
         return "not an http:// or https:// URL"

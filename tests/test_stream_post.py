@@ -344,13 +344,16 @@ async def test_stream_post_on_a_route_without_post_fails_at_startup_naming_it() 
     with pytest.raises(RuntimeError, match=r"route '.*\.listen' \(GET /listen\).*@app\.post"):
         async with serve_app(app):
             pass
-    app = make_app()
+    app = make_app()  # POST beside HEAD, and a GET stream that takes no body, are fine
     app.add_route(ok, "/ok", methods=["POST", "HEAD"])
+    app.add_route(stream_post(require_json=False)(listen.__wrapped__), "/events", methods=["GET"])
     async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
         head = await client.head(url + "/ok")
         streamed = await client.post(url + "/ok", json={})
+        got = await client.get(url + "/events")
     assert head.status_code == 200 and head.content == b""
     assert streamed.status_code == 200 and SSEDecoder().feed(streamed.content)[0].data == "x"
+    assert got.status_code == 200 and SSEDecoder().feed(got.content)[0].data == "x"
 
 
 @pytest.mark.usefixtures("transport")
