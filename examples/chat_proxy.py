@@ -4,7 +4,9 @@
         [--api-key KEY] [--model NAME] [--heartbeat SECONDS] [--first-event-timeout SECONDS]
 
 Without ``--upstream`` (or ``UPSTREAM_URL``) it starts an embedded fake model that streams
-deterministic tokens, so it works offline. Routes:
+deterministic tokens, so it works offline. It prints ``chat page: http://HOST:PORT/`` once it
+listens; a bad ``--upstream`` (not http:// or https:// with a host) or a port in use is one line
+on stderr and exit status 1. Routes:
 
 - ``POST /v1/chat/completions``: OpenAI-compatible pass-through (point the ``openai`` SDK's
   ``base_url`` at ``http://HOST:PORT/v1``);
@@ -24,14 +26,16 @@ import argparse
 import json
 import logging
 import os
+import sys
 import time
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 from sanic import HTTPResponse, Request, Sanic, html
 from sanic.response import json as json_response
+from sanic.server.socket import bind_socket
 
 from sanic_streamplus import ServerSentEvent, StreamPlus, stream_post, upstream_events
 from sanic_streamplus.errors import UpstreamBadResponse
@@ -135,9 +139,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--upstream",
-        default=os.environ.get("UPSTREAM_URL"),
-        help="base URL of an OpenAI-compatible API, e.g. http://127.0.0.1:9000/v1 "
-        "(env UPSTREAM_URL; default: an embedded fake model, offline)",
+        default=os.environ.get("UPSTREAM_URL") or None,
+        help="base URL of an OpenAI-compatible API, http:// or https://, e.g. "
+        "http://127.0.0.1:9000/v1 (env UPSTREAM_URL; default: an embedded fake model, offline)",
     )
     parser.add_argument(
         "--api-key",
@@ -157,21 +161,42 @@ def main() -> None:
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     logging.getLogger("sanic_streamplus").addHandler(handler)
     logging.getLogger("sanic_streamplus").setLevel(logging.INFO)
-    app = create_app(
-        args.upstream,
-        api_key=args.api_key,
-        model=args.model,
-        heartbeat=args.heartbeat,
-        first_event_timeout=args.first_event_timeout,
-    )
+    if args.upstream is not None and not args.upstream.strip():
+        fail("--upstream is empty: give an http:// or https:// URL, or leave it out for the "
+             "embedded fake model")
+    try:
+        app = create_app(
+            args.upstream,
+            api_key=args.api_key,
+            model=args.model,
+            heartbeat=args.heartbeat,
+            first_event_timeout=args.first_event_timeout,
+        )
+    except ValueError as exc:  # a bad STREAMPLUS_* value, e.g. --upstream localhost:8741
+        fail(str(exc))
+    try:
+        sock = bind_socket(args.host, args.port, backlog=2048)  # a burst of streams: no overflow
+    except OSError as exc:
+        fail(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}")
+    host = {"0.0.0.0": "127.0.0.1", "::": "::1", "": "127.0.0.1"}.get(args.host, args.host)
+    page = f"http://{f'[{host}]' if ':' in host else host}:{sock.getsockname()[1]}/"
+
+    @app.after_server_start
+    def announce(app: Sanic[Any, Any]) -> None:
+        print(f"chat page: {page}", flush=True)
+
     app.run(
-        host=args.host,
-        port=args.port,
+        sock=sock,
         single_process=True,
         access_log=False,
         motd=False,
-        backlog=2048,  # a burst of new streams must not overflow the accept queue
     )
+
+
+def fail(message: str) -> NoReturn:
+    """Print one line to stderr and exit with status 1."""
+    print(f"chat_proxy: error: {message}", file=sys.stderr)
+    sys.exit(1)
 
 
 if __name__ == "__main__":

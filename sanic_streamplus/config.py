@@ -5,6 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import httpx
 
 from .framing import DIALECTS
 from .sse import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_LENGTH
@@ -16,6 +19,7 @@ __all__ = [
     "SLOW_CLIENT_POLICIES",
     "TRANSPORTS",
     "Settings",
+    "display_url",
 ]
 
 FORMATS = ("sse", "ndjson", "text")
@@ -80,6 +84,38 @@ def _seconds(value: Any) -> float | None:
     return seconds if seconds > 0 else None
 
 
+def display_url(url: str) -> str:
+    """``url`` fit for a log line or an error message: its user info (``user:password@``)
+    becomes ``***@``, its query string and fragment (where API keys hide) are dropped, e.g.
+    ``https://key@api.example.com/v1?token=x`` gives ``https://***@api.example.com/v1``. Never
+    raises: a value that is not a URL at all is cut at its first ``?`` or ``#``."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # e.g. an unclosed IPv6 bracket
+        return url.split("?", 1)[0].split("#", 1)[0].rpartition("@")[2]
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, netloc, parts.path, "", ""))
+
+
+def _base_url(value: Any) -> str | None:
+    """An upstream base URL: ``http`` or ``https``, with a host (None or empty: none set)."""
+    if value is None or value == "":
+        return None
+    url = str(value)
+    if any(char.isspace() for char in url):
+        raise ValueError("a URL has no spaces")
+    try:
+        parsed = httpx.URL(url)
+    except httpx.InvalidURL as exc:
+        raise ValueError(f"not a URL ({exc})") from None
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        hint = "" if "://" in url else f" (did you mean 'http://{display_url(url)}'?)"
+        raise ValueError(f"must be an http:// or https:// URL with a host{hint}")
+    return url
+
+
 @dataclass(frozen=True)
 class Settings:
     """Every setting of the extension, read from ``app.config`` keys ``STREAMPLUS_<NAME>``.
@@ -87,7 +123,8 @@ class Settings:
     Durations are in seconds (float; None or 0 disables the limit), sizes in bytes (int).
 
     Attributes:
-        upstream_url: base URL of the upstream the shared client talks to (str), or None.
+        upstream_url: base URL of the upstream the shared client talks to (str), or None;
+            ``http`` or ``https`` with a host, checked at startup.
         upstream_api_key: sent upstream as ``Authorization: Bearer <key>`` when set.
         connect_timeout: connecting to the upstream.
         first_event_timeout: from sending the upstream request to its first event.
@@ -176,7 +213,9 @@ class Settings:
         """Read ``STREAMPLUS_*`` keys from a Sanic ``app.config`` (any mapping).
 
         Raises:
-            ValueError: a value has the wrong type or is out of range; the message names the key.
+            ValueError: a value has the wrong type or is out of range (an upstream URL that is
+                not ``http``/``https`` with a host, say); the message names the key and value
+                (a URL's without its user info or query string).
         """
         values: dict[str, Any] = {}
         for field in fields(cls):
@@ -195,10 +234,14 @@ class Settings:
                     values[field.name] = _flag(raw)
                 elif field.name == "forward_headers":
                     values[field.name] = _names(raw or ())
+                elif field.name == "upstream_url":
+                    values[field.name] = _base_url(raw)
                 else:
                     values[field.name] = None if raw in (None, "") else str(raw)
             except (TypeError, ValueError) as exc:
-                raise ValueError(f"{key}={raw!r}: {exc}") from None
+                secret = key.endswith("_URL") and any(char in str(raw) for char in "@?#")
+                shown = display_url(str(raw)) if secret else raw
+                raise ValueError(f"{key}={shown!r}: {exc}") from None
         settings = cls(**values)
         if settings.format not in FORMATS:
             raise ValueError(f"STREAMPLUS_FORMAT must be one of {FORMATS}, not {settings.format!r}")

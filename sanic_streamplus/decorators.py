@@ -19,6 +19,7 @@ from .errors import (
     BodyTooLarge,
     ExtensionMissing,
     InvalidRequest,
+    StreamFinished,
     StreamNotFound,
     TooManyStreams,
 )
@@ -236,7 +237,9 @@ def stream_post(
         TypeError: at decoration time, for an ``event_schema`` that is neither a class nor a
             dict.
         RuntimeError: at server start, for a sanic-ext ``@validate`` above ``@stream_post``
-            (see :func:`~sanic_streamplus.openapi.prepare_stream_routes`).
+            (see :func:`~sanic_streamplus.openapi.prepare_stream_routes`), or for a route
+            that does not accept ``POST`` (``@app.get``, say) unless ``require_json=False``
+            (a stream that takes no body, for an ``EventSource``).
     """
     if format is not None:
         get_format(format)
@@ -325,6 +328,7 @@ def stream_post(
             return source
 
         wrapper.__streamplus__ = True  # type: ignore[attr-defined]
+        wrapper.__streamplus_json__ = require_json  # type: ignore[attr-defined]  # needs POST
         wrapper.is_stream = True  # type: ignore[attr-defined]  # Sanic leaves the body to us
         document(wrapper, handler, format, event_schema)
         return wrapper  # type: ignore[return-value]
@@ -367,11 +371,18 @@ async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None
 
 async def cancel_stream(request: Request, stream_id: str) -> HTTPResponse:
     """``DELETE <STREAMPLUS_RESUME_PATH>/<stream_id>``: cancel a running resumable stream in
-    whatever worker produces it (202 ``{"stream_id", "cancelled": true}``); 404 if it is
-    unknown or already finished."""
+    whatever worker produces it (202 ``{"stream_id", "cancelled": true}``); 409
+    ``stream_finished`` if it has finished (``GET`` still replays it); 404 or 410 if it is
+    unknown or expired, as ``GET`` answers."""
     state = getattr(request.app.ctx, "streamplus", None)
     if state is None or state.resumer is None:
         return error_response(ExtensionMissing())
-    if not await state.resumer.cancel(stream_id):
-        return error_response(StreamNotFound(stream_id))
+    resumer: Resumer = state.resumer
+    if not await resumer.cancel(stream_id):
+        try:  # no record: the 404 or 410 of GET
+            record = await resumer.store.record(stream_id) or await resumer.check(stream_id, 0)
+        except Exception as exc:
+            return _refusal(exc)
+        finished = StreamFinished(stream_id, record.state) if record.finished else None
+        return error_response(finished or StreamNotFound(stream_id))
     return json_response({"stream_id": stream_id, "cancelled": True}, status=202)

@@ -27,6 +27,7 @@ Catch the class that says what you can act on::
     │   ├── StreamExpired            the stream expired from the event store (410)
     │   ├── EventsExpired            the events after the Last-Event-ID were dropped (410)
     │   ├── StreamCancelled          the stream was cancelled (409)
+    │   ├── StreamFinished           a cancel came after the stream finished (409)
     │   └── ProducerLost             the stream's producer died without finishing (502)
     ├── ReplayedError                the error a resumable stream's producer stored
     └── ExtensionMissing             ``@stream_post`` used on an app without ``StreamPlus``
@@ -63,6 +64,7 @@ __all__ = [
     "SlowClient",
     "StreamCancelled",
     "StreamExpired",
+    "StreamFinished",
     "StreamNotFound",
     "StreamPlusError",
     "TooManyStreams",
@@ -421,6 +423,26 @@ class StreamCancelled(ResumeError):
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"stream {stream_id!r} was cancelled", stream_id)
+
+
+class StreamFinished(ResumeError):
+    """``DELETE`` of a stream that has finished already: nothing is left to cancel, and its
+    events can still be read (``GET`` replays them): 409.
+
+    Attributes:
+        state: how it finished: ``completed``, ``cancelled`` or ``failed``.
+    """
+
+    status = 409
+    type = outcome = "stream_finished"
+
+    def __init__(self, stream_id: str, state: str) -> None:
+        super().__init__(
+            f"stream {stream_id!r} has finished ({state}): nothing to cancel; GET still "
+            "replays it",
+            stream_id,
+        )
+        self.state = state
 
 
 class ProducerLost(ResumeError):

@@ -73,6 +73,9 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
 
     Raises:
         ValueError: at server start, for a malformed ``STREAMPLUS_*`` value.
+        RuntimeError: at server start, for a ``@stream_post`` route that does not accept
+            ``POST`` (``@app.get``, say) and needs a JSON body (``require_json``, the
+            default); the message names the route.
     """
 
     name = "StreamPlus"
@@ -88,6 +91,7 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
         path = settings.resume_path.rstrip("/") + "/<stream_id:str>"
         app.add_route(resume_stream, path, methods=["GET"], name="streamplus_resume")
         app.add_route(cancel_stream, path, methods=["DELETE"], name="streamplus_cancel")
+        app.before_server_start(_check_methods)
         app.before_server_start(_open_client, priority=-10)
         app.before_server_start(prepare_stream_routes)  # before sanic-ext's document
         app.before_server_stop(_end_streams)
@@ -121,6 +125,20 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
         grace=settings.resume_grace or float("inf"),
         window=max(1, settings.resume_max_events // 2),
     )
+
+
+def _check_methods(app: Sanic[Any, Any]) -> None:
+    """Refuse to start with a ``@stream_post`` route that needs a JSON body but does not
+    accept POST: its requests would all be refused as bodies that are not JSON."""
+    for route in app.router.routes:
+        handler = route.handler
+        if getattr(handler, "__streamplus_json__", False) and "POST" not in route.methods:
+            methods = ", ".join(sorted(route.methods))
+            raise RuntimeError(
+                f"route {route.name!r} ({methods} {route.uri}) has @stream_post, which reads a "
+                "JSON body: register it with @app.post(...) (HEAD may go beside POST), or "
+                "pass @stream_post(require_json=False) for a stream that takes no body"
+            )
 
 
 async def _end_streams(app: Sanic[Any, Any]) -> None:

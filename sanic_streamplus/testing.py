@@ -351,7 +351,8 @@ class _Connection(asyncio.Protocol):
         except (TypeError, ValueError) as exc:
             await self.simple(400, {"error": {"message": str(exc), "type": "bad_fake_knob"}})
             return
-        if request.method != "POST" or not request.path.endswith("/chat/completions"):
+        path = request.path.partition("?")[0]  # a query string (an API key, say) is no route
+        if request.method != "POST" or not path.endswith("/chat/completions"):
             await self.simple(404, {"error": {"message": "not found", "type": "not_found"}})
             return
         plain_stall = model.stall_after is None and model.stall_mid_frame is None

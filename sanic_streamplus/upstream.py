@@ -19,7 +19,7 @@ import httpx
 from httpx_aiohttp import AiohttpTransport
 
 from ._aio import Deadline, close_completely
-from .config import Settings
+from .config import Settings, display_url
 from .errors import (
     ConnectTimeout,
     EventTooLarge,
@@ -147,11 +147,14 @@ async def stream_events(
             raise timeout(True) from None
         except httpx.TimeoutException as exc:  # connect, pool or write: read timeout is off
             if not _timed_out(exc):
+                _log_unreachable(request, exc.__cause__ or exc)
                 raise UpstreamUnreachable(
                     f"upstream unreachable ({type(exc.__cause__).__name__})"
                 ) from None
+            _log_unreachable(request, exc, settings.connect_timeout)
             raise ConnectTimeout(settings.connect_timeout or 0.0) from None
         except httpx.TransportError as exc:
+            _log_unreachable(request, exc)
             raise UpstreamUnreachable(f"upstream unreachable ({type(exc).__name__})") from None
         assert response is not None
         if not response.is_success:
@@ -196,6 +199,37 @@ async def stream_events(
             await close_completely(_close(chunks, response))
 
 
+def _log_unreachable(
+    request: httpx.Request, exc: BaseException, timeout: float | None = None
+) -> None:
+    """Log a connection to the upstream that could not be made: the URL (without user info or
+    query string: see :func:`~sanic_streamplus.config.display_url`) and why; ``timeout`` is the
+    connect timeout (seconds) when that is why."""
+    if timeout:
+        reason = f"no connection within {timeout:g} s"
+    elif isinstance(exc, httpx.UnsupportedProtocol) and not request.url.scheme:
+        reason = "a path, and no STREAMPLUS_UPSTREAM_URL to join it to"
+    else:
+        reason = _reason(exc)
+    logger.warning(
+        "upstream %s %s unreachable: %s", request.method, display_url(str(request.url)), reason
+    )
+
+
+def _reason(exc: BaseException) -> str:
+    """What an error of the connect phase says, without a URL that may carry a secret."""
+    cause: BaseException | None = exc
+    seen: set[int] = set()
+    while cause is not None and id(cause) not in seen:  # the OS' own words when there
+        if isinstance(cause, OSError) and cause.strerror:  # ECONNREFUSED, a DNS failure
+            return f"{type(exc).__name__}: {cause.strerror}"
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(exc, httpx.UnsupportedProtocol):
+        return "not an http:// or https:// URL"
+    return type(exc).__name__
+
+
 async def _refusal(
     response: httpx.Response, deadline: Deadline, secret: str | None
 ) -> UpstreamStatusError:
@@ -221,7 +255,7 @@ async def _refusal(
     logger.warning(
         "upstream %s %s answered %d: %s",
         response.request.method,
-        response.request.url,
+        display_url(str(response.request.url)),
         response.status_code,
         text,
     )

@@ -1,14 +1,17 @@
-"""The README's demo command: the example runs offline with its embedded fake model."""
+"""The README's demo command: the example runs offline with its embedded fake model, says where
+its chat page is, and a bad option or a busy port is one clear line and exit status 1."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import socket
 import subprocess
 import sys
 
 import httpx
-from conftest import EXAMPLES, chat_body, run_example
+import pytest
+from conftest import EXAMPLES, chat_body, free_port, run_example
 
 from sanic_streamplus import SSEDecoder
 from sanic_streamplus.testing import fake_tokens
@@ -37,3 +40,53 @@ async def test_help_lists_every_option() -> None:
         "UPSTREAM_URL", "UPSTREAM_API_KEY",
     ):
         assert option in out.decode()
+
+
+async def run_to_exit(*args: str) -> tuple[int, str]:
+    """Run the example with ``args``, expecting it to exit; its status and its stderr."""
+    process = await asyncio.create_subprocess_exec(
+        sys.executable, str(EXAMPLES / "chat_proxy.py"), *args,
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        _, err = await asyncio.wait_for(process.communicate(), 30)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode is not None
+    return process.returncode, err.decode()
+
+
+@pytest.mark.parametrize("bad", ["ftp://127.0.0.1:9000/v1", "localhost:8741", ""])
+async def test_a_bad_upstream_is_one_clear_line_and_exit_1(bad: str) -> None:
+    status, err = await run_to_exit("--port", str(free_port()), "--upstream", bad)
+    assert status == 1
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("chat_proxy: error: ")
+    assert (f"'{bad}'" in err and "http:// or https://" in err) if bad else "empty" in err
+
+
+async def test_a_busy_port_is_one_clear_line_and_exit_1() -> None:
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        status, err = await run_to_exit("--port", str(port))
+    assert status == 1
+    assert err.splitlines() == [f"chat_proxy: error: cannot listen on 127.0.0.1:{port}: "
+                                "Address already in use"], err
+
+
+async def test_the_example_prints_the_chat_page_url_on_start() -> None:
+    async with run_example(output=True) as (process, url):
+        assert process.stdout is not None
+        seen = []
+        while not any(line.startswith("chat page: ") for line in seen):
+            line = await asyncio.wait_for(process.stdout.readline(), 20)
+            assert line, f"the example said no chat page URL: {seen}"
+            seen.append(line.decode().strip())
+        async with httpx.AsyncClient(timeout=10) as client:
+            page = await client.get(url + "/")
+    assert f"chat page: {url}/" in seen
+    assert page.status_code == 200 and "<html" in page.text.lower()

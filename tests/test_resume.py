@@ -121,7 +121,8 @@ async def test_cancel_closes_the_upstream_and_readers_get_a_cancelled_frame() ->
     assert events[-1].data == "[DONE]"
     assert closed is not None
     assert not upstream.requests[0].completed
-    assert again.status_code == 404  # finished: nothing to cancel
+    assert again.status_code == 409  # finished (cancelled): nothing left to cancel
+    assert again.json()["error"]["type"] == "stream_finished"
 
 
 async def test_unknown_expired_and_dropped_ids_get_a_clear_answer_before_the_stream() -> None:
@@ -199,3 +200,27 @@ async def test_a_producer_that_fails_gives_every_reader_its_error_frame() -> Non
         assert error["type"] == "upstream_disconnected"
         assert events[-1].data == "[DONE]"
         assert [e.id for e in events[:-2]] == [f"{stream_id}:{n}" for n in range(1, 9)]
+
+
+async def test_delete_and_get_agree_on_a_finished_stream() -> None:
+    """A finished stream is still there: DELETE says so (409 ``stream_finished``) while GET
+    replays it; an unknown or expired ID gets the same 404/410 from both."""
+    async with FakeUpstream(tokens=5, delay=0.001) as upstream:
+        async with serve_app(proxy(upstream)) as url, httpx.AsyncClient(timeout=10) as client:
+            done = await stream_request(url, ROUTE, completions_body())
+            path = f"/streams/{done.headers['x-stream-id']}"
+            deleted = await client.delete(url + path)
+            replayed, events = await get_stream(url, path)
+            ids = {"unknown": new_stream_id(), "expired": "lz3k9a1b-0000000000000000"}
+            answers = {
+                name: ((await client.delete(f"{url}/streams/{sid}")).status_code,
+                       (await client.get(f"{url}/streams/{sid}")).status_code)
+                for name, sid in ids.items()
+            }
+    assert done.events[-1].data == "[DONE]"
+    assert deleted.status_code == 409
+    error = deleted.json()["error"]
+    assert error["type"] == "stream_finished" and "completed" in error["message"]
+    assert replayed.status_code == 200
+    assert contents(events) == "".join(fake_tokens(5)) and events[-1].data == "[DONE]"
+    assert answers == {"unknown": (404, 404), "expired": (410, 410)}

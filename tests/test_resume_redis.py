@@ -90,8 +90,10 @@ async def test_a_cancel_on_the_other_process_stops_the_producer(
         cancelled = await client.delete(f"{two}/streams/{stream_id}")
         raw = b"".join([chunk async for chunk in response.aiter_raw()])
         closed = await upstream.wait_closed(upstream.requests[0], 5)
+        again = await client.delete(f"{one}/streams/{stream_id}")  # finished: as GET sees it
     events = [line for line in raw.decode().split("\n\n") if line]
     assert cancelled.status_code == 202
+    assert again.status_code == 409 and again.json()["error"]["type"] == "stream_finished"
     assert json.loads(events[-2].removeprefix("data: "))["error"]["type"] == "cancelled"
     assert closed is not None and not upstream.requests[0].completed
 

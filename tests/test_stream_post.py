@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import aclosing
@@ -273,6 +274,86 @@ async def test_upstream_unreachable_is_a_502() -> None:
         response, raw = await post(url + "/s")
     assert response.status_code == 502
     assert json.loads(raw)["error"]["type"] == "upstream_unreachable"
+
+
+@pytest.mark.usefixtures("transport")
+async def test_the_log_names_the_url_of_an_unreachable_or_refusing_upstream_and_no_secret(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A 502 the operator can act on: the log line of a refused or unreachable upstream says
+    which URL was asked (never the API key, never the query string, where keys also hide)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # nothing listens here once closed
+    caplog.set_level(logging.WARNING, "sanic_streamplus")
+    async with FakeUpstream(error_status=500) as refusing:
+        answers = []
+        for base in (f"http://127.0.0.1:{port}/v1", refusing.url):
+            app = make_app(STREAMPLUS_UPSTREAM_URL=base, STREAMPLUS_UPSTREAM_API_KEY="sk-key-xyz")
+
+            @app.post("/s")
+            @stream_post
+            async def handler(request: Request) -> Any:
+                path = "/chat/completions?api_key=qs-key-xyz"
+                return upstream_events(request, path, json=request.json)
+
+            async with serve_app(app) as url:
+                response, _ = await post(url + "/s")
+            answers.append(response.status_code)
+    lines = [r.getMessage() for r in caplog.records if r.name == "sanic_streamplus"]
+    assert answers == [502, 502]
+    unreachable = f"upstream POST http://127.0.0.1:{port}/v1/chat/completions unreachable: "
+    assert [line for line in lines if line.startswith(unreachable)], lines
+    refused = f"upstream POST {refusing.url}/chat/completions answered 500"
+    assert [line for line in lines if line.startswith(refused)], lines
+    assert not [line for line in lines if "key-xyz" in line]
+
+
+@pytest.mark.parametrize(
+    "bad", ["ftp://127.0.0.1/v1", "localhost:8741", "http://", "https://:443/v1", "http://a b/"]
+)
+@pytest.mark.parametrize("when", ["env", "config", "after-extend"])
+async def test_a_bad_upstream_url_fails_at_startup_naming_it(
+    bad: str, when: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Not an unexplained 502 on every request: the server does not start, and says why."""
+    message = rf"STREAMPLUS_UPSTREAM_URL='{bad}': .*http:// or https://|no spaces"
+    if when == "env":  # Sanic reads SANIC_STREAMPLUS_* when the app is made
+        monkeypatch.setenv("SANIC_STREAMPLUS_UPSTREAM_URL", bad)
+    with pytest.raises(ValueError, match=message):
+        app = make_app(**({"STREAMPLUS_UPSTREAM_URL": bad} if when == "config" else {}))
+        if when == "after-extend":
+            app.config.STREAMPLUS_UPSTREAM_URL = bad
+        async with serve_app(app):
+            pass
+
+
+async def test_stream_post_on_a_route_without_post_fails_at_startup_naming_it() -> None:
+    app = make_app()
+
+    @app.route("/ok", methods=["POST", "HEAD"])
+    @stream_post
+    async def ok(request: Request) -> AsyncIterator[str]:
+        yield "x"
+
+    @app.get("/listen")
+    @stream_post
+    async def listen(request: Request) -> AsyncIterator[str]:
+        yield "x"
+
+    with pytest.raises(RuntimeError, match=r"route '.*\.listen' \(GET /listen\).*@app\.post"):
+        async with serve_app(app):
+            pass
+    app = make_app()  # POST beside HEAD, and a GET stream that takes no body, are fine
+    app.add_route(ok, "/ok", methods=["POST", "HEAD"])
+    app.add_route(stream_post(require_json=False)(listen.__wrapped__), "/events", methods=["GET"])
+    async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
+        head = await client.head(url + "/ok")
+        streamed = await client.post(url + "/ok", json={})
+        got = await client.get(url + "/events")
+    assert head.status_code == 200 and head.content == b""
+    assert streamed.status_code == 200 and SSEDecoder().feed(streamed.content)[0].data == "x"
+    assert got.status_code == 200 and SSEDecoder().feed(got.content)[0].data == "x"
 
 
 @pytest.mark.usefixtures("transport")
