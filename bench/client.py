@@ -21,6 +21,7 @@ from typing import Any
 
 _SEQ = re.compile(rb'"(?:content|text)": ?"t(\d+)')
 _COMMENT = re.compile(rb"(?m)^:[^\n]*\n")
+_BLANKS = re.compile(rb"\n{3,}")
 _STAMP = re.compile(rb"@(\d+\.\d+)[^\r\n]*\r?\n\r?\n")
 
 
@@ -188,7 +189,8 @@ def events_in(body: bytes | bytearray) -> int:
 
 def verify(body: bytes, events: int, transform: bool) -> str:
     """Check one whole stream body; return "" when it is right, else what is wrong."""
-    text = _COMMENT.sub(b"", body.replace(b"\r\n", b"\n"))  # heartbeats may come anywhere
+    # heartbeats may come anywhere; a comment-only block leaves its blank line behind
+    text = _BLANKS.sub(b"\n\n", _COMMENT.sub(b"", body.replace(b"\r\n", b"\n")))
     seqs = [int(seq) for seq in _SEQ.findall(text)]
     if seqs != list(range(events)):
         missing = len(set(range(events)) - set(seqs))

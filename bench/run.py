@@ -5,8 +5,10 @@
 
 Starts one upstream (``bench/upstream.py``) and every peer on its own 127.0.0.1 port, all
 forwarding ``POST /v1/chat/completions`` to that upstream: ``direct`` (no proxy: the limit),
-``nginx`` (``proxy_buffering off``, when nginx is installed), ``sse-starlette``, ``aiohttp``,
-``naive-sanic`` and ``streamplus`` (the example proxy's pass-through route) with
+``nginx`` (``proxy_buffering off``, when nginx is installed), ``sse-starlette``, ``aiohttp``
+(one write per event), ``naive-sanic`` (one send per event), ``sanic-httpx-raw`` (the stack's
+floor: Sanic + httpx on httpx-aiohttp's transport, ``aiter_raw()`` chunks sent as they come)
+and ``streamplus`` (the example proxy's pass-through route) with
 ``streamplus-transform`` (its ``/chat`` route: JSON parse of every chunk, re-emitted as token
 events). Optional peers, only when named in ``--peers``: ``streamplus-httpcore`` (httpx's stock
 transport), ``streamplus-resume-memory`` and ``streamplus-resume-redis`` (the example's
@@ -14,7 +16,9 @@ resumable route, ``POST /resumable/v1/chat/completions``, with its in-memory eve
 with Redis Streams on a private ``redis-server`` that the run starts on a free port and stops),
 ``streamplus-observed`` (Prometheus metrics and OpenTelemetry spans switched on).
 Each scenario runs its peers interleaved (A B C … then again in a rotated order) so that machine
-noise hits all of them alike, and takes the median over rounds. Every stream is verified
+noise hits all of them alike, and takes the median over rounds (``--rounds`` sets how many); the
+JSON keeps every round, and the ratios of ``streamplus`` to each peer are taken round by round
+(the peers of one round ran side by side) and given as median, min and max. Every stream is verified
 (``bench/client.py``): a peer that loses or mangles an event is flagged, and not timed.
 
 CPU is the proxy process tree's own run time (``/proc/<pid>/task/*/schedstat``, nanoseconds),
@@ -143,6 +147,7 @@ PEER_SCRIPTS = {
     "sse-starlette": "bench/peers/starlette_sse.py",
     "aiohttp": "bench/peers/aiohttp_proxy.py",
     "naive-sanic": "bench/peers/naive_sanic.py",
+    "sanic-httpx-raw": "bench/peers/sanic_httpx_raw.py",
 }
 ALL_PEERS = [
     "direct",
@@ -150,6 +155,7 @@ ALL_PEERS = [
     "sse-starlette",
     "aiohttp",
     "naive-sanic",
+    "sanic-httpx-raw",
     "streamplus",
     "streamplus-transform",
 ]
@@ -537,12 +543,15 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         )
                     )
                 )
-            steps = sum((1 if args.quick else known[name][1]) * len(fl.peers) for name in scenarios)
+            steps = len(fl.peers) * sum(
+                args.rounds or (1 if args.quick else known[name][1]) for name in scenarios
+            )
             step = 0
             for number, name in enumerate(scenarios, 1):
                 function, full_rounds = known[name]
-                rounds = 1 if args.quick else full_rounds
+                rounds = args.rounds or (1 if args.quick else full_rounds)
                 runs: dict[str, list[Metrics]] = {peer.name: [] for peer in fl.peers}
+                numbers: dict[str, list[int]] = {peer.name: [] for peer in fl.peers}
                 failures: dict[str, str] = {}
                 started = time.monotonic()
                 for round_ in range(rounds):
@@ -562,6 +571,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                             continue
                         if metrics:
                             runs[peer.name].append(metrics)
+                            numbers[peer.name].append(round_)
                         else:
                             progress(f"  {peer.name}: not measured in {name}")
                         if time.monotonic() - began >= 10:
@@ -577,6 +587,14 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                         for peer, peer_runs in runs.items()
                         if peer_runs
                     },
+                    "rounds": {
+                        peer: [
+                            {"round": n} | m
+                            for n, m in zip(numbers[peer], peer_runs, strict=True)
+                        ]
+                        for peer, peer_runs in runs.items()
+                        if peer_runs
+                    },
                     "failures": failures,
                 }
                 print("\n" + scenario_markdown(name, report["scenarios"][name]), file=sys.stderr)
@@ -587,6 +605,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         report["decoder"] = decoder.run(args.quick)
         progress(f"decoder: done in {report['decoder']['elapsed_s']:.1f} s")
     report["headline"] = headline(report["scenarios"], report.get("decoder"))
+    report["ratios"] = paired_ratios(report["scenarios"])
     cost = resume_cost(report["scenarios"])
     if cost:
         report["resume_cost"] = cost
@@ -686,6 +705,74 @@ def headline(scenarios: dict[str, Any], decoding: dict[str, Any] | None) -> list
     return rows
 
 
+COMPARED = [  # (scenario, metric, column title) of the ratio table
+    ("one_stream", "cpu_us_per_event", "one stream CPU/event"),
+    ("concurrent_100", "cpu_us_per_event", "100 streams CPU/event"),
+    ("paced_200x20", "cpu_us_per_event", "200×20 CPU/event"),
+    ("paced_200x20", "latency_p99_ms", "200×20 latency p99"),
+    ("paced_200x20", "ttfb_p99_ms", "200×20 TTFB p99"),
+    ("paced_20x20", "cpu_us_per_event", "20×20 CPU/event"),
+    ("idle", "rss_kb_per_stream", "idle RSS/stream"),
+]
+
+
+def paired_ratios(
+    scenarios: dict[str, Any], ours: str = "streamplus"
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """``ours`` over every other peer, round by round, for each metric of :data:`COMPARED`.
+
+    The peers of one round ran side by side, so a round's ratio shares that round's machine
+    noise; each ratio is given as ``median``, ``min`` and ``max`` over the rounds both peers
+    completed (``rounds``). Peers with a zero figure (``direct``'s CPU) are left out."""
+    out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
+    for scenario, metric, _ in COMPARED:
+        rounds = scenarios.get(scenario, {}).get("rounds", {})
+        mine = {run_["round"]: run_.get(metric) for run_ in rounds.get(ours, [])}
+        rows: dict[str, dict[str, float]] = {}
+        for peer, peer_rounds in rounds.items():
+            if peer == ours:
+                continue
+            values = [
+                mine[run_["round"]] / run_[metric]
+                for run_ in peer_rounds
+                if run_.get(metric) and mine.get(run_["round"]) is not None
+            ]
+            if values:
+                rows[peer] = {
+                    "median": statistics.median(values),
+                    "min": min(values),
+                    "max": max(values),
+                    "rounds": len(values),
+                }
+        if rows:
+            out.setdefault(scenario, {})[metric] = rows
+    return out
+
+
+def ratios_markdown(ratios: dict[str, Any], ours: str = "streamplus") -> str:
+    """:func:`paired_ratios` as one Markdown table: a row per peer, a column per figure, each
+    cell ``median (min–max)`` of ``ours ÷ peer`` over the rounds (below 1: ``ours`` is lower)."""
+    columns = [c for c in COMPARED if c[1] in ratios.get(c[0], {})]
+    if not columns:
+        return ""
+    peers = list(dict.fromkeys(p for s, m, _ in columns for p in ratios[s][m]))
+    lines = [f"**{ours} ÷ peer** (median over rounds, min–max; below 1: {ours} is lower)", ""]
+    lines.append("| peer | " + " | ".join(title for _, _, title in columns) + " |")
+    lines.append("|---|" + "---:|" * len(columns))
+    for peer in peers:
+        cells = []
+        for scenario, metric, _ in columns:
+            cell = ratios[scenario][metric].get(peer)
+            if cell is None:
+                cells.append("-")
+            elif cell["rounds"] > 1:
+                cells.append(f"{cell['median']:.2f} ({cell['min']:.2f}–{cell['max']:.2f})")
+            else:
+                cells.append(f"{cell['median']:.2f}")
+        lines.append(f"| {peer} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 RESUME_PEERS = {"memory": "streamplus-resume-memory", "redis": "streamplus-resume-redis"}
 
 
@@ -753,14 +840,24 @@ def headline_markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def scenario_markdown(name: str, scenario: dict[str, Any]) -> str:
-    """One scenario's medians as a Markdown table, failed peers last."""
+    """One scenario's medians as a Markdown table, each with its rounds' min–max when there
+    were several, failed peers last."""
     peers = scenario["peers"]
     keys = [key for key in dict.fromkeys(k for m in peers.values() for k in m) if key != "runs"]
     lines = [f"**{name}** ({scenario['seconds']} s)", ""]
     lines.append("| peer | " + " | ".join(keys) + " | runs |")
     lines.append("|---|" + "---:|" * (len(keys) + 1))
+
+    def cell(peer: str, key: str) -> str:
+        if key not in peers[peer]:
+            return "-"
+        values = [run_[key] for run_ in scenario.get("rounds", {}).get(peer, []) if key in run_]
+        if len(values) < 2:
+            return f"{peers[peer][key]:.2f}"
+        return f"{peers[peer][key]:.2f} ({min(values):.2f}–{max(values):.2f})"
+
     for peer, metrics in peers.items():
-        cells = " | ".join(f"{metrics[key]:.2f}" if key in metrics else "-" for key in keys)
+        cells = " | ".join(cell(peer, key) for key in keys)
         lines.append(f"| {peer} | {cells} | {metrics['runs']} |")
     for peer, why in scenario["failures"].items():
         lines.append(f"| {peer} | failed: {why} |")
@@ -770,6 +867,8 @@ def scenario_markdown(name: str, scenario: dict[str, Any]) -> str:
 def markdown(report: dict[str, Any]) -> str:
     """The headline and every scenario's table, as Markdown (medians over rounds)."""
     parts = [headline_markdown(report["headline"])]
+    if report.get("ratios"):
+        parts.append(ratios_markdown(report["ratios"]))
     parts += [scenario_markdown(name, scenario) for name, scenario in report["scenarios"].items()]
     if report.get("resume_cost"):
         parts.append(resume_markdown(report["resume_cost"]))
@@ -814,6 +913,11 @@ def main() -> None:
         "--peers", help=f"comma-separated, of {','.join(ALL_PEERS + OPTIONAL_PEERS)}"
     )
     parser.add_argument(
+        "--rounds",
+        type=int,
+        help="rounds of every chosen scenario (default: 1 with --quick, else each scenario's own)",
+    )
+    parser.add_argument(
         "--scenarios",
         help=f"comma-separated, of {','.join([*SCENARIOS, 'decoder', *OPTIONAL_SCENARIOS])}",
     )
@@ -832,6 +936,8 @@ def main() -> None:
         report = asyncio.run(run(args))
     report["seconds"] = round(time.monotonic() - started, 1)
     print("\n" + headline_markdown(report["headline"]))
+    if report.get("ratios"):
+        print("\n" + ratios_markdown(report["ratios"]))
     if report.get("resume_cost"):
         print("\n" + resume_markdown(report["resume_cost"]))
     print(f"\n{report['mode']} run: {report['seconds']} s")

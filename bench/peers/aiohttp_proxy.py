@@ -1,8 +1,10 @@
-"""aiohttp SSE relay: one aiohttp server + one shared ``ClientSession``, forwarded line by line.
+"""aiohttp SSE relay: one aiohttp server + one shared ``ClientSession``, one write per event.
 
 The handler posts the request body upstream with ``session.post()``, prepares a
-``web.StreamResponse`` and copies the upstream body with the common readline idiom
-(``async for line in upstream.content: await response.write(line)``). The server runs with
+``web.StreamResponse`` and reads the upstream body with the common readline idiom
+(``async for line in upstream.content``). It gathers an event's lines until the blank line that
+ends it, then writes the whole event with one ``await response.write()`` (not one write per
+line: each write is a chunk and a send of its own). The server runs with
 ``handler_cancellation=True`` so a client disconnect cancels the handler (aiohttp's default only
 notices on the next failed ``write()``), and the ``async with`` block closes the upstream.
 """
@@ -40,8 +42,14 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
         )
         await response.prepare(request)
+        event: list[bytes] = []
         async for line in upstream.content:
-            await response.write(line)
+            event.append(line)
+            if line in (b"\n", b"\r\n"):  # a blank line ends the event
+                await response.write(b"".join(event))
+                event.clear()
+        if event:  # a last event the upstream did not end
+            await response.write(b"".join(event))
         await response.write_eof()
         return response
 

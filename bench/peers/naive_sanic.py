@@ -1,9 +1,10 @@
 """Naive Sanic SSE relay: the straightforward hand-written streaming proxy.
 
 The handler opens the downstream stream with ``request.respond()``, forwards the request
-body to the upstream on one shared ``httpx.AsyncClient`` via ``client.stream()``, and relays
-the upstream body line by line (``aiter_lines()`` + one ``response.send()`` per line). On
-client disconnect Sanic cancels the handler task, and the ``async with`` block closes the
+body to the upstream on one shared ``httpx.AsyncClient`` (httpx's default transport) via
+``client.stream()``, reads the upstream body with ``aiter_lines()``, and sends each event whole
+(its lines joined, up to the blank line that ends it) with one ``response.send()``. On client
+disconnect Sanic cancels the handler task, and the ``async with`` block closes the
 upstream response.
 """
 
@@ -45,8 +46,15 @@ async def chat_completions(request: Request) -> None:
         content=request.body,
         headers={"content-type": "application/json", "accept": "text/event-stream"},
     ) as upstream:
+        lines: list[str] = []
         async for line in upstream.aiter_lines():
-            await response.send(line + "\n")
+            if line:
+                lines.append(line)
+            elif lines:  # a blank line ends the event
+                await response.send("\n".join(lines) + "\n\n")
+                lines.clear()
+        if lines:  # a last event the upstream did not end
+            await response.send("\n".join(lines) + "\n\n")
     await response.eof()
 
 
