@@ -170,8 +170,10 @@ class Phase(Enum):
 
 @dataclass(frozen=True)
 class Ending:
-    """Why a stream ended: its outcome and the error, if any (None for ``completed`` and a
-    plain client disconnect). Fixed once: the first ending wins."""
+    """Why a stream ended: its outcome and our error, if any. Fixed once: the first ending
+    wins. ``error`` is None when no frame of ours reports it: ``completed``, a plain client
+    disconnect, and the upstream's in-band error (``upstream_error``; its own frame went
+    through as it was)."""
 
     outcome: Outcome
     error: StreamPlusError | None = None
@@ -207,9 +209,11 @@ class Refuse:
 @dataclass(frozen=True)
 class FinalFrame:
     """Write ``data`` (bytes, maybe empty), then end the body; call
-    :meth:`StreamMachine.drained` once that is done."""
+    :meth:`StreamMachine.drained` once that is done. ``events`` are the events ``data``
+    encodes (for an adapter that stores events: a resumable stream's producer)."""
 
     data: bytes
+    events: tuple[ServerSentEvent, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -288,9 +292,8 @@ class StreamMachine:
             return []
         if kind is EventKind.TERMINAL:
             return self._end(Ending(Outcome.COMPLETED), [event])
-        if kind is EventKind.UPSTREAM_ERROR:
-            error = UpstreamError("the upstream reported an error in its stream")
-            return self._end(Ending(Outcome.UPSTREAM_ERROR, error), [event], passthrough=True)
+        if kind is EventKind.UPSTREAM_ERROR:  # its own report: no error of ours
+            return self._end(Ending(Outcome.UPSTREAM_ERROR), [event], passthrough=True)
         if kind is EventKind.START:
             self._started = event
         elif kind is EventKind.FINISH:
@@ -401,7 +404,8 @@ class StreamMachine:
             self.status = self._refusal.status
             return [self._refusal]
         out: list[Output] = [] if self.status is not None else [self._commit()]
-        return [*out, FinalFrame(self._frame())]
+        events = self._final_events()
+        return [*out, FinalFrame(b"".join(map(self._encode, events)), tuple(events))]
 
     def drained(self) -> list[Output]:
         """The final frame (or the answer) was written and the body ended: the stream is
@@ -452,11 +456,14 @@ class StreamMachine:
         self.phase = Phase.ENDING
         return [CloseSource()]
 
-    def _frame(self) -> bytes:
-        """The final frame's bytes; a bare end marker (``[DONE]``) only where the format
+    def _final_events(self) -> list[ServerSentEvent]:
+        """The final frame's events; a bare end marker (``[DONE]``) only where the format
         writes one. Called once per stream (finish, or the cut's last word)."""
         events = self._last_word
         if not (self.format.writes_end or self.dialect.end_is_data):
             classify = self.dialect.classify
             events = [event for event in events if classify(event) is not EventKind.TERMINAL]
-        return b"".join(self._encode(event) for event in events)
+        return events
+
+    def _frame(self) -> bytes:
+        return b"".join(map(self._encode, self._final_events()))

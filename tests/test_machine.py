@@ -44,6 +44,7 @@ from sanic_streamplus.machine import (
     CloseSource,
     Commit,
     Cut,
+    Ending,
     FinalFrame,
     Outcome,
     Output,
@@ -240,7 +241,7 @@ def test_openai_done_is_written_once_and_completes() -> None:
     send(m, TEXT)
     assert send(m, OPENAI_DONE) == [CloseSource()]
     assert send(m, TEXT) == []  # what a holding upstream sends after its end is dropped
-    assert finish(m) == [FinalFrame(DONE)]
+    assert finish(m) == [FinalFrame(DONE, (OPENAI_DONE,))]
     assert m.ending is not None and m.ending.outcome is Outcome.COMPLETED
 
 
@@ -248,7 +249,7 @@ def test_openai_finish_reason_then_the_end_is_complete_and_gets_done() -> None:
     m = machine()
     send(m, TEXT)
     send(m, FINISH)
-    assert finish(m) == [FinalFrame(DONE)]
+    assert finish(m) == [FinalFrame(DONE, (OPENAI_DONE,))]  # [DONE] earned by the finish
     assert m.ending is not None and m.ending.outcome is Outcome.COMPLETED
 
 
@@ -287,8 +288,11 @@ def test_the_upstreams_own_openai_error_passes_once_then_done() -> None:
     m = machine()
     send(m, TEXT)
     assert send(m, OPENAI_ERROR) == [CloseSource()]
-    assert finish(m) == [FinalFrame(f"data: {OPENAI_ERROR.data}\n\n".encode() + DONE)]
-    assert m.ending is not None and m.ending.outcome is Outcome.UPSTREAM_ERROR
+    (frame,) = finish(m)
+    assert frame == FinalFrame(
+        f"data: {OPENAI_ERROR.data}\n\n".encode() + DONE, (OPENAI_ERROR, OPENAI_DONE)
+    )
+    assert m.ending == Ending(Outcome.UPSTREAM_ERROR)  # no error of ours: the frame is theirs
 
 
 def test_the_upstreams_own_error_as_first_event_commits_and_passes_through() -> None:
@@ -296,7 +300,8 @@ def test_the_upstreams_own_error_as_first_event_commits_and_passes_through() -> 
     error = named("error", error={"type": "overloaded_error", "message": "busy"})
     send(m, error)
     commit, frame = finish(m)
-    assert isinstance(commit, Commit) and frame == FinalFrame(get_format("sse").encode(error))
+    assert isinstance(commit, Commit)
+    assert frame == FinalFrame(get_format("sse").encode(error), (error,))
 
 
 def test_anthropic_message_stop_completes_and_its_absence_truncates() -> None:
@@ -304,7 +309,7 @@ def test_anthropic_message_stop_completes_and_its_absence_truncates() -> None:
     m = machine("anthropic")
     for event in events:
         send(m, event)
-    assert finish(m) == [FinalFrame(get_format("sse").encode(events[-1]))]
+    assert finish(m) == [FinalFrame(get_format("sse").encode(events[-1]), (events[-1],))]
     assert m.ending is not None and m.ending.outcome is Outcome.COMPLETED
 
     m = machine("anthropic")
@@ -332,7 +337,7 @@ def test_responses_terminal_events_end_the_stream(terminal: str, outcome: Outcom
         send(m, event)
     last = named(terminal, sequence_number=9, response={"id": "resp_fake", "status": "x"})
     assert send(m, last) == [CloseSource()]
-    assert finish(m) == [FinalFrame(get_format("sse").encode(last))]  # once, nothing after
+    assert finish(m) == [FinalFrame(get_format("sse").encode(last), (last,))]  # once, alone
     assert m.ending is not None and m.ending.outcome is outcome
 
 
@@ -356,7 +361,7 @@ def test_a_truncated_responses_stream_fails_its_own_response_numbered_after_the_
 def test_plain_has_no_end_marker_so_any_end_is_complete() -> None:
     m = machine("plain")
     send(m, ServerSentEvent('{"text": "a"}'))
-    assert finish(m) == [FinalFrame(b"")]
+    assert finish(m) == [FinalFrame(b"", ())]
     assert m.ending is not None and m.ending.outcome is Outcome.COMPLETED
 
 
@@ -364,11 +369,11 @@ def test_ndjson_drops_the_bare_done_but_keeps_an_end_with_data() -> None:
     m = machine("openai", "ndjson")
     send(m, TEXT)
     send(m, OPENAI_ERROR)
-    assert finish(m) == [FinalFrame(OPENAI_ERROR.data.encode() + b"\n")]
+    assert finish(m) == [FinalFrame(OPENAI_ERROR.data.encode() + b"\n", (OPENAI_ERROR,))]
     m = machine("anthropic", "ndjson")
     stop = named("message_stop")
     send(m, stop)
-    assert finish(m)[-1] == FinalFrame(get_format("ndjson").encode(stop))
+    assert finish(m)[-1] == FinalFrame(get_format("ndjson").encode(stop), (stop,))
 
 
 def test_a_heartbeat_commits_and_then_an_error_is_a_frame_not_an_answer() -> None:
@@ -710,6 +715,7 @@ def test_each_dialect_detects_truncation(
     else:
         assert errors_of_ours == []
     if outcome is Outcome.UPSTREAM_ERROR:  # the upstream's own frame, once, nothing of ours
+        assert m.ending.error is None
         first = labels.index("error")
         own = labelled[first][1]
         assert [e for e in events if e.data == own.data] == [own]
