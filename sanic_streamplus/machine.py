@@ -318,7 +318,7 @@ class StreamMachine:
 
     def source_failed(self, error: StreamPlusError) -> list[Output]:
         """The source raised ``error`` (the adapter maps any exception with
-        :func:`~sanic_streamplus.errors.to_stream_error`). Returns ``[CloseSource]``; the error
+        :func:`~sanic_streamplus.relay.to_stream_error`). Returns ``[CloseSource]``; the error
         frame, or the JSON answer before the commit point, comes with :meth:`finish`."""
         return self._fail(error) if self.phase in _LIVE else []
 

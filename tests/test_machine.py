@@ -275,6 +275,15 @@ def test_a_truncated_stream_before_the_commit_point_is_a_502_answer() -> None:
     assert refuse.headers == (("Content-Type", "application/json"),)
 
 
+def test_an_answer_before_the_commit_point_is_in_the_dialects_error_shape() -> None:
+    m = machine("anthropic")
+    m.source_failed(UpstreamStatusError(401, message="bad key"))
+    (refuse,) = finish(m)
+    assert isinstance(refuse, Refuse) and refuse.status == 401
+    body = {"type": "error", "error": {"type": "authentication_error", "message": "bad key"}}
+    assert json.loads(refuse.body) == body
+
+
 def test_a_rate_limited_upstream_is_a_429_answer_with_retry_after() -> None:
     m = machine()
     m.source_failed(UpstreamStatusError(429, retry_after="7"))
