@@ -13,6 +13,7 @@ Catch the class that says what you can act on::
     │   ├── UpstreamStatusError      the upstream answered a non-2xx status (429 is passed through)
     │   ├── UpstreamBadResponse      the upstream answered 2xx but not ``text/event-stream``
     │   ├── UpstreamDisconnected     the upstream broke the connection in the middle of the body
+    │   ├── UpstreamTruncated        the upstream's stream ended without its dialect's end event
     │   └── UpstreamTimeout          an upstream timeout expired (504); one class per phase:
     │       ├── ConnectTimeout           connecting
     │       ├── FirstEventTimeout        from the request to the first event
@@ -74,6 +75,7 @@ __all__ = [
     "UpstreamError",
     "UpstreamStatusError",
     "UpstreamTimeout",
+    "UpstreamTruncated",
     "UpstreamUnreachable",
     "error_body",
 ]
@@ -262,6 +264,22 @@ class UpstreamDisconnected(UpstreamError):
     """The upstream closed or reset the connection in the middle of the event stream."""
 
     type = "upstream_disconnected"
+
+
+class UpstreamTruncated(UpstreamError):
+    """The upstream's stream ended without the end its dialect requires (``[DONE]`` or a
+    ``finish_reason`` for OpenAI chat, ``message_stop`` for Anthropic, ``response.completed``
+    / ``incomplete`` / ``failed`` for the Responses API): the answer may be cut short.
+
+    Attributes:
+        dialect: the stream's dialect name (str).
+    """
+
+    type = outcome = "upstream_truncated"
+
+    def __init__(self, dialect: str) -> None:
+        super().__init__(f"the upstream's {dialect} stream ended without its end event")
+        self.dialect = dialect
 
 
 class UpstreamTimeout(UpstreamError):

@@ -45,6 +45,7 @@ import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, TypeVar
 
 from .errors import StreamPlusError, error_body
@@ -54,6 +55,7 @@ __all__ = [
     "DIALECTS",
     "AnthropicDialect",
     "Dialect",
+    "EventKind",
     "Format",
     "OpenAIDialect",
     "OpenAIResponsesDialect",
@@ -66,6 +68,37 @@ T = TypeVar("T")
 _DONE = ServerSentEvent("[DONE]")
 _DUMPS = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 _USAGE = re.compile(r'"usage"\s*:\s*\{')  # a usage object, not "usage": null
+_FINISH = re.compile(r'"finish_reason"\s*:\s*"')  # a finish reason, not "finish_reason": null
+_CONTENT = re.compile(r'"content"\s*:\s*"')  # a text piece, not "content": null
+
+
+class EventKind(Enum):
+    """What one event of a stream is, as far as its end is concerned
+    (:meth:`Dialect.classify`). One kind per event; when several fit, the first of this list.
+
+    Attributes:
+        UPSTREAM_ERROR: the upstream's own error report (OpenAI ``{"error": ...}``, Anthropic
+            ``event: error``, Responses ``response.failed`` / ``error``, plain ``event: error``):
+            it goes through as sent and ends the stream.
+        TERMINAL: the dialect's end marker (``[DONE]``, ``message_stop``,
+            ``response.completed`` / ``response.incomplete``): the answer is complete.
+        FINISH: the answer is complete but the stream may go on (an OpenAI chunk with a
+            ``finish_reason``; a usage chunk may follow): the end without ``[DONE]`` is complete.
+        START: the event that announces the answer (``message_start``, ``response.created``
+            / ``in_progress`` / ``queued``); a dialect's error frame may repeat it.
+        USAGE: a token-usage block (:meth:`Dialect.usage` finds it; START, FINISH and
+            TERMINAL events may carry one too).
+        TEXT_DELTA: the next piece of the answer's text (found without parsing: a hint).
+        OTHER: anything else.
+    """
+
+    UPSTREAM_ERROR = "upstream_error"
+    TERMINAL = "terminal"
+    FINISH = "finish"
+    START = "start"
+    USAGE = "usage"
+    TEXT_DELTA = "text_delta"
+    OTHER = "other"
 
 
 def to_event(item: Any) -> ServerSentEvent:
@@ -123,6 +156,17 @@ def _event_type(event: ServerSentEvent, names: frozenset[str]) -> str | None:
     return kind if kind in names else None
 
 
+def _usage_in(value: Any, paths: tuple[tuple[str, ...], ...]) -> dict[str, Any] | None:
+    """The first usage object found in ``value`` (parsed JSON) along one of ``paths``."""
+    for path in paths:
+        found: Any = value
+        for key in path:
+            found = found.get(key) if isinstance(found, dict) else None
+        if isinstance(found, dict):
+            return found
+    return None
+
+
 def _status(error: StreamPlusError) -> int:
     """The HTTP status that says most about ``error``: the upstream's error status when there is
     one (a 529 stays a 529), else the error's own."""
@@ -167,7 +211,21 @@ class Dialect:
         return []
 
     def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
-        """Events that report ``error`` after the commit point, and end the stream."""
+        """Events that report ``error`` after the commit point, and end the stream (what
+        :meth:`error_frame` makes of what this dialect object remembered)."""
+        return self.error_frame(error, None, None)
+
+    def error_frame(
+        self,
+        error: StreamPlusError,
+        started: ServerSentEvent | None,
+        last: ServerSentEvent | None,
+    ) -> list[ServerSentEvent]:
+        """Events that report ``error`` after the commit point, and end the stream, in a
+        stream whose last :attr:`EventKind.START` event was ``started`` and whose last event
+        was ``last`` (None: none yet). Pure: the caller keeps those two (one per stream).
+        Each call makes a new frame (the Responses dialect's carries a new id when none was
+        announced): make it once per stream."""
         return [ServerSentEvent(_DUMPS(error_body(error)), event="error")]
 
     def refusal_body(self, error: StreamPlusError) -> dict[str, Any]:
@@ -176,6 +234,33 @@ class Dialect:
         "upstream_status"}}`` (:func:`~sanic_streamplus.errors.error_body`); each dialect gives
         its API's own error shape, so that its SDK reads the message and the error type."""
         return error_body(error)
+
+    def answer(self, error: StreamPlusError) -> tuple[int, bytes, dict[str, str]]:
+        """The JSON answer for ``error`` before the commit point: (HTTP status
+        ``error.status``, the UTF-8 JSON of :meth:`refusal_body`, headers: ``Content-Type``,
+        and the error's ``Retry-After`` for a 429 or 503)."""
+        headers = {"Content-Type": "application/json"}
+        if error.retry_after and error.status in (429, 503):
+            headers["Retry-After"] = error.retry_after
+        return error.status, _DUMPS(self.refusal_body(error)).encode(), headers
+
+    def classify(self, event: ServerSentEvent) -> EventKind:
+        """What ``event`` is (:class:`EventKind`). Pure (the dialect object is not changed),
+        and its data is parsed at most once, only when a cheap test says it may matter.
+        Plain: ``event: error`` is the upstream's error, a usage object is USAGE, data
+        beginning ``{"text"`` a TEXT_DELTA; no end marker (any end is complete)."""
+        if event.event == "error":
+            return EventKind.UPSTREAM_ERROR
+        data = event.data
+        if _USAGE.search(data) is not None and _usage_in(_object(data), self.usage_paths):
+            return EventKind.USAGE
+        return EventKind.TEXT_DELTA if data.startswith('{"text"') else EventKind.OTHER
+
+    def complete_without_end(self, finished: bool) -> bool:
+        """Whether a source that ended without a :attr:`EventKind.TERMINAL` event gave a
+        complete answer (``finished``: a :attr:`EventKind.FINISH` event went by). False:
+        the stream is ``upstream_truncated``. Plain: always complete (it has no end marker)."""
+        return True
 
     def heartbeat(self, fmt: Format) -> bytes | None:
         """The bytes written while the stream is idle in ``fmt``: :attr:`heartbeat_event`
@@ -195,14 +280,7 @@ class Dialect:
         data = event.data
         if '"usage"' not in data or _USAGE.search(data) is None:
             return None
-        value = _object(data)
-        for path in self.usage_paths:
-            found: Any = value
-            for key in path:
-                found = found.get(key) if isinstance(found, dict) else None
-            if isinstance(found, dict):
-                return found
-        return None
+        return _usage_in(_object(data), self.usage_paths)
 
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
         """Split a text-delta event into (shape, template, text), or None if it is not one.
@@ -243,7 +321,12 @@ class OpenAIDialect(Dialect):
     def end_events(self) -> list[ServerSentEvent]:
         return [_DONE]
 
-    def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
+    def error_frame(
+        self,
+        error: StreamPlusError,
+        started: ServerSentEvent | None,
+        last: ServerSentEvent | None,
+    ) -> list[ServerSentEvent]:
         code = error.upstream_status
         body = {"error": {"message": error.message, "type": error.type, "code": code}}
         return [ServerSentEvent(_DUMPS(body)), _DONE]
@@ -252,6 +335,33 @@ class OpenAIDialect(Dialect):
         """OpenAI's error object, ``{"error": {"message", "type", "param", "code"}}``: the
         upstream's own type, param and code when it sent them, else ours (``type``) and null."""
         return {"error": _openai_error(error)}
+
+    def classify(self, event: ServerSentEvent) -> EventKind:
+        """``[DONE]`` is TERMINAL; a JSON object with an ``error`` and no ``choices`` the
+        upstream's error; a chunk with a choice's ``finish_reason`` FINISH; one with a
+        ``usage`` object USAGE; one with a ``"content": "..."`` a TEXT_DELTA."""
+        data = event.data
+        if data == "[DONE]":
+            return EventKind.TERMINAL
+        if not data.startswith("{"):
+            return EventKind.OTHER
+        error = '"error"' in data
+        finish = _FINISH.search(data) is not None
+        usage = _USAGE.search(data) is not None
+        if error or finish or usage:
+            value = _object(data) or {}
+            choices = value.get("choices")
+            if error and value.get("error") is not None and choices is None:
+                return EventKind.UPSTREAM_ERROR
+            if finish and isinstance(choices, list) and any(_finished(c) for c in choices):
+                return EventKind.FINISH
+            if usage and isinstance(value.get("usage"), dict):
+                return EventKind.USAGE
+        return EventKind.TEXT_DELTA if _CONTENT.search(data) else EventKind.OTHER
+
+    def complete_without_end(self, finished: bool) -> bool:
+        """Complete once a ``finish_reason`` went by (``[DONE]`` is then written for it)."""
+        return finished
 
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
         if event.event != "message":
@@ -284,7 +394,19 @@ class OpenAIDialect(Dialect):
         return _DUMPS(chunk), (event.event, chunk, delta, "content"), text
 
 
+def _finished(choice: Any) -> bool:
+    return isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str)
+
+
 _ANTHROPIC_END = frozenset({"message_stop"})
+_ANTHROPIC_KINDS = {
+    "error": EventKind.UPSTREAM_ERROR,
+    "message_stop": EventKind.TERMINAL,
+    "message_start": EventKind.START,
+    "message_delta": EventKind.USAGE,
+    "content_block_delta": EventKind.TEXT_DELTA,
+}
+_ANTHROPIC_NAMES = frozenset(_ANTHROPIC_KINDS)
 _ANTHROPIC_ERRORS = {  # HTTP status -> Anthropic error type (anthropic-sdk ErrorType)
     400: "invalid_request_error",
     401: "authentication_error",
@@ -331,7 +453,12 @@ class AnthropicDialect(Dialect):
     def is_end(self, event: ServerSentEvent) -> bool:
         return _event_type(event, _ANTHROPIC_END) is not None
 
-    def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
+    def error_frame(
+        self,
+        error: StreamPlusError,
+        started: ServerSentEvent | None,
+        last: ServerSentEvent | None,
+    ) -> list[ServerSentEvent]:
         return [ServerSentEvent(_DUMPS(self.refusal_body(error)), event="error")]
 
     def refusal_body(self, error: StreamPlusError) -> dict[str, Any]:
@@ -341,6 +468,17 @@ class AnthropicDialect(Dialect):
         if not isinstance(kind, str):
             kind = _ANTHROPIC_ERRORS.get(_status(error), "api_error")
         return {"type": "error", "error": {"type": kind, "message": error.message}}
+
+    def classify(self, event: ServerSentEvent) -> EventKind:
+        """By event name (or an unnamed event's data ``"type"``): ``error`` the upstream's
+        error, ``message_stop`` TERMINAL, ``message_start`` START, ``message_delta`` USAGE,
+        ``content_block_delta`` TEXT_DELTA."""
+        kind = _event_type(event, _ANTHROPIC_NAMES)
+        return EventKind.OTHER if kind is None else _ANTHROPIC_KINDS[kind]
+
+    def complete_without_end(self, finished: bool) -> bool:
+        """Never: an Anthropic answer is complete only with its ``message_stop``."""
+        return False
 
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
         if event.event != "content_block_delta":
@@ -367,6 +505,15 @@ _RESPONSE_START = frozenset({"response.created", "response.in_progress", "respon
 _RESPONSE_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
 _RESPONSE_TYPES = _RESPONSE_START | _RESPONSE_END
 _TEXT_DELTA = "response.output_text.delta"
+_RESPONSE_KINDS = {
+    "response.failed": EventKind.UPSTREAM_ERROR,
+    "error": EventKind.UPSTREAM_ERROR,
+    "response.completed": EventKind.TERMINAL,
+    "response.incomplete": EventKind.TERMINAL,
+    **dict.fromkeys(_RESPONSE_START, EventKind.START),
+    _TEXT_DELTA: EventKind.TEXT_DELTA,
+}
+_RESPONSE_NAMES = frozenset(_RESPONSE_KINDS)
 _TEXT_DELTA_KEYS = frozenset(
     "type item_id output_index content_index delta sequence_number logprobs obfuscation".split()
 )
@@ -421,11 +568,21 @@ class OpenAIResponsesDialect(Dialect):
         return kind in _RESPONSE_END
 
     def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
-        last = _object(self.last.data) if self.last is not None else None
-        number = last.get("sequence_number") if last is not None else None
+        return self.error_frame(error, self.started, self.last)
+
+    def error_frame(
+        self,
+        error: StreamPlusError,
+        started: ServerSentEvent | None,
+        last: ServerSentEvent | None,
+    ) -> list[ServerSentEvent]:
+        """The ``response.failed`` of the response ``started`` announced, numbered after
+        ``last`` (a ``response.created`` of a new response first, when none was)."""
+        previous = _object(last.data) if last is not None else None
+        number = previous.get("sequence_number") if previous is not None else None
         sequence = number + 1 if isinstance(number, int) and number >= 0 else 0
-        started = _object(self.started.data) if self.started is not None else None
-        response = started.get("response") if started is not None else None
+        announced = _object(started.data) if started is not None else None
+        response = announced.get("response") if announced is not None else None
         events = []
         if not isinstance(response, dict):
             response = {
@@ -448,6 +605,19 @@ class OpenAIResponsesDialect(Dialect):
         failed = {**response, "status": "failed", "error": {"code": code, "message": error.message}}
         events.append(_response_event("response.failed", sequence, failed))
         return events
+
+    def classify(self, event: ServerSentEvent) -> EventKind:
+        """By event name (or an unnamed event's data ``"type"``): ``response.failed`` and
+        ``error`` the upstream's error, ``response.completed`` / ``response.incomplete``
+        TERMINAL, ``response.created`` / ``in_progress`` / ``queued`` START,
+        ``response.output_text.delta`` TEXT_DELTA. Unlike :meth:`is_end`, remembers nothing:
+        the caller keeps the last START event and the last event for :meth:`error_frame`."""
+        kind = _event_type(event, _RESPONSE_NAMES)
+        return EventKind.OTHER if kind is None else _RESPONSE_KINDS[kind]
+
+    def complete_without_end(self, finished: bool) -> bool:
+        """Never: a Responses stream is complete only with its terminal event."""
+        return False
 
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
         if event.event not in ("message", _TEXT_DELTA):

@@ -13,7 +13,9 @@ HTTP_STACK = (
 )
 
 
-@pytest.mark.parametrize("module", ["sanic_streamplus.sse", "sanic_streamplus.errors"])
+@pytest.mark.parametrize(
+    "module", ["sanic_streamplus.sse", "sanic_streamplus.errors", "sanic_streamplus.machine"]
+)
 def test_the_codec_and_the_errors_load_no_http_stack(module: str) -> None:
     probe = (
         f"import json, sys, {module}\n"
