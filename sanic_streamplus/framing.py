@@ -256,6 +256,14 @@ class Dialect:
             return EventKind.USAGE
         return EventKind.TEXT_DELTA if data.startswith('{"text"') else EventKind.OTHER
 
+    def end_kind(self, event: ServerSentEvent) -> EventKind:
+        """What ``event`` is to the stream machine, cheaply (once per event, on the hot path):
+        :meth:`classify`'s kind when it is UPSTREAM_ERROR, TERMINAL, FINISH or START; for any
+        other event, OTHER or the kind :meth:`classify` gives (USAGE and TEXT_DELTA are not
+        looked for; the machine writes them as OTHER). Plain: ``event: error`` is the upstream's
+        error, anything else OTHER."""
+        return EventKind.UPSTREAM_ERROR if event.event == "error" else EventKind.OTHER
+
     def complete_without_end(self, finished: bool) -> bool:
         """Whether a source that ended without a :attr:`EventKind.TERMINAL` event gave a
         complete answer (``finished``: a :attr:`EventKind.FINISH` event went by). False:
@@ -358,6 +366,19 @@ class OpenAIDialect(Dialect):
             if usage and isinstance(value.get("usage"), dict):
                 return EventKind.USAGE
         return EventKind.TEXT_DELTA if _CONTENT.search(data) else EventKind.OTHER
+
+    def end_kind(self, event: ServerSentEvent) -> EventKind:
+        """:meth:`classify` for the events that may end the stream; a chunk with no
+        ``"error"`` whose choice's ``"finish_reason"`` is ``null`` (as OpenAI writes it, with
+        or without a space) is OTHER without a parse or a regex (a chunk of several choices,
+        some finished and some not, is taken as not finished)."""
+        data = event.data
+        if data == "[DONE]":
+            return EventKind.TERMINAL
+        unfinished = '"finish_reason":null' in data or '"finish_reason": null' in data
+        if unfinished and '"error"' not in data:
+            return EventKind.OTHER
+        return self.classify(event)
 
     def complete_without_end(self, finished: bool) -> bool:
         """Complete once a ``finish_reason`` went by (``[DONE]`` is then written for it)."""
@@ -475,6 +496,10 @@ class AnthropicDialect(Dialect):
         ``content_block_delta`` TEXT_DELTA."""
         kind = _event_type(event, _ANTHROPIC_NAMES)
         return EventKind.OTHER if kind is None else _ANTHROPIC_KINDS[kind]
+
+    def end_kind(self, event: ServerSentEvent) -> EventKind:
+        """:meth:`classify` (by event name: cheap already)."""
+        return self.classify(event)
 
     def complete_without_end(self, finished: bool) -> bool:
         """Never: an Anthropic answer is complete only with its ``message_stop``."""
@@ -614,6 +639,10 @@ class OpenAIResponsesDialect(Dialect):
         the caller keeps the last START event and the last event for :meth:`error_frame`."""
         kind = _event_type(event, _RESPONSE_NAMES)
         return EventKind.OTHER if kind is None else _RESPONSE_KINDS[kind]
+
+    def end_kind(self, event: ServerSentEvent) -> EventKind:
+        """:meth:`classify` (by event name: cheap already)."""
+        return self.classify(event)
 
     def complete_without_end(self, finished: bool) -> bool:
         """Never: a Responses stream is complete only with its terminal event."""

@@ -187,10 +187,12 @@ class Commit:
     headers: tuple[tuple[str, str], ...]
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class Write:
     """Write ``data`` (bytes) to the client; ``event`` is the event it encodes (None for a
-    heartbeat), for an adapter that stores events or merges text deltas."""
+    heartbeat), for an adapter that stores events or merges text deltas. One per event: not
+    frozen (a frozen dataclass costs about three times as much to make); treat it as
+    read-only."""
 
     data: bytes
     event: ServerSentEvent | None = None

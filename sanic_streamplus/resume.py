@@ -32,20 +32,20 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
 from typing import Any
 
-from ._aio import aclose_iterator, close_completely
+from ._aio import close_completely
 from .errors import (
     EventsExpired,
     ProducerLost,
     ReplayedError,
-    ServerShutdown,
     StreamCancelled,
     StreamExpired,
     StreamNotFound,
     StreamPlusError,
     error_body,
 )
-from .framing import Dialect, to_event
-from .relay import to_stream_error
+from .framing import Dialect, Format
+from .machine import Commit, Cut, Ending, FinalFrame, Outcome, Refuse, StreamMachine, Write
+from .pump import Pump
 from .sse import ServerSentEvent
 from .store import EventStore, FencingError, StreamRecord
 
@@ -57,6 +57,9 @@ _LEASE = 3.0  # seconds a producer's lease lasts; renewed every _TICK
 _TICK = 0.5  # seconds between a producer's checks (lease, cancel, readers)
 _BLOCK = 1.0  # seconds a reader waits in the store before it checks the producer
 _BATCH = 1024  # events a producer may have waiting for the store before it waits too
+# what the producer's machine writes: events, not bytes; a bare end marker ([DONE]) is not
+# stored (a reader's own machine writes it), a data-carrying one (message_stop) is
+_STORED = Format("stored", "", lambda event: b"", None, False)
 
 
 def new_stream_id() -> str:
@@ -116,6 +119,7 @@ class Resumer:
         self.grace = grace
         self.window = window
         self.producers: dict[str, asyncio.Task[None]] = {}
+        self.pumps: dict[str, Pump] = {}  # stream -> its producer's pump
         self.readers: dict[str, dict[object, int]] = {}  # stream -> reader -> seq it has read
         self.advanced: dict[str, asyncio.Event] = {}  # stream -> a local reader moved on
         self.closing = False  # the server is stopping: a cancelled producer failed with shutdown
@@ -131,52 +135,34 @@ class Resumer:
         token = secrets.token_hex(8)
         if not await self.store.claim(stream_id, token, _LEASE):
             raise FencingError(f"stream {stream_id} has a producer")
-        task = asyncio.ensure_future(self._produce(stream_id, token, source, dialect))
+        downstream = _StoreDownstream(self, stream_id, token)
+        limit = max(1, min(_BATCH, self.window))  # events read ahead of the store
+        pump = Pump(StreamMachine(dialect, _STORED), downstream, high_water_mark=limit)
+        self.pumps[stream_id] = pump
+        task = asyncio.ensure_future(self._produce(stream_id, token, source, pump))
         self.producers[stream_id] = task
-        task.add_done_callback(lambda _: self.producers.pop(stream_id, None))
+
+        def done(_: object) -> None:
+            self.producers.pop(stream_id, None)
+            self.pumps.pop(stream_id, None)
+
+        task.add_done_callback(done)
 
     async def _produce(
-        self, stream_id: str, token: str, source: AsyncIterable[Any], dialect: Dialect
+        self, stream_id: str, token: str, source: AsyncIterable[Any], pump: Pump
     ) -> None:
-        store = self.store
-        state, error = "completed", None
-        iterator = source.__aiter__()
-        watcher = asyncio.ensure_future(self._watch(stream_id, token, asyncio.current_task()))
-        appender = _Appender(store, stream_id, token)
-        seq = 0  # this producer is the stream's only writer: the n-th event is seq n
+        """The producer: :class:`~sanic_streamplus.pump.Pump` ``source`` into the store (the
+        same end rule as a live stream's), while :meth:`_watch` renews the lease."""
+        watcher = asyncio.ensure_future(self._watch(stream_id, token, pump))
         try:
-            async for item in iterator:
-                event = to_event(item)
-                if dialect.is_end(event):
-                    if dialect.end_is_data:  # message_stop, response.completed: readers need it
-                        await appender.put(event)
-                    break
-                await appender.put(event)
-                seq += 1
-                readers = self.readers.get(stream_id)
-                if readers and seq - min(readers.values()) > self.window:
-                    await self._wait_for_readers(stream_id, seq)
-            await appender.drain()
-        except asyncio.CancelledError:
-            state = "cancelled"
-            if self.closing:
-                state, error = "failed", error_body(ServerShutdown())["error"]
-        except FencingError:
-            logger.warning("stream %s: the producer lost its lease; stopping", stream_id)
-            return
-        except Exception as exc:
-            failure = to_stream_error(exc)
-            if failure.outcome == "internal_error":
-                logger.exception("stream handler failed", exc_info=exc)
-            state, error = "failed", error_body(failure)["error"]
+            await pump.run(source)
         finally:
             watcher.cancel()
-            await close_completely(aclose_iterator(iterator))
-        with contextlib.suppress(Exception):  # what was read before a failure is kept
-            await close_completely(appender.drain())
-        with contextlib.suppress(FencingError):
-            await close_completely(store.finish(stream_id, token, state, error))
-        logger.info("stream %s produced: state=%s", stream_id, state)
+        downstream: Any = pump.downstream
+        if downstream.state is None:  # the lease was lost (or the store failed): not ours
+            logger.warning("stream %s: the producer lost its lease; stopping", stream_id)
+            return
+        logger.info("stream %s produced: state=%s", stream_id, downstream.state)
 
     async def _wait_for_readers(self, stream_id: str, seq: int) -> None:
         """Hold the producer while a reader of this worker is more than ``window`` events
@@ -195,8 +181,8 @@ class Resumer:
         if await self.store.claim(stream_id, token, _LEASE):
             await self.store.finish(stream_id, token, "failed", error_body(error)["error"])
 
-    async def _watch(self, stream_id: str, token: str, producer: asyncio.Task[Any] | None) -> None:
-        """Renew the lease; stop the producer when cancelled or when no reader is left."""
+    async def _watch(self, stream_id: str, token: str, pump: Pump) -> None:
+        """Renew the lease; cancel the producer when asked to or when no reader is left."""
         while True:
             await asyncio.sleep(_TICK)
             try:
@@ -210,8 +196,7 @@ class Resumer:
             if record.reader_seen and time.time() - record.reader_seen > self.grace:
                 logger.info("stream %s: no reader for %g s; stopping", stream_id, self.grace)
                 break
-        if producer is not None:
-            producer.cancel()
+        pump.cancel(StreamCancelled(stream_id))  # a lost lease: finishing it fails, as it must
 
     async def check(self, stream_id: str, after: int) -> StreamRecord:
         """The record of a stream about to be read after ``after``, for a clear answer before
@@ -297,74 +282,105 @@ class Resumer:
         the stream is unknown or already finished."""
         if not await self.store.request_cancel(stream_id):
             return False
-        task = self.producers.get(stream_id)
-        if task is not None:  # here: at once, without waiting for the producer's next check
-            task.cancel()
+        pump = self.pumps.get(stream_id)
+        if pump is not None:  # here: at once, without waiting for the producer's next check
+            pump.cancel(StreamCancelled(stream_id))
         return True
 
     async def close(self) -> None:
         """Cancel this worker's producers and close the store."""
         self.closing = True
         tasks = list(self.producers.values())
-        for task in tasks:
-            task.cancel()
+        for pump in list(self.pumps.values()):
+            pump.shutdown()
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         await self.store.close()
 
 
-class _Appender:
-    """Write-behind for a producer: events wait while one ``append`` is in flight, and the
-    next append takes all of them in one operation (one round trip to Redis for a burst)."""
+class _StoreDownstream:
+    """The producer's :class:`~sanic_streamplus.downstream.Downstream`: the event store.
 
-    def __init__(self, store: EventStore, stream_id: str, token: str) -> None:
-        self.store, self.stream_id, self.token = store, stream_id, token
-        self.pending: list[ServerSentEvent] = []
-        self.writing: asyncio.Task[int] | None = None
-        self.failure: BaseException | None = None
-        self.idle = asyncio.Event()
-        self.idle.set()
+    Events wait while one ``append`` is in flight, and the next append takes all of them in one
+    operation (one round trip to Redis for a burst: the pump's writer sends one batch per
+    wake-up), as far as a reader of this worker that is still reading lets it: never more than
+    the window ahead of it (the rest waits, and so does the upstream read). The end stores the final frame's events when the ending is no error of
+    ours (completed, or the upstream's own error: readers pass it through), and finishes the
+    record: ``completed``, ``cancelled`` or ``failed`` with the error (a reader's own machine
+    makes its frame).
 
-    async def put(self, event: ServerSentEvent) -> None:
-        """Queue ``event``; wait only while ``_BATCH`` events are queued already.
+    Attributes:
+        state: the state the record was finished with; None until then (and for good when the
+            lease was lost: a :class:`~sanic_streamplus.store.FencingError` ends the pump).
+    """
+
+    __slots__ = ("_pending", "queued", "resumer", "seq", "state", "stream_id", "token")
+
+    def __init__(self, resumer: Resumer, stream_id: str, token: str) -> None:
+        self.resumer, self.stream_id, self.token = resumer, stream_id, token
+        self.queued = 0
+        self.seq = 0  # this producer is the stream's only writer: the n-th event is seq n
+        self.state: str | None = None
+        self._pending: list[ServerSentEvent] = []
+
+    def put(self, write: Write) -> None:
+        if write.event is not None:
+            self._pending.append(write.event)
+            self.queued += 1
+
+    def take(self) -> list[ServerSentEvent]:
+        batch, self._pending, self.queued = self._pending, [], 0
+        return batch
+
+    async def send(self, batch: list[ServerSentEvent]) -> int:
+        """Append ``batch``; then wait while a local reader lags the window behind.
 
         Raises:
-            FencingError: an earlier append found the lease lost.
+            FencingError: the lease was lost.
         """
-        if self.failure is not None:
-            raise self.failure
-        self.pending.append(event)
-        if self.writing is None:
-            self._write()
-        while len(self.pending) >= _BATCH and self.failure is None:
-            await self._written()
+        resumer, stream_id = self.resumer, self.stream_id
+        while batch:
+            readers = resumer.readers.get(stream_id)
+            room = resumer.window - (self.seq - min(readers.values())) if readers else len(batch)
+            if room <= 0:  # the upstream read waits with it (backpressure, as without resuming)
+                await resumer._wait_for_readers(stream_id, self.seq + 1)
+                continue
+            await resumer.store.append(stream_id, self.token, *batch[:room])
+            self.seq += len(batch[:room])
+            batch = batch[room:]
+        return 0
 
-    async def drain(self) -> None:
-        """Wait until every queued event is stored.
+    async def commit(self, commit: Commit) -> None:
+        pass
 
-        Raises:
-            FencingError: an append found the lease lost.
-        """
-        while (self.writing is not None or self.pending) and self.failure is None:
-            await self._written()
-        if self.failure is not None:
-            raise self.failure
+    async def finish(self, frame: FinalFrame, ending: Ending) -> int:
+        if ending.error is None and frame.events:
+            with contextlib.suppress(Exception):  # what was stored before is kept
+                await close_completely(
+                    self.resumer.store.append(self.stream_id, self.token, *frame.events)
+                )
+        await self._finish(ending)
+        return 0
 
-    async def _written(self) -> None:
-        self.idle.clear()
-        await self.idle.wait()
+    async def refuse(self, refuse: Refuse, ending: Ending) -> None:
+        await self._finish(ending)
 
-    def _write(self) -> None:
-        batch, self.pending = self.pending, []
-        self.writing = asyncio.ensure_future(self.store.append(self.stream_id, self.token, *batch))
-        self.writing.add_done_callback(self._done)
+    async def _finish(self, ending: Ending) -> None:
+        error = None
+        if ending.outcome is Outcome.CANCELLED:
+            state = "cancelled"
+        elif ending.error is None:
+            state = "completed"
+        else:
+            state, error = "failed", error_body(ending.error)["error"]
+        with contextlib.suppress(FencingError):
+            await close_completely(
+                self.resumer.store.finish(self.stream_id, self.token, state, error)
+            )
+            self.state = state
 
-    def _done(self, task: asyncio.Task[int]) -> None:
-        self.writing = None
-        if task.cancelled():
-            self.failure = asyncio.CancelledError()
-        elif task.exception() is not None:
-            self.failure = task.exception()
-        elif self.pending:
-            self._write()
-        self.idle.set()
+    async def cut(self, cut: Cut) -> None:
+        pass
+
+    def unblock(self) -> None:
+        pass

@@ -270,13 +270,14 @@ async def test_a_stream_ends_at_once_after_its_end_marker_and_nothing_follows(
 @pytest.mark.parametrize(
     ("dialect", "last"),
     [
-        ("openai", "[DONE]"),  # written by the proxy
-        ("anthropic", "message_delta"),  # the source's last event: no message_stop made up
-        ("openai-responses", "response.output_item.done"),  # no response.completed made up
+        ("openai", "[DONE]"),  # written by the proxy: a finish_reason went by
+        ("anthropic", "error"),  # no message_stop made up: upstream_truncated
+        ("openai-responses", "response.failed"),  # no response.completed made up: truncated
     ],
 )
 async def test_a_source_that_ends_without_its_end_marker(dialect: str, last: str) -> None:
-    """openai writes ``[DONE]`` for it; anthropic and openai-responses synthesize nothing."""
+    """openai writes ``[DONE]`` for it (its finish_reason said the answer was complete);
+    anthropic and openai-responses end with their error frame (``upstream_truncated``)."""
     async with dialect_proxy() as proxy:
         result = await fetch(proxy, dialect, end=False)
     assert result.status == 200 and result.complete

@@ -69,8 +69,9 @@ def observed_app(upstream_url: str, finished: Finished | None = None, **config: 
     @app.post("/usage")
     @stream_post(dialect="openai", on_finish=hooks)
     async def with_usage(request: Request) -> AsyncIterator[Any]:
-        for text in ("a", "b", "c"):
-            yield chunk({"choices": [{"index": 0, "delta": {"content": text}}]})
+        for text in ("a", "b", "c"):  # the last one finished: the stream is complete
+            choice = {"index": 0, "delta": {"content": text}}
+            yield chunk({"choices": [{**choice, "finish_reason": "stop" if text == "c" else None}]})
         yield chunk({"choices": [], "usage": USAGE})
 
     @app.post("/bug")
