@@ -305,9 +305,9 @@ class _StoreDownstream:
     operation (one round trip to Redis for a burst: the pump's writer sends one batch per
     wake-up), as far as a reader of this worker that is still reading lets it: never more than
     the window ahead of it (the rest waits, and so does the upstream read). The end stores
-    the final frame's events when the ending is no error of ours (completed, or the upstream's own error: readers pass it through), and finishes the
-    record: ``completed``, ``cancelled`` or ``failed`` with the error (a reader's own machine
-    makes its frame).
+    the final frame's events when the ending is no error of ours (completed, or the upstream's
+    own error: readers pass it through), and finishes the record: ``completed``,
+    ``cancelled`` or ``failed`` with the error (a reader's own machine makes its frame).
 
     Attributes:
         state: the state the record was finished with; None until then (and for good when the
