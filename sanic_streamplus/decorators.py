@@ -275,38 +275,41 @@ def stream_post(
                 return _head_response(options)
             if len(state.streams) >= settings.max_streams:
                 return error_response(TooManyStreams(settings.max_streams, 1))
-            try:
-                await _read_body(request, settings.max_body_size)
-            except BodyTooLarge as refused:
-                return error_response(refused)
-            if require_json:
-                try:
-                    body = request.json
-                except Exception:
-                    body = None
-                if body is None:
-                    return error_response(InvalidRequest("the request body must be JSON"))
-            token = object()  # holds a place under max_streams until the relay takes it over
+            # the stream's place under max_streams, from before its body is read until the
+            # relay takes it over; given back on every way out before that
+            token = object()
             state.streams.add(token)
             headers: dict[str, str] | None = None
-            began = time.monotonic()  # the stream's start: the handler's call
             try:
-                if resumable:
-                    produce = functools.partial(call, request, *args, **kwargs)
-                    started = await _resumable(request, state.resumer, options, produce)
-                    if isinstance(started, HTTPResponse):
-                        return started
-                    source, headers = started
-                else:
-                    source = await call(request, *args, **kwargs)
-                    if isinstance(source, HTTPResponse):
-                        return source
-            except Exception as exc:
-                refusal = _refusal(exc)
-                watch = _watch(state, request, options, hooks, None, began)
-                if watch is not None:
-                    await watch.refused(to_stream_error(exc), refusal.status)
-                return refusal
+                try:
+                    await _read_body(request, settings.max_body_size)
+                except BodyTooLarge as refused:
+                    return error_response(refused)
+                if require_json:
+                    try:
+                        body = request.json
+                    except Exception:
+                        body = None
+                    if body is None:
+                        return error_response(InvalidRequest("the request body must be JSON"))
+                began = time.monotonic()  # the stream's start: the handler's call
+                try:
+                    if resumable:
+                        produce = functools.partial(call, request, *args, **kwargs)
+                        started = await _resumable(request, state.resumer, options, produce)
+                        if isinstance(started, HTTPResponse):
+                            return started
+                        source, headers = started
+                    else:
+                        source = await call(request, *args, **kwargs)
+                        if isinstance(source, HTTPResponse):
+                            return source
+                except Exception as exc:
+                    refusal = _refusal(exc)
+                    watch = _watch(state, request, options, hooks, None, began)
+                    if watch is not None:
+                        await watch.refused(to_stream_error(exc), refusal.status)
+                    return refusal
             finally:
                 state.streams.discard(token)
             stream_id = headers["X-Stream-Id"] if headers else None
