@@ -20,6 +20,7 @@ from .errors import (
     ExtensionMissing,
     InvalidRequest,
     StreamNotFound,
+    TooManyProducers,
     TooManyStreams,
     to_stream_error,
 )
@@ -105,7 +106,9 @@ async def _resumable(
     response headers that name the stream.
 
     Raises:
-        StreamPlusError: a clear answer before anything is sent (404/410 for a resume).
+        StreamPlusError: a clear answer before anything is sent: 404/410 for a resume, 503
+            ``too_many_producers`` past ``max_producers`` (unless the ``Idempotency-Key`` is
+            bound: that attaches), 503 ``store_unavailable``.
     """
     last_event_id = request.headers.get("last-event-id")
     if last_event_id:
@@ -113,18 +116,27 @@ async def _resumable(
         await resumer.check(stream_id, after)
         return resumer.events(stream_id, after), {"X-Stream-Id": stream_id}
     key = request.headers.get("idempotency-key") or None
-    info = {"format": options.format.name, "dialect": options.dialect.name}
-    stream_id, created = await resumer.store.open(new_stream_id(), key, info)
-    if created:
-        try:
-            source = await produce()
-        except Exception as exc:
-            await resumer.fail(stream_id, to_stream_error(exc))
-            raise
-        if isinstance(source, HTTPResponse):
-            await resumer.fail(stream_id, InvalidRequest("the handler refused the request"))
-            return source
-        await resumer.start(source, options.dialect, stream_id)
+    place = resumer.reserve()
+    if place is None:  # max_producers run already: attach to a bound key's stream, or refuse
+        bound = None if key is None else await resumer.store.bound(key)
+        if bound is None:
+            raise TooManyProducers(resumer.max_producers or 0, 1)
+        return resumer.events(bound, 0), {"X-Stream-Id": bound}
+    try:
+        info = {"format": options.format.name, "dialect": options.dialect.name}
+        stream_id, created = await resumer.store.open(new_stream_id(), key, info)
+        if created:
+            try:
+                source = await produce()
+            except Exception as exc:
+                await resumer.fail(stream_id, to_stream_error(exc))
+                raise
+            if isinstance(source, HTTPResponse):
+                await resumer.fail(stream_id, InvalidRequest("the handler refused the request"))
+                return source
+            await resumer.start(source, options.dialect, stream_id)
+    finally:
+        resumer.release(place)
     return resumer.events(stream_id, 0), {"X-Stream-Id": stream_id}
 
 
@@ -372,10 +384,15 @@ async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None
 async def cancel_stream(request: Request, stream_id: str) -> HTTPResponse:
     """``DELETE <STREAMPLUS_RESUME_PATH>/<stream_id>``: cancel a running resumable stream in
     whatever worker produces it (202 ``{"stream_id", "cancelled": true}``); 404 if it is
-    unknown or already finished."""
+    unknown or already finished (or its ID is malformed), 503 ``store_unavailable`` if the
+    store cannot be reached."""
     state = getattr(request.app.ctx, "streamplus", None)
     if state is None or state.resumer is None:
         return error_response(ExtensionMissing())
-    if not await state.resumer.cancel(stream_id):
-        return error_response(StreamNotFound(stream_id))
+    try:
+        cancelled = await state.resumer.cancel(stream_id)
+    except Exception as exc:
+        return _refusal(exc)
+    if not cancelled:
+        return error_response(StreamNotFound(stream_id[:100]))
     return json_response({"stream_id": stream_id, "cancelled": True}, status=202)
