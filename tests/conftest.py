@@ -159,42 +159,53 @@ def redis_server_binary() -> str:
     return server
 
 
-@pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``redis-server`` of its own on a free port of 127.0.0.1 for the whole session (no
-    persistence, in a temporary directory): its URL, ``redis://127.0.0.1:<port>/0``. The binary
-    is :func:`redis_server_binary`'s."""
+def start_redis(workdir: Path, port: int | None = None) -> tuple[subprocess.Popen[bytes], int]:
+    """Start a real ``redis-server`` (:func:`redis_server_binary`) of its own on ``port`` (a
+    free one by default) of 127.0.0.1, with no persistence, in ``workdir``; return it and its
+    port once it answers PING (within 10 s)."""
     import time
 
     server = redis_server_binary()
-    workdir = tmp_path_factory.mktemp("redis")
     log = workdir / "redis.log"
-    port = free_port()
+    port = port or free_port()
     args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     args += ["--dir", str(workdir), "--logfile", str(log)]
     process = subprocess.Popen([server, *args], cwd=workdir, stdout=subprocess.DEVNULL)
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
+                sock.sendall(b"PING\r\n")
+                if sock.recv(64).startswith(b"+PONG"):
+                    return process, port
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            stop_redis(process)
+            output = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            pytest.fail(f"redis-server did not answer PING on port {port}:\n{output}")
+        time.sleep(0.02)
+
+
+def stop_redis(process: subprocess.Popen[bytes]) -> None:
+    """Stop a ``redis-server`` started by :func:`start_redis` and wait for it to exit."""
+    process.terminate()
     try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                output = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                pytest.fail(f"redis-server did not answer PING on port {port}:\n{output}")
-            time.sleep(0.02)
+        process.wait(10)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait()
+
+
+@pytest.fixture(scope="session")
+def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``redis-server`` (:func:`start_redis`) for the whole session: its URL,
+    ``redis://127.0.0.1:<port>/0``."""
+    process, port = start_redis(tmp_path_factory.mktemp("redis"))
+    try:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        stop_redis(process)
 
 
 @pytest.fixture
