@@ -150,7 +150,7 @@ def create_app(
 
         @app.before_server_start(priority=100)  # before StreamPlus opens its client
         async def start_fake_model(app: Sanic[Any, Any]) -> None:
-            fake = FakeUpstream(tokens=40, delay=0.03, answer=fake_answer)
+            fake = FakeUpstream(tokens=40, delay=0.04, answer=fake_answer)
             app.ctx.fake_model = await fake.start()
             app.config.STREAMPLUS_UPSTREAM_URL = app.ctx.fake_model.url
 

@@ -25,7 +25,7 @@ FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
          "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 FIRST = "Give me a list of what you can do"
 SECOND = "Show me some Python code for this, with a code example"
-HOLD = 90  # the second answer stops here (a block number: role chunk, then its tokens), in its code
+HOLD = 90  # the second answer holds before this block (0: the role chunk), in its code block
 
 
 async def shoot(page: Page, fake: FakeUpstream, path: Path) -> None:
@@ -53,7 +53,6 @@ async def shoot(page: Page, fake: FakeUpstream, path: Path) -> None:
 
 
 async def main(out: Path, chromium: str) -> None:
-    out.mkdir(parents=True, exist_ok=True)
     async with FakeUpstream(delay=0.01, answer=fake_answer) as fake:
         app = create_app(fake.url, name="screenshots")
         async with serve_app(app) as url, async_playwright() as playwright:
@@ -79,4 +78,5 @@ if __name__ == "__main__":
     parser.add_argument("--out", type=Path, default=Path(__file__).parent.parent / "docs" / "img")
     parser.add_argument("--chromium", default="/usr/bin/chromium")
     args = parser.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
     asyncio.run(main(args.out, args.chromium))

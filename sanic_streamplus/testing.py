@@ -90,9 +90,9 @@ __all__ = [
     "StreamResult",
     "UpstreamRequest",
     "fake_tokens",
-    "text_tokens",
     "serve_app",
     "stream_request",
+    "text_tokens",
 ]
 
 _WORDS = ("Hello", " from", " the", " fake", " model", ",", " token", " by", " token", ".")

@@ -74,23 +74,31 @@ function context(messages) {
 // ---- rendering -----------------------------------------------------------------------------
 if (window.DOMPurify) {
   DOMPurify.addHook("afterSanitizeAttributes", (node) => {
-    if (node.tagName === "A") { node.setAttribute("target", "_blank"); node.setAttribute("rel", "noopener noreferrer"); }
+    if (node.tagName === "A") {
+      node.setAttribute("target", "_blank");
+      node.setAttribute("rel", "noopener noreferrer");
+    }
   });
 }
 
 function renderMarkdown(element, text) {
   if (!window.marked || !window.DOMPurify) { element.textContent = text; return; }
   // no images: a model tricked by its input could leak the conversation in an image URL
-  element.innerHTML = DOMPurify.sanitize(marked.parse(text, { gfm: true }), { FORBID_TAGS: ["img", "style"] });
+  const html = marked.parse(text, { gfm: true });
+  element.innerHTML = DOMPurify.sanitize(html, { FORBID_TAGS: ["img", "style"] });
   for (const pre of element.querySelectorAll("pre")) {
     const box = document.createElement("div");
     box.className = "codeblock";
     pre.replaceWith(box);
     box.appendChild(pre);
-    const copy = document.createElement("button");
-    copy.type = "button"; copy.className = "copy"; copy.textContent = "Copy";
+    const head = el("div", "codehead");
+    const language = /language-(\S+)/.exec(pre.querySelector("code")?.className || "");
+    head.appendChild(el("span", "", language ? language[1] : "code"));
+    const copy = el("button", "copy", "Copy");
+    copy.type = "button";
     copy.addEventListener("click", () => copyText(pre.innerText, copy));
-    box.appendChild(copy);
+    head.appendChild(copy);
+    box.prepend(head);
   }
 }
 
@@ -183,7 +191,8 @@ function update(msg) {
 }
 
 function statsText({ ttft, tokens, tps }) {
-  const parts = [`first token ${ttft < 1000 ? `${Math.round(ttft)} ms` : `${(ttft / 1000).toFixed(1)} s`}`];
+  const first = ttft < 1000 ? `${Math.round(ttft)} ms` : `${(ttft / 1000).toFixed(1)} s`;
+  const parts = [`first token ${first}`];
   if (tps !== null) parts.push(`${tps.toFixed(1)} tokens/s`);
   parts.push(`${tokens} tokens`);
   return parts.join(" · ");
@@ -203,7 +212,9 @@ function renderChats() {
     const item = el("div", "chat-item" + (chat.id === store.current ? " current" : ""));
     const open = el("button", "open", chat.title);
     open.type = "button"; open.title = chat.title;
-    open.addEventListener("click", () => { store.current = chat.id; save(); render(); closeMenu(); });
+    open.addEventListener("click", () => {
+      store.current = chat.id; save(); render(); closeMenu();
+    });
     const del = el("button", "delete", "\u00d7");
     del.type = "button"; del.setAttribute("aria-label", `Delete “${chat.title}”`);
     del.addEventListener("click", () => deleteChat(chat));
@@ -297,9 +308,12 @@ async function generate(chat, msg) {
     stream_options: { include_usage: true },
   };
   const gen = live = {
-    chat, msg, ctrl: new AbortController(), key: uid(), streamId: null, lastId: null, stopped: false,
+    chat, msg, ctrl: new AbortController(), key: uid(),
+    streamId: null, lastId: null, stopped: false,
   };
-  Object.assign(msg, { content: "", state: "streaming", error: undefined, stats: undefined, resumed: 0, model: body.model });
+  Object.assign(msg, {
+    content: "", state: "streaming", error: undefined, stats: undefined, resumed: 0, model: body.model,
+  });
   chat.updated = Date.now();
   save(); update(msg); busy(true);
   const started = performance.now();
@@ -309,7 +323,8 @@ async function generate(chat, msg) {
       let response = null;
       try {
         response = gen.streamId === null
-          ? await fetch(API, { // a retried POST with the same Idempotency-Key attaches to its stream
+          // a POST repeated with the same Idempotency-Key attaches to the stream it started
+          ? await fetch(API, {
             method: "POST", body: JSON.stringify(body), signal: gen.ctrl.signal,
             headers: { "Content-Type": "application/json", "Idempotency-Key": gen.key },
           })
@@ -318,7 +333,9 @@ async function generate(chat, msg) {
             signal: gen.ctrl.signal, cache: "no-store",
           });
       } catch { /* no answer: the network, or the server, is away */ }
-      if (response && response.ok) gen.streamId = response.headers.get("X-Stream-Id") || gen.streamId;
+      if (response && response.ok) {
+        gen.streamId = response.headers.get("X-Stream-Id") || gen.streamId;
+      }
       if (gen.stopped) { cancel(gen); return; } // stopped before the headers came
       let ended = false;
       if (response) {
@@ -330,7 +347,11 @@ async function generate(chat, msg) {
             if (event.id) gen.lastId = event.id;
             if (event.data === "[DONE]") { ended = true; break; }
             let chunk;
-            try { chunk = JSON.parse(event.data); } catch { throw new StreamFailed("the server sent an event that is not JSON"); }
+            try {
+              chunk = JSON.parse(event.data);
+            } catch {
+              throw new StreamFailed("the server sent an event that is not JSON");
+            }
             if (chunk.error) throw new StreamFailed(chunk.error.message || "the answer failed");
             for (const choice of chunk.choices || []) {
               const text = choice.delta && choice.delta.content;
@@ -355,14 +376,15 @@ async function generate(chat, msg) {
           + `${MAX_RECONNECTS} tries); Retry asks again`);
       }
       if (gen.streamId) msg.resumed++;
-      indicate("reconnecting", failures > 1 ? `reconnecting… (try ${failures})` : "reconnecting…");
+      indicate("reconnecting", `reconnecting…${failures > 1 ? ` (try ${failures})` : ""}`);
       await sleep(Math.min(250 * 2 ** (failures - 1), 8000));
       if (gen.stopped) { cancel(gen); return; }
     }
     const end = performance.now();
     const tokens = (usage && usage.completion_tokens) || count;
     const seconds = first === null ? 0 : (end - first) / 1000;
-    msg.stats = { ttft: (first ?? end) - started, tokens, tps: seconds > 0 && tokens > 1 ? (tokens - 1) / seconds : null };
+    const tps = seconds > 0 && tokens > 1 ? (tokens - 1) / seconds : null; // after the first
+    msg.stats = { ttft: (first ?? end) - started, tokens, tps };
     finish(gen, "done");
   } catch (err) {
     if (gen.stopped) return;
@@ -479,7 +501,9 @@ async function loadModels() {
   for (const id of ids.sort()) modelSelect.appendChild(new Option(id, id));
   if (saved && ids.includes(saved)) modelSelect.value = saved;
 }
-modelSelect.addEventListener("change", () => localStorage.setItem("streamplus.model", modelSelect.value));
+modelSelect.addEventListener("change", () => {
+  localStorage.setItem("streamplus.model", modelSelect.value);
+});
 
 render();
 busy(false);
