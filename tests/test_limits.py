@@ -16,12 +16,13 @@ from typing import Any
 
 import httpx
 import pytest
-from conftest import app_name, completions_body, run_example, serve_uvicorn
+from conftest import app_name, completions_body, run_example
 from sanic import Request, Sanic
 from sanic.response import HTTPResponse
 
 from sanic_streamplus import SSEDecoder, StreamPlus, stream_post, upstream_events
 from sanic_streamplus.config import Settings
+from sanic_streamplus.testclient import serve_uvicorn
 from sanic_streamplus.testing import FakeUpstream, serve_app
 
 SECRET = "sk-very-secret-key"
