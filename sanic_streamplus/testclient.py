@@ -54,6 +54,7 @@ async def serve_uvicorn(app: Any, **config: Any) -> AsyncIterator[str]:
     """
     import uvicorn
 
+    app = _genuine_asgi(app)
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
@@ -73,6 +74,26 @@ async def serve_uvicorn(app: Any, **config: Any) -> AsyncIterator[str]:
         if not task.done():
             await asyncio.wait_for(task, 10)
         sock.close()
+
+
+def _genuine_asgi(app: Any) -> Any:
+    """``app``, or, once sanic-testing's ``app.asgi_client`` has replaced ``Sanic.__call__``
+    for every app of the process (its version runs no lifespan, so under uvicorn the app never
+    starts), an ASGI callable doing what Sanic's own ``__call__`` does."""
+    if getattr(type(app).__call__, "__module__", None) != "sanic_testing.testing":
+        return app
+    from sanic.asgi import ASGIApp, Lifespan
+
+    async def asgi(scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            app.asgi = True
+            app._asgi_lifespan = Lifespan(app, scope, receive, send)
+            await app._asgi_lifespan()
+        else:
+            app._asgi_app = await ASGIApp.create(app, scope, receive, send)
+            await app._asgi_app()
+
+    return asgi
 
 
 class StreamResponse:
