@@ -33,7 +33,6 @@ clients do), so one process can build many apps.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -58,9 +57,6 @@ def _async_fixture(function: _F) -> _F:
     except ImportError:  # pragma: no cover - the testing extra installs pytest-asyncio
         return cast(_F, pytest.fixture(function))
     return cast(_F, pytest_asyncio.fixture(function))
-
-_app_names = itertools.count()
-
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
@@ -121,23 +117,13 @@ async def stream_client() -> AsyncIterator[Callable[..., StreamClient]]:
 
 @pytest.fixture
 def streamplus_app() -> Callable[..., Sanic[Any, Any]]:
-    """A factory of Sanic apps with ``StreamPlus`` extended: ``streamplus_app(name="app",
-    **config)`` gives a new app named ``<name>_<n>`` (unique in the process), with each
-    ``config`` item set on ``app.config`` before the extension reads it."""
-    from sanic import Sanic
+    """A factory of Sanic apps with ``StreamPlus`` extended:
+    :func:`~sanic_streamplus.testclient.streamplus_app` (``streamplus_app(name="app",
+    **config)`` gives a new app named ``<name>_<n>``, each ``config`` item set on
+    ``app.config`` before the extension reads it)."""
+    from .testclient import streamplus_app
 
-    from .extension import StreamPlus
-
-    Sanic.test_mode = True
-
-    def make(name: str = "app", **config: Any) -> Sanic[Any, Any]:
-        app: Sanic[Any, Any] = Sanic(f"{name}_{next(_app_names)}")
-        for key, value in config.items():
-            app.config[key] = value
-        app.extend(extensions=[StreamPlus])
-        return app
-
-    return make
+    return streamplus_app
 
 
 @pytest.fixture(scope="session")

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import socket
 from collections.abc import AsyncIterator, Generator
 from typing import Any, Literal
@@ -30,10 +31,32 @@ import httpx
 from .sse import ServerSentEvent, SSEDecoder
 from .testing import serve_app
 
-__all__ = ["StreamClient", "StreamResponse", "serve_uvicorn", "stream_client"]
+__all__ = ["StreamClient", "StreamResponse", "serve_uvicorn", "stream_client", "streamplus_app"]
 
 Server = Literal["sanic", "uvicorn"]
 SERVERS: tuple[Server, ...] = ("sanic", "uvicorn")
+_app_names = itertools.count()
+
+
+def streamplus_app(name: str = "app", **config: Any) -> Any:
+    """A new Sanic app named ``<name>_<n>`` (unique in the process), each ``config`` item set
+    on ``app.config`` (``STREAMPLUS_UPSTREAM_URL=...``, ``RESPONSE_TIMEOUT=...``), then
+    ``StreamPlus`` extended. Sets ``Sanic.test_mode = True`` (as sanic-testing's clients do), so
+    one process may build many apps.
+
+    Raises:
+        ValueError: a ``STREAMPLUS_*`` setting is invalid (the extension reads them).
+    """
+    from sanic import Sanic
+
+    from .extension import StreamPlus
+
+    Sanic.test_mode = True
+    app: Sanic[Any, Any] = Sanic(f"{name}_{next(_app_names)}")
+    for key, value in config.items():
+        app.config[key] = value
+    app.extend(extensions=[StreamPlus])
+    return app
 
 
 @contextlib.asynccontextmanager
