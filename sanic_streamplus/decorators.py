@@ -7,6 +7,7 @@ import inspect
 import logging
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any, TypeVar, overload
 
 from sanic import Request
@@ -161,6 +162,115 @@ def _head_response(options: StreamOptions) -> HTTPResponse:
     )
 
 
+@dataclass(frozen=True)
+class _Route:
+    """What ``@stream_post`` knows of one route: its handler and its options."""
+
+    handler: Callable[..., Any]
+    overrides: dict[str, Any]
+    hooks: list[Hook]
+    resumable: bool
+    require_json: bool
+
+    async def call(self, request: Request, *args: Any, **kwargs: Any) -> Any:
+        """The handler's events (an async iterable), or the response it returned.
+
+        Raises:
+            TypeError: the handler returned neither.
+        """
+        handler = self.handler
+        if inspect.isasyncgenfunction(handler):
+            return handler(request, *args, **kwargs)
+        source = await handler(request, *args, **kwargs)
+        if not isinstance(source, HTTPResponse) and not hasattr(source, "__aiter__"):
+            raise TypeError(
+                f"stream handler {handler.__name__} returned "
+                f"{type(source).__name__}; return an async iterable or a response"
+            )
+        return source
+
+
+async def _serve(
+    route: _Route, request: Request, args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> HTTPResponse | None:
+    """One request to a ``@stream_post`` route: the refusals before the handler runs, the
+    handler's call, then the relay."""
+    state = getattr(request.app.ctx, "streamplus", None)
+    if state is None:
+        missing = ExtensionMissing()
+        logger.error("%s", missing.message)
+        return error_response(missing)
+    settings: Settings = state.settings
+    options = _options(request, settings, route.overrides)
+    if request.method == "HEAD":
+        return _head_response(options)
+    if len(state.streams) >= settings.max_streams:
+        return error_response(TooManyStreams(settings.max_streams, 1))
+    # the stream's place under max_streams, from before its body is read until the relay
+    # takes it over; given back on every way out before that
+    token = object()
+    state.streams.add(token)
+    began = time.monotonic()
+    try:
+        refusal = await _body_refusal(request, settings, route.require_json)
+        if refusal is not None:
+            return refusal
+        began = time.monotonic()  # the stream's start: the handler's call
+        started = await _start(route, request, state, options, began, args, kwargs)
+        if isinstance(started, HTTPResponse):
+            return started
+    finally:
+        state.streams.discard(token)
+    source, headers = started
+    stream_id = headers["X-Stream-Id"] if headers else None
+    watch = _watch(state, request, options, route.hooks, stream_id, began)
+    return await relay(request, source, options, state.streams, headers, watch)
+
+
+async def _body_refusal(
+    request: Request, settings: Settings, require_json: bool
+) -> HTTPResponse | None:
+    """Read the body (within ``max_body_size``); the 413 or 400 answer if it is refused."""
+    try:
+        await _read_body(request, settings.max_body_size)
+    except BodyTooLarge as refused:
+        return error_response(refused)
+    if require_json:
+        try:
+            body = request.json
+        except Exception:
+            body = None
+        if body is None:
+            return error_response(InvalidRequest("the request body must be JSON"))
+    return None
+
+
+async def _start(
+    route: _Route,
+    request: Request,
+    state: Any,
+    options: StreamOptions,
+    began: float,
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+) -> HTTPResponse | tuple[AsyncIterator[Any], dict[str, str] | None]:
+    """Call the handler (through a producer for a resumable route): its events and the
+    response headers of the stream, or the answer instead of a stream (the handler's own, or
+    the JSON error for what it raised, reported to the hooks)."""
+    try:
+        if route.resumable:
+            produce = functools.partial(route.call, request, *args, **kwargs)
+            return await _resumable(request, state.resumer, options, produce)
+        source = await route.call(request, *args, **kwargs)
+        return source if isinstance(source, HTTPResponse) else (source, None)
+    except Exception as exc:
+        refusal = _refusal(exc)
+        watch = _watch(state, request, options, route.hooks, None, began)
+        if watch is not None:
+            await watch.refused(to_stream_error(exc), refusal.status)
+        return refusal
+
+
 @overload
 def stream_post(handler: Handler) -> Handler: ...
 
@@ -274,73 +384,11 @@ def stream_post(
     )
 
     def decorate(handler: Handler) -> Handler:
-        is_generator = inspect.isasyncgenfunction(handler)
+        route = _Route(handler, overrides, hooks, resumable, require_json)
 
         @functools.wraps(handler)
         async def wrapper(request: Request, *args: Any, **kwargs: Any) -> HTTPResponse | None:
-            state = getattr(request.app.ctx, "streamplus", None)
-            if state is None:
-                missing = ExtensionMissing()
-                logger.error("%s", missing.message)
-                return error_response(missing)
-            settings: Settings = state.settings
-            options = _options(request, settings, overrides)
-            if request.method == "HEAD":
-                return _head_response(options)
-            if len(state.streams) >= settings.max_streams:
-                return error_response(TooManyStreams(settings.max_streams, 1))
-            # the stream's place under max_streams, from before its body is read until the
-            # relay takes it over; given back on every way out before that
-            token = object()
-            state.streams.add(token)
-            headers: dict[str, str] | None = None
-            try:
-                try:
-                    await _read_body(request, settings.max_body_size)
-                except BodyTooLarge as refused:
-                    return error_response(refused)
-                if require_json:
-                    try:
-                        body = request.json
-                    except Exception:
-                        body = None
-                    if body is None:
-                        return error_response(InvalidRequest("the request body must be JSON"))
-                began = time.monotonic()  # the stream's start: the handler's call
-                try:
-                    if resumable:
-                        produce = functools.partial(call, request, *args, **kwargs)
-                        started = await _resumable(request, state.resumer, options, produce)
-                        if isinstance(started, HTTPResponse):
-                            return started
-                        source, headers = started
-                    else:
-                        source = await call(request, *args, **kwargs)
-                        if isinstance(source, HTTPResponse):
-                            return source
-                except Exception as exc:
-                    refusal = _refusal(exc)
-                    watch = _watch(state, request, options, hooks, None, began)
-                    if watch is not None:
-                        await watch.refused(to_stream_error(exc), refusal.status)
-                    return refusal
-            finally:
-                state.streams.discard(token)
-            stream_id = headers["X-Stream-Id"] if headers else None
-            watch = _watch(state, request, options, hooks, stream_id, began)
-            return await relay(request, source, options, state.streams, headers, watch)
-
-        async def call(request: Request, *args: Any, **kwargs: Any) -> Any:
-            """The handler's events (an async iterable), or the response it returned."""
-            if is_generator:
-                return handler(request, *args, **kwargs)
-            source = await handler(request, *args, **kwargs)
-            if not isinstance(source, HTTPResponse) and not hasattr(source, "__aiter__"):
-                raise TypeError(
-                    f"stream handler {handler.__name__} returned "
-                    f"{type(source).__name__}; return an async iterable or a response"
-                )
-            return source
+            return await _serve(route, request, args, kwargs)
 
         wrapper.__streamplus__ = True  # type: ignore[attr-defined]
         wrapper.__streamplus_json__ = require_json  # type: ignore[attr-defined]  # needs POST

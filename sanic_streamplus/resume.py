@@ -311,10 +311,7 @@ class Resumer:
             if events:
                 self._moved(stream_id)
             if record.finished and after >= record.last_seq:
-                if record.state == "cancelled":
-                    raise StreamCancelled(stream_id)
-                if record.state == "failed":
-                    raise ReplayedError(record.error or {})
+                _raise_ending(stream_id, record)
                 return
             if record.producer_alive or record.finished or events:
                 lost_since = None
@@ -347,6 +344,19 @@ class Resumer:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         await self.store.close()
+
+
+def _raise_ending(stream_id: str, record: StreamRecord) -> None:
+    """A finished stream read to its end: raise what its state says, if not ``completed``.
+
+    Raises:
+        StreamCancelled: it was cancelled.
+        ReplayedError: its producer failed (the error it stored).
+    """
+    if record.state == "cancelled":
+        raise StreamCancelled(stream_id)
+    if record.state == "failed":
+        raise ReplayedError(record.error or {})
 
 
 class _StoreDownstream:
