@@ -32,7 +32,8 @@ from sanic import Request
 from sanic.response import HTTPResponse
 
 from .framing import Dialect, Format
-from .machine import Commit, Cut, Ending, FinalFrame, Refuse, Write
+from .machine import Commit, Cut, Ending, FinalFrame, Refuse
+from .sse import ServerSentEvent
 
 __all__ = [
     "AsgiDownstream",
@@ -56,8 +57,9 @@ class Downstream(Protocol):
 
     queued: int
 
-    def put(self, write: Write) -> None:
-        """Queue ``write`` (no I/O, no wait)."""
+    def put(self, data: bytes, event: ServerSentEvent | None) -> None:
+        """Queue ``data`` (the bytes of a :class:`~sanic_streamplus.machine.Write`) and
+        ``event``, the event they encode (None for a heartbeat); no I/O, no wait."""
 
     def take(self) -> Any:
         """Take everything queued, as one batch for :meth:`send` (``queued`` drops to 0)."""
@@ -180,22 +182,22 @@ class SanicDownstream:
         self._held: list[Any] = []  # coalesce: [shape, template, [texts]] or [None, event, None]
         self._in_flight = 0  # bytes of the send() that waits for the client to drain
         self._format, self._dialect = format, dialect
-        self.put: Callable[[Write], None] = self._hold if coalesce else self._put
+        self.put: Callable[[bytes, ServerSentEvent | None], None] = (
+            self._hold if coalesce else self._put
+        )
 
-    def _put(self, write: Write) -> None:
-        data = write.data
+    def _put(self, data: bytes, event: ServerSentEvent | None) -> None:
         self._pending.append(data)
         self.queued += len(data)
 
-    def _hold(self, write: Write) -> None:
+    def _hold(self, data: bytes, event: ServerSentEvent | None) -> None:
         """``coalesce``: while the client is behind, keep the event unencoded, merged into the
         last held one when both are text deltas of the same shape."""
-        event = write.event
         behind = self._held or self._in_flight or self._buffered()
         if event is None or not behind:
             if self._held:
                 self._release()
-            self._put(write)
+            self._put(data, event)
             return
         delta = self._dialect.text_delta(event)
         held = self._held
@@ -328,9 +330,9 @@ class MemoryDownstream:
         self.gate: asyncio.Event | None = None
         self._pending: list[bytes] = []
 
-    def put(self, write: Write) -> None:
-        self._pending.append(write.data)
-        self.queued += len(write.data)
+    def put(self, data: bytes, event: ServerSentEvent | None) -> None:
+        self._pending.append(data)
+        self.queued += len(data)
 
     def take(self) -> bytes:
         data, self._pending, self.queued = b"".join(self._pending), [], 0

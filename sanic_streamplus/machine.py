@@ -307,6 +307,21 @@ class StreamMachine:
             return [self._commit(), write]
         return [write]
 
+    def feed(self, event: ServerSentEvent, kind: EventKind) -> bytes | None:
+        """:meth:`event` for the hot path: for an event that needs nothing but a write (a
+        committed stream, ``kind`` OTHER, TEXT_DELTA or USAGE), count it and return its bytes
+        (what :meth:`event`'s ``Write`` would carry, without making one); else None and nothing
+        changed (call :meth:`event`)."""
+        if self.phase is not Phase.COMMITTED or (
+            kind is not EventKind.OTHER
+            and kind is not EventKind.TEXT_DELTA
+            and kind is not EventKind.USAGE
+        ):
+            return None
+        self._last = event
+        self.events += 1
+        return self._encode(event)
+
     def source_ended(self) -> list[Output]:
         """The source is exhausted. Complete if the dialect says so
         (:meth:`~sanic_streamplus.framing.Dialect.complete_without_end`): its end events go

@@ -51,6 +51,7 @@ from .machine import (
     Write,
     outcome_for,
 )
+from .sse import ServerSentEvent
 
 if TYPE_CHECKING:
     from .downstream import Downstream
@@ -228,7 +229,7 @@ class Pump:
         callback); the writer does the rest when woken."""
         for output in outputs:
             if isinstance(output, Write):
-                self.downstream.put(output)
+                self.downstream.put(output.data, output.event)
             elif isinstance(output, Commit):
                 self._commit = output
             elif isinstance(output, CloseSource):
@@ -245,26 +246,27 @@ class Pump:
     # ------------------------------------------------------------------ the reader
 
     async def _read(self, source: AsyncIterable[Any]) -> None:
-        machine, downstream, watch = self.machine, self.downstream, self.watch
-        put, wake, event_in = downstream.put, self._wake, machine.event
+        machine, downstream, watch, limit = self.machine, self.downstream, self.watch, self.limit
+        put, wake, feed, event_in = downstream.put, self._wake, machine.feed, machine.event
         kind_of, usage = machine.dialect.end_kind, machine.dialect.usage
         iterator = source.__aiter__()
         try:
             try:
                 async for item in iterator:
-                    event = to_event(item)
+                    event = item if type(item) is ServerSentEvent else to_event(item)
                     if watch is not None:
                         watch.event(usage(event))
-                    outputs = event_in(event, kind_of(event))
-                    if len(outputs) == 1 and type(outputs[0]) is Write:  # the hot path
-                        put(outputs[0])
-                        if not wake.is_set():
+                    kind = kind_of(event)
+                    data = feed(event, kind)
+                    if data is not None:  # the hot path: one more write
+                        if not downstream.queued:  # (else the writer knows already)
                             wake.set()
+                        put(data, event)
                     else:
-                        self._run(outputs)
-                    if machine.phase not in _LIVE:
-                        break
-                    if downstream.queued >= self.limit and not await self._wait_for_writer():
+                        self._run(event_in(event, kind))
+                        if machine.phase not in _LIVE:
+                            break
+                    if downstream.queued >= limit and not await self._wait_for_writer():
                         break
                 else:
                     self._run(machine.source_ended())

@@ -46,7 +46,7 @@ from .errors import (
     error_body,
 )
 from .framing import Dialect, Format
-from .machine import Commit, Cut, Ending, FinalFrame, Outcome, Refuse, StreamMachine, Write
+from .machine import Commit, Cut, Ending, FinalFrame, Outcome, Refuse, StreamMachine
 from .pump import Pump
 from .sse import ServerSentEvent
 from .store import EventStore, FencingError, StreamRecord
@@ -384,9 +384,9 @@ class _StoreDownstream:
         self.state: str | None = None
         self._pending: list[ServerSentEvent] = []
 
-    def put(self, write: Write) -> None:
-        if write.event is not None:
-            self._pending.append(write.event)
+    def put(self, data: bytes, event: ServerSentEvent | None) -> None:
+        if event is not None:
+            self._pending.append(event)
             self.queued += 1
 
     def take(self) -> list[ServerSentEvent]:

@@ -162,3 +162,22 @@ async def test_shutdown_and_cancel_end_with_their_frame_and_close_the_source(how
     expected = "shutdown" if how == "shutdown" else "cancelled"
     assert json.loads(error.data)["error"]["type"] == expected
     assert source.closed == 1 and source.pulled < 1000
+
+
+def test_feed_is_events_write_for_a_plain_event_of_a_committed_stream_and_none_else() -> None:
+    from sanic_streamplus.framing import EventKind
+    from sanic_streamplus.machine import Write
+    from sanic_streamplus.sse import ServerSentEvent
+
+    fed, told = (StreamMachine(get_dialect("openai"), get_format("sse")) for _ in range(2))
+    first = ServerSentEvent(json.dumps(chunk("a")))
+    assert fed.feed(first, EventKind.OTHER) is None  # waiting: the commit is event()'s
+    fed.event(first, EventKind.OTHER)
+    told.event(first, EventKind.OTHER)
+    for kind in (EventKind.OTHER, EventKind.TEXT_DELTA, EventKind.USAGE):
+        event = ServerSentEvent(json.dumps(chunk(kind.value)))
+        assert told.event(event, kind) == [Write(fed.feed(event, kind) or b"", event)]
+    assert fed.events == told.events == 4
+    for kind in (EventKind.TERMINAL, EventKind.UPSTREAM_ERROR, EventKind.START, EventKind.FINISH):
+        assert fed.feed(ServerSentEvent("x"), kind) is None
+    assert fed.events == 4 and fed.phase is Phase.COMMITTED
