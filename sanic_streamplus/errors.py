@@ -14,6 +14,7 @@ Catch the class that says what you can act on::
     │   ├── UpstreamBadResponse      the upstream answered 2xx but not ``text/event-stream``
     │   ├── UpstreamDisconnected     the upstream broke the connection in the middle of the body
     │   ├── UpstreamTruncated        the upstream's stream ended without its dialect's end event
+    │   ├── UpstreamErrorEvent       the upstream reported an error in its stream (an error event)
     │   └── UpstreamTimeout          an upstream timeout expired (504); one class per phase:
     │       ├── ConnectTimeout           connecting
     │       ├── FirstEventTimeout        from the request to the first event
@@ -44,6 +45,7 @@ sans-IO codec can raise these errors; how a Sanic exception maps onto them is
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 __all__ = [
@@ -73,11 +75,13 @@ __all__ = [
     "UpstreamBadResponse",
     "UpstreamDisconnected",
     "UpstreamError",
+    "UpstreamErrorEvent",
     "UpstreamStatusError",
     "UpstreamTimeout",
     "UpstreamTruncated",
     "UpstreamUnreachable",
     "error_body",
+    "error_fields",
 ]
 
 
@@ -280,6 +284,63 @@ class UpstreamTruncated(UpstreamError):
     def __init__(self, dialect: str) -> None:
         super().__init__(f"the upstream's {dialect} stream ended without its end event")
         self.dialect = dialect
+
+
+class UpstreamErrorEvent(UpstreamError):
+    """The upstream reported an error inside its stream: an OpenAI-style ``data: {"error":
+    {...}}`` (as LiteLLM sends), Anthropic's ``event: error``, the Responses API's
+    ``response.failed`` or ``error``, or ``event: error`` in the ``plain`` dialect. Raised by
+    :func:`~sanic_streamplus.upstream.upstream_events` at that event (nothing after it is read);
+    a handler may catch it. Uncaught on a route of the same dialect, the upstream's own frame
+    goes to the client as it came (then ``[DONE]`` for ``openai``); on a route of another
+    dialect, that dialect's error frame with the upstream's message, type and code.
+
+    Attributes:
+        dialect: the upstream's dialect name (str), whose frame ``event`` is.
+        event: the upstream's error event, as it came (a ``ServerSentEvent``).
+        message: the upstream's message (at most 1,000 characters), or a generic one.
+        upstream_type: the upstream's error type (str, e.g. ``overloaded_error``), or None.
+        upstream_code: the upstream's error code (str or int), or None.
+        upstream_param: the request parameter the upstream blamed (str), or None.
+    """
+
+    type = "upstream_error"
+
+    def __init__(
+        self,
+        dialect: str,
+        event: Any,
+        *,
+        message: str | None = None,
+        upstream_type: str | None = None,
+        upstream_code: str | int | None = None,
+        upstream_param: str | None = None,
+    ) -> None:
+        super().__init__(message or "the upstream reported an error in its stream")
+        self.dialect = dialect
+        self.event = event
+        self.upstream_type = upstream_type
+        self.upstream_code = upstream_code
+        self.upstream_param = upstream_param
+
+    @classmethod
+    def from_event(cls, event: Any, dialect: str) -> UpstreamErrorEvent:
+        """The error ``event`` (a ``ServerSentEvent`` of ``dialect``) reports: its message,
+        type and code from its JSON data (``{"error": {...}}``, ``{"type": "error", "error":
+        {...}}``, ``response.failed``'s ``response.error``, or the object itself), bounded as
+        :func:`error_fields` bounds them."""
+        try:
+            value = json.loads(event.data)
+        except ValueError:
+            value = None
+        found: Any = value
+        if isinstance(value, dict):
+            response = value.get("response")
+            if isinstance(response, dict) and isinstance(response.get("error"), dict):
+                found = {"error": response["error"]}
+            elif value.get("type") in ("error", "response.failed") and "error" not in value:
+                found = {k: v for k, v in value.items() if k != "type"}
+        return cls(dialect, event, **error_fields(found))
 
 
 class UpstreamTimeout(UpstreamError):
@@ -499,6 +560,35 @@ class ExtensionMissing(StreamPlusError, RuntimeError):
             "`from sanic_streamplus import StreamPlus` and "
             "`app.extend(extensions=[StreamPlus])` where the app is created"
         )
+
+
+_FIELD_LIMIT = 1000  # characters of each field of an upstream error kept for the client
+_FIELDS = (("message", "message"), ("upstream_type", "type"), ("upstream_param", "param"))
+
+
+def error_fields(value: Any) -> dict[str, Any]:
+    """The ``message``, ``upstream_type``, ``upstream_code`` and ``upstream_param`` of an
+    upstream's JSON error (parsed): OpenAI's ``{"error": {"message", "type", "param", "code"}}``,
+    Anthropic's ``{"type": "error", "error": {"type", "message"}}``, or ``{"error": "message"}``
+    / ``{"message": ...}``; only string (and integer code) values, each at most 1,000
+    characters. Empty for anything else."""
+    if not isinstance(value, dict):
+        return {}
+    error = value.get("error", value)
+    if isinstance(error, str):
+        error = {"message": error}
+    if not isinstance(error, dict):
+        return {}
+    fields: dict[str, Any] = {}
+    for name, key in _FIELDS:
+        if isinstance(error.get(key), str) and error[key]:
+            fields[name] = error[key][:_FIELD_LIMIT]
+    code = error.get("code")
+    if isinstance(code, str) and code:
+        fields["upstream_code"] = code[:_FIELD_LIMIT]
+    elif isinstance(code, int) and not isinstance(code, bool):
+        fields["upstream_code"] = code
+    return fields
 
 
 def error_body(error: StreamPlusError) -> dict[str, Any]:

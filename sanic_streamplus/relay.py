@@ -49,9 +49,12 @@ from .errors import (
     ServerShutdown,
     SlowClient,
     StreamPlusError,
+    UpstreamErrorEvent,
+    UpstreamTruncated,
     error_body,
 )
-from .framing import Dialect, Format, to_event
+from .framing import Dialect, EventKind, Format, to_event
+from .machine import Outcome, outcome_for
 from .observe import Watch
 from .sse import ServerSentEvent
 
@@ -435,14 +438,17 @@ class _Stream:
             status = 200
         watch.settle(error, disconnected, status, self.events, self.bytes, ttfb)
 
-    def log(self, outcome: str, status: int) -> None:
+    def log(self, outcome: Outcome, error: StreamPlusError | None, status: int) -> None:
+        """The stream's INFO line: its :class:`~sanic_streamplus.machine.Outcome`, the error's
+        ``type`` when there is one (``error=idle_timeout``), status and stats."""
         now = self.loop.time()
         ttfb = "-" if self.first_byte is None else f"{self.first_byte - self.started:.3f}s"
         logger.info(
-            "stream %s %s outcome=%s status=%d duration=%.3fs ttfb=%s events=%d bytes=%d",
+            "stream %s %s outcome=%s%s status=%d duration=%.3fs ttfb=%s events=%d bytes=%d",
             self.request.method,
             self.request.path,
             outcome,
+            "" if error is None else f" error={error.type}",
             status,
             now - self.started,
             ttfb,
@@ -502,19 +508,30 @@ async def relay(
         registry.add(stream)
 
     iterator = source.__aiter__()
-    outcome, status = "completed", 200
+    outcome, status = Outcome.COMPLETED, 200
     error: StreamPlusError | None = None
-    usage = dialect.usage
+    usage, classify = dialect.usage, dialect.classify
     final: list[ServerSentEvent] = []  # the terminating frame: end marker or error events
+    started: ServerSentEvent | None = None  # the last START event, the last event: what
+    last: ServerSentEvent | None = None  # the Responses dialect's error frame repeats
+    finished = passthrough = False  # a FINISH event went by; the upstream's own error frame
     try:
         try:
             async for item in iterator:
                 event = to_event(item)
                 if watch is not None:
                     watch.event(usage(event))
-                if dialect.is_end(event):
+                kind = classify(event)
+                if kind is EventKind.TERMINAL:
                     final = [event]
                     break
+                if kind is EventKind.UPSTREAM_ERROR:  # its own report: no second frame of ours
+                    raise UpstreamErrorEvent.from_event(event, dialect.name)
+                if kind is EventKind.START:
+                    started = event
+                elif kind is EventKind.FINISH:
+                    finished = True
+                last = event
                 if coalesce and (stream.held or stream.sending or buffered()):
                     stream.hold(event)  # the client is behind: merge text deltas
                 else:
@@ -525,26 +542,34 @@ async def relay(
                         raise SlowClient(limit)
                     await stream.backpressure()
             else:
+                if not dialect.complete_without_end(finished):
+                    raise UpstreamTruncated(dialect.name)
                 final = dialect.end_events()
         except asyncio.CancelledError:
             error = stream.interrupt_error
             if error is None:
                 raise
             _uncancel(task)
+        except UpstreamErrorEvent as exc:
+            error = exc
+            passthrough = exc.dialect == dialect.name
+            if passthrough:  # as it came, then the bare end marker ([DONE]) where there is one
+                final = [exc.event, *dialect.end_events()]
         except Exception as exc:
             error = to_stream_error(exc)
-            if error.outcome == "internal_error":
+            if outcome_for(error) is Outcome.INTERNAL_ERROR:
                 logger.exception("stream handler failed", exc_info=exc)
         stream.relaying = False
         committed = True
         if error is not None:
-            outcome = error.outcome
-            committed = await stream.seal()
-            if not committed:
-                status = error.status
-            final = dialect.error_events(error)
-        elif not fmt.writes_end and not dialect.end_is_data:
-            final = []  # a bare end marker ([DONE]): only the sse format writes it
+            outcome = outcome_for(error)
+            if not passthrough:
+                committed = await stream.seal()
+                if not committed:
+                    status = error.status
+                final = dialect.error_frame(error, started, last)
+        if not fmt.writes_end and not dialect.end_is_data:  # a bare end marker ([DONE]):
+            final = [e for e in final if classify(e) is not EventKind.TERMINAL]  # sse only
         if watch is not None:
             stream.report(watch, error, status)
             await watch.before_final()
@@ -559,14 +584,14 @@ async def relay(
                 await stream.end()
                 return None
             except DownstreamError as exc:
-                error, outcome = exc, exc.outcome
-                final = dialect.error_events(exc)
+                error, outcome = exc, outcome_for(exc)
+                final = dialect.error_frame(exc, started, last)
         # a client that stopped draining: the upstream closes first, as the cut takes time
         await close_completely(aclose_iterator(iterator))
         await stream.cut([encode(event) for event in final])
         return None
     except asyncio.CancelledError:
-        outcome, status = "client_disconnected", 499
+        outcome, status = Outcome.CLIENT_DISCONNECTED, 499
         if stream.disconnected:  # ASGI: we cancelled ourselves; end quietly
             _uncancel(task)
             return None
@@ -581,9 +606,10 @@ async def relay(
         try:
             await close_completely(aclose_iterator(iterator))
         finally:  # even when a cancellation (the cut connection's) lands here
-            stream.log(outcome, status)
+            disconnected = outcome is Outcome.CLIENT_DISCONNECTED
+            stream.log(outcome, None if disconnected else error, status)
             if watch is not None:
-                stream.report(watch, error, status, outcome == "client_disconnected")
+                stream.report(watch, None if disconnected else error, status, disconnected)
                 watch.finish()
             stream.ended.set()
 

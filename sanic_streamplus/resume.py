@@ -42,9 +42,12 @@ from .errors import (
     StreamExpired,
     StreamNotFound,
     StreamPlusError,
+    UpstreamErrorEvent,
+    UpstreamTruncated,
     error_body,
 )
-from .framing import Dialect, to_event
+from .framing import Dialect, EventKind, to_event
+from .machine import Outcome, outcome_for
 from .relay import to_stream_error
 from .sse import ServerSentEvent
 from .store import EventStore, FencingError, StreamRecord
@@ -144,18 +147,26 @@ class Resumer:
         watcher = asyncio.ensure_future(self._watch(stream_id, token, asyncio.current_task()))
         appender = _Appender(store, stream_id, token)
         seq = 0  # this producer is the stream's only writer: the n-th event is seq n
+        classify, finished = dialect.classify, False  # a FINISH event went by
         try:
             async for item in iterator:
                 event = to_event(item)
-                if dialect.is_end(event):
+                kind = classify(event)
+                if kind is EventKind.TERMINAL:
                     if dialect.end_is_data:  # message_stop, response.completed: readers need it
                         await appender.put(event)
                     break
+                if kind is EventKind.UPSTREAM_ERROR:  # stored as it came: readers end at it
+                    raise UpstreamErrorEvent.from_event(event, dialect.name)
+                finished = finished or kind is EventKind.FINISH
                 await appender.put(event)
                 seq += 1
                 readers = self.readers.get(stream_id)
                 if readers and seq - min(readers.values()) > self.window:
                     await self._wait_for_readers(stream_id, seq)
+            else:
+                if not dialect.complete_without_end(finished):
+                    raise UpstreamTruncated(dialect.name)
             await appender.drain()
         except asyncio.CancelledError:
             state = "cancelled"
@@ -166,8 +177,11 @@ class Resumer:
             return
         except Exception as exc:
             failure = to_stream_error(exc)
-            if failure.outcome == "internal_error":
+            if outcome_for(failure) is Outcome.INTERNAL_ERROR:
                 logger.exception("stream handler failed", exc_info=exc)
+            if isinstance(exc, UpstreamErrorEvent) and exc.dialect == dialect.name:
+                with contextlib.suppress(Exception):  # its own frame: readers pass it through
+                    await appender.put(exc.event)
             state, error = "failed", error_body(failure)["error"]
         finally:
             watcher.cancel()
@@ -282,7 +296,7 @@ class Resumer:
                 if record.state == "cancelled":
                     raise StreamCancelled(stream_id)
                 if record.state == "failed":
-                    raise ReplayedError(record.error or {})
+                    raise _replayed(record)
                 return
             if record.producer_alive or record.finished or events:
                 lost_since = None
@@ -311,6 +325,18 @@ class Resumer:
         if tasks:
             await asyncio.wait(tasks, timeout=5)
         await self.store.close()
+
+
+def _replayed(record: StreamRecord) -> StreamPlusError:
+    """The error a failed stream's readers end with: the stored one, as
+    :class:`~sanic_streamplus.errors.ReplayedError`, or for a truncated upstream an
+    :class:`~sanic_streamplus.errors.UpstreamTruncated` (its outcome: ``upstream_truncated``)."""
+    stored = record.error or {}
+    if stored.get("type") == UpstreamTruncated.type:
+        truncated = UpstreamTruncated(str(record.info.get("dialect") or "plain"))
+        truncated.message = str(stored.get("message") or truncated.message)
+        return truncated
+    return ReplayedError(stored)
 
 
 class _Appender:
