@@ -367,15 +367,11 @@ class _Connection(asyncio.Protocol):
                 self.current = None
 
     async def respond(self, request: UpstreamRequest) -> None:
-        body = request.json
         try:
-            model = self.server.model.override(body.get("fake") if isinstance(body, dict) else None)
+            model = self.server.model_for(request)
         except (TypeError, ValueError) as exc:
             await self.simple(400, {"error": {"message": str(exc), "type": "bad_fake_knob"}})
             return
-        options = body.get("stream_options") if isinstance(body, dict) else None
-        if isinstance(options, dict) and options.get("include_usage"):
-            model = replace(model, usage=True)
         path = request.path.partition("?")[0]  # a query string (an API key, say) is no route
         if request.method != "POST" or not path.endswith("/chat/completions"):
             await self.simple(404, {"error": {"message": "not found", "type": "not_found"}})
@@ -593,6 +589,22 @@ class FakeUpstream:
                     connection.transport.abort()
             await self._server.wait_closed()
             self._server = None
+
+    def model_for(self, request: UpstreamRequest) -> FakeModel:
+        """The knobs ``request`` was answered with: :attr:`model`, its body's ``"fake"``
+        object applied, and ``usage`` when it asked for ``stream_options.include_usage``.
+
+        Raises:
+            ValueError, TypeError: a knob of the body is out of range or unknown in type.
+        """
+        body = request.json
+        if not isinstance(body, dict):
+            return self.model
+        model = self.model.override(body.get("fake"))
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            model = replace(model, usage=True)
+        return model
 
     def release(self) -> None:
         """Let every stream waiting at ``hold_before`` go on, and any later one pass it

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -144,6 +145,27 @@ def responses_events(tokens: list[str], end: bool) -> list[ServerSentEvent]:
     return [named(kind, sequence_number=n, **data) for n, (kind, data) in enumerate(steps)]
 
 
+UPSTREAM_MESSAGE = "the fake upstream is overloaded"
+
+
+def upstream_error(dialect: str, number: int) -> ServerSentEvent:
+    """The upstream's own error event in ``dialect``, as event number ``number`` of its stream:
+    plain and Anthropic ``event: error``, OpenAI chat's ``data: {"error": ...}`` (as LiteLLM
+    sends), the Responses API's ``response.failed`` of the announced response."""
+    if dialect == "openai":
+        error = {"message": UPSTREAM_MESSAGE, "type": "server_error", "code": "overloaded"}
+        return ServerSentEvent(json.dumps({"error": error}))
+    if dialect == "anthropic":
+        return named("error", error={"type": "overloaded_error", "message": UPSTREAM_MESSAGE})
+    if dialect == "openai-responses":
+        response = json.loads(responses_events([], True)[0].data)["response"]
+        failed = {**response, "status": "failed"}
+        failed["error"] = {"code": "server_error", "message": UPSTREAM_MESSAGE}
+        return named("response.failed", sequence_number=number, response=failed)
+    body = {"error": {"type": "overloaded", "message": UPSTREAM_MESSAGE}}
+    return ServerSentEvent(json.dumps(body), event="error")
+
+
 SCRIPTS: dict[str, Callable[[list[str], bool], list[ServerSentEvent]]] = {
     "plain": plain_events,
     "openai": chat_events,
@@ -155,6 +177,9 @@ SCRIPTS: dict[str, Callable[[list[str], bool], list[ServerSentEvent]]] = {
 def script_app() -> Sanic[Any, Any]:
     """The upstream: ``POST <ROUTES[dialect]>`` streams that dialect's canned events. Knobs in
     the body's ``"fake"``: ``tokens`` (int); ``end`` (bool, default true: send the end marker);
+    ``cut`` (int: only the first that many events, then a clean end: a truncated stream);
+    ``error_after`` (int: that many events, then the dialect's own error event
+    (:func:`upstream_error`), then a clean end);
     ``delay`` (s between writes); ``stall`` (s before the first); ``batch`` (events per write);
     ``fail_after`` (int: abort the connection after that many events); ``hold`` (bool: after
     the events write :data:`JUNK`, then keep the connection open until the client leaves)."""
@@ -164,9 +189,12 @@ def script_app() -> Sanic[Any, Any]:
     @app.post("/v1/<name:path>")
     async def script(request: Request, name: str) -> None:
         fake = request.json.get("fake") or {}
-        events = SCRIPTS[dialects["/v1/" + name]](
-            fake_tokens(fake.get("tokens", TOKENS)), fake.get("end", True)
-        )
+        dialect = dialects["/v1/" + name]
+        events = SCRIPTS[dialect](fake_tokens(fake.get("tokens", TOKENS)), fake.get("end", True))
+        if fake.get("cut") is not None:
+            events = events[: fake["cut"]]
+        if fake.get("error_after") is not None:
+            events = [*events[: fake["error_after"]], upstream_error(dialect, fake["error_after"])]
         if fake.get("hold"):
             events.append(JUNK)
         blocks = [encode(event) for event in events]
@@ -266,22 +294,152 @@ async def test_a_stream_ends_at_once_after_its_end_marker_and_nothing_follows(
     assert text_of(dialect, result.events) == "".join(fake_tokens(TOKENS))
 
 
+def truncation_frame(dialect: str, events: list[ServerSentEvent]) -> dict[str, Any]:
+    """The error frame that ends a truncated stream of ``dialect`` (checked to be the last
+    event(s): openai's then ``[DONE]``), as ``{"type", "message"}``."""
+    if dialect == "openai":
+        assert events[-1].data == "[DONE]"
+        assert events[-2].event == "message"
+        return dict(json.loads(events[-2].data)["error"])
+    frame = json.loads(events[-1].data)
+    if dialect == "anthropic":
+        assert events[-1].event == "error" and frame["type"] == "error"
+        return dict(frame["error"])
+    assert events[-1].event == "response.failed" == frame["type"]
+    failed = frame["response"]
+    assert failed["id"] == RESPONSE_ID and failed["status"] == "failed"  # the announced one
+    return {"type": failed["error"]["code"], "message": failed["error"]["message"]}
+
+
+TRUNCATED_TYPE = {"openai": "upstream_truncated", "anthropic": "api_error"}
+TRUNCATED_TYPE["openai-responses"] = "server_error"  # the Responses API's own error codes
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The ``outcome=... [error=...]`` of each stream line logged so far."""
+    lines = [r.getMessage() for r in caplog.records if r.name == "sanic_streamplus"]
+    return [
+        " ".join(w for w in line.split() if w.startswith(("outcome=", "error=")))
+        for line in lines
+        if line.startswith("stream ") and "outcome=" in line
+    ]
+
+
+async def wait_logged(caplog: pytest.LogCaptureFixture, count: int) -> list[str]:
+    """:func:`logged`, once ``count`` lines are there (a line follows the stream's close)."""
+    for _ in range(250):
+        if len(found := logged(caplog)) >= count:
+            return found
+        await asyncio.sleep(0.02)
+    return logged(caplog)
+
+
 @pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
 @pytest.mark.parametrize(
-    ("dialect", "last"),
+    ("dialect", "end"),
     [
-        ("openai", "[DONE]"),  # written by the proxy
-        ("anthropic", "message_delta"),  # the source's last event: no message_stop made up
-        ("openai-responses", "response.output_item.done"),  # no response.completed made up
+        ("openai", False),  # no [DONE], but the finish_reason went by: complete
+        ("openai", True),
+        ("anthropic", True),
+        ("openai-responses", True),
+        ("plain", False),  # no end marker at all: any end is complete
     ],
 )
-async def test_a_source_that_ends_without_its_end_marker(dialect: str, last: str) -> None:
-    """openai writes ``[DONE]`` for it; anthropic and openai-responses synthesize nothing."""
-    async with dialect_proxy() as proxy:
-        result = await fetch(proxy, dialect, end=False)
+async def test_a_complete_stream_ends_with_its_end_marker_never_an_error(
+    dialect: str, end: bool, resumable: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    async with dialect_proxy(resumable) as proxy:
+        result = await fetch(proxy, dialect, end=end)
+        lines = await wait_logged(caplog, 1)
     assert result.status == 200 and result.complete
-    assert last in (result.events[-1].event, result.events[-1].data)
+    assert ENDS[dialect](result.events[-1])  # openai: [DONE], written for the finish_reason
+    assert not [e for e in result.events if e.event in ("error", "response.failed")]
+    assert b"ended without its end event" not in result.body
     assert text_of(dialect, result.events) == "".join(fake_tokens(TOKENS))
+    assert lines[-1] == "outcome=completed"
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+@pytest.mark.parametrize("dialect", ["openai", "anthropic", "openai-responses"])
+async def test_a_stream_cut_short_ends_with_the_dialects_error_frame_never_its_end_marker(
+    dialect: str, resumable: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream ends its body cleanly after 3 tokens, without its terminal event (openai:
+    no finish_reason, no [DONE]): ``upstream_truncated``, an error frame in the dialect, then
+    the end; never a ``[DONE]`` / ``message_stop`` / ``response.completed`` the proxy made up."""
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    cut = {"openai": 4, "anthropic": 5, "openai-responses": 7}[dialect]  # 3 tokens each
+    async with dialect_proxy(resumable) as proxy:
+        result = await fetch(proxy, dialect, cut=cut)
+        if resumable:  # a reader that resumes mid-stream gets the same end (Responses: it
+            resumed = await stream_request(  # saw response.in_progress, so the same response)
+                proxy, ROUTES[dialect], {}, headers={"Last-Event-ID": result.events[0].id or ""}
+            )
+        lines = await wait_logged(caplog, 2 if resumable else 1)
+    assert result.status == 200 and result.complete  # the error frame, then a clean end
+    assert text_of(dialect, result.events) == "".join(fake_tokens(3))
+    frame = truncation_frame(dialect, result.events)
+    assert frame["type"] == TRUNCATED_TYPE[dialect]
+    assert "ended without its end event" in frame["message"]
+    extra = 2 if dialect == "openai" else 1  # the frame (openai: and [DONE]), nothing else
+    assert len(result.events) == cut + extra
+    assert result.body.count(b"[DONE]") == (1 if dialect == "openai" else 0)
+    assert not [e for e in result.events if e.event in ("message_stop", "response.completed")]
+    if resumable:
+        assert resumed.status == 200 and resumed.complete
+        assert [(e.event, e.data) for e in resumed.events[:-extra]] == [
+            (e.event, e.data) for e in result.events[1:-extra]
+        ]
+        assert truncation_frame(dialect, resumed.events) == frame
+    assert set(lines) == {"outcome=upstream_truncated error=upstream_truncated"}
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+@pytest.mark.parametrize("dialect", ["openai", "anthropic", "openai-responses"])
+async def test_an_upstream_that_sends_no_event_is_a_502_in_the_dialects_shape(
+    dialect: str, resumable: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    async with dialect_proxy(resumable) as proxy:
+        result = await fetch(proxy, dialect, cut=0)
+        lines = await wait_logged(caplog, 1)
+    assert result.status == 502 and result.json is not None
+    error = result.json["error"]
+    if dialect == "anthropic":
+        assert result.json["type"] == "error" and error["type"] == "api_error"
+    else:
+        assert error["type"] == "upstream_truncated"
+    assert "ended without its end event" in error["message"]
+    assert lines[-1] == "outcome=upstream_truncated error=upstream_truncated"
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+@pytest.mark.parametrize("at", [3, 0], ids=["mid-stream", "first"])
+@pytest.mark.parametrize("dialect", list(ROUTES))
+async def test_the_upstreams_own_error_event_passes_through_once_and_ends_the_stream(
+    dialect: str, at: int, resumable: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its own frame, as it came, exactly once; then ``[DONE]`` for openai and nothing else:
+    no second error frame of ours, no end marker, nothing the upstream sent after it."""
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    async with dialect_proxy(resumable) as proxy:
+        result = await fetch(proxy, dialect, error_after=at, hold=True)
+        lines = await wait_logged(caplog, 1)
+    assert result.status == 200 and result.complete
+    assert result.elapsed < 5  # not held open by the upstream
+    own = upstream_error(dialect, at)
+    tail = result.events[at:]
+    assert [(e.event, e.data) for e in tail] == [(own.event, own.data)] + (
+        [("message", "[DONE]")] if dialect == "openai" else []
+    )
+    assert result.body.count(UPSTREAM_MESSAGE.encode()) == 1
+    assert b"the end" not in result.body  # what the upstream wrote after its error
+    assert lines[-1] == "outcome=upstream_error error=upstream_error"
 
 
 @pytest.mark.usefixtures("transport")

@@ -71,7 +71,8 @@ def observed_app(upstream_url: str, finished: Finished | None = None, **config: 
     async def with_usage(request: Request) -> AsyncIterator[Any]:
         for text in ("a", "b", "c"):
             yield chunk({"choices": [{"index": 0, "delta": {"content": text}}]})
-        yield chunk({"choices": [], "usage": USAGE})
+        yield chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        yield chunk({"choices": [], "usage": USAGE})  # complete: a finish_reason went by
 
     @app.post("/bug")
     @stream_post(on_finish=hooks)
@@ -129,7 +130,7 @@ async def test_the_usage_block_of_the_upstream_is_reported() -> None:
     response, info = await one_stream(app, finished, "/usage", {})
     assert response.text.endswith("data: [DONE]\n\n")
     assert info.usage == USAGE
-    assert info.events == 4
+    assert info.events == 5
 
 
 async def read_some(lines: AsyncIterator[str], events: int) -> None:
@@ -175,13 +176,13 @@ async def test_each_failure_has_its_outcome(
     assert (info.outcome, info.error, info.status) == (outcome, error, status)
 
 
-async def test_a_bug_in_the_handler_is_an_error_outcome() -> None:
+async def test_a_bug_in_the_handler_is_an_internal_error_outcome() -> None:
     finished = Finished()
     app = observed_app("http://127.0.0.1:9", finished)
     response, info = await one_stream(app, finished, "/bug", {})
     assert response.status_code == 500
     assert (info.outcome, info.error, info.status, info.events) == (
-        "error",
+        "internal_error",
         "internal_error",
         500,
         0,
@@ -385,7 +386,7 @@ async def test_an_opentelemetry_span_per_stream_under_the_callers_trace(
     assert ok.parent is not None and format(ok.parent.span_id, "016x") == "00f067aa0ba902b7"
     attributes = dict(ok.attributes or {})
     assert attributes["streamplus.outcome"] == "completed"
-    assert attributes["streamplus.events"] == 4
+    assert attributes["streamplus.events"] == 5
     assert attributes["gen_ai.usage.input_tokens"] == 7
     assert attributes["gen_ai.usage.output_tokens"] == 3
     assert [event.name for event in ok.events] == ["first_event"]

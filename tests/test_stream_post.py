@@ -126,7 +126,7 @@ async def test_openai_dialect_ends_with_one_done_and_nothing_after() -> None:
     @app.post("/once")
     @stream_post(dialect="openai")
     async def once(request: Request) -> AsyncIterator[Any]:
-        yield {"x": 1}
+        yield {"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]}
 
     @app.post("/early")
     @stream_post(dialect="openai")
@@ -137,7 +137,8 @@ async def test_openai_dialect_ends_with_one_done_and_nothing_after() -> None:
     async with serve_app(app) as url:
         _, once_raw = await post(url + "/once")
         _, early_raw = await post(url + "/early")
-    assert once_raw == b'data: {"x":1}\n\ndata: [DONE]\n\n'
+    finish = b'data: {"choices":[{"index":0,"delta":{},"finish_reason":"stop"}]}\n\n'
+    assert once_raw == finish + b"data: [DONE]\n\n"  # complete: a finish_reason went by
     assert early_raw == b"data: [DONE]\n\n"
 
 
