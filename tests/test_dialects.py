@@ -30,7 +30,9 @@ from sanic_streamplus.errors import (
     ServerShutdown,
     StreamPlusError,
     UpstreamDisconnected,
+    UpstreamErrorEvent,
     UpstreamStatusError,
+    UpstreamTruncated,
 )
 from sanic_streamplus.framing import get_dialect, get_format
 from sanic_streamplus.testing import StreamResult, fake_tokens, serve_app, stream_request
@@ -813,3 +815,218 @@ async def test_ndjson_keeps_an_end_event_with_data_and_drops_a_bare_marker(
     assert "[DONE]" not in response.text
     assert last in lines[-1]
     assert len(lines) == sum(event.data != "[DONE]" for event in events)
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+async def test_anthropic_sdk_raises_on_a_stream_cut_short(resumable: bool) -> None:
+    """No message_stop: the SDK raises its status error on the proxy's error frame, instead of
+    returning a message that looks finished."""
+    fake = {"cut": 5}  # message_start, content_block_start, 3 deltas
+    async with dialect_proxy(resumable) as proxy, anthropic_sdk(proxy) as sdk:
+        text = ""
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            async with sdk.messages.stream(**ASK, extra_body={"fake": fake}) as stream:
+                async for piece in stream.text_stream:
+                    text += piece
+    assert raised.value.type == "api_error"
+    assert raised.value.api_message is not None
+    assert "ended without its end event" in raised.value.api_message
+    assert text == "".join(fake_tokens(3))
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+async def test_anthropic_sdk_raises_the_upstreams_own_error_event(resumable: bool) -> None:
+    async with dialect_proxy(resumable) as proxy, anthropic_sdk(proxy) as sdk:
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            fake = {"error_after": 4}
+            raw = await sdk.messages.create(**ASK, stream=True, extra_body={"fake": fake})
+            async for _ in raw:
+                pass
+    assert raised.value.type == "overloaded_error"  # the upstream's own type and words
+    assert raised.value.api_message == UPSTREAM_MESSAGE
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+async def test_openai_sdk_sees_a_responses_stream_cut_short_fail(resumable: bool) -> None:
+    """No response.completed: the stream ends with response.failed of the announced response,
+    so the SDK's stream helper has no final response to return."""
+    fake = {"cut": 7}  # created, in_progress, item added, part added, 3 deltas
+    async with dialect_proxy(resumable) as proxy, openai_sdk(proxy) as sdk:
+        stream = await sdk.responses.create(
+            model="gpt-fake", input="hi", stream=True, extra_body={"fake": fake}
+        )
+        events = [event async for event in stream]
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
+            async with sdk.responses.stream(
+                model="gpt-fake", input="hi", extra_body={"fake": fake}
+            ) as helper:
+                await helper.get_final_response()
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.sequence_number == 7
+    assert failed.response.id == RESPONSE_ID and failed.response.error is not None
+    assert "ended without its end event" in failed.response.error.message
+    assert [e.type for e in events].count("response.failed") == 1
+
+
+@pytest.mark.usefixtures("transport")
+async def test_openai_sdk_gets_the_upstreams_own_response_failed_once() -> None:
+    async with dialect_proxy() as proxy, openai_sdk(proxy) as sdk:
+        stream = await sdk.responses.create(
+            model="gpt-fake", input="hi", stream=True, extra_body={"fake": {"error_after": 5}}
+        )
+        events = [event async for event in stream]
+    assert [e.type for e in events][-2:] == ["response.output_text.delta", "response.failed"]
+    failed = events[-1]
+    assert failed.response.error is not None
+    assert failed.response.error.message == UPSTREAM_MESSAGE
+    assert failed.sequence_number == 5
+
+
+# ------------------------------------------------ handlers that iterate upstream_events
+
+
+def iterating_app(upstream: str) -> Sanic[Any, Any]:
+    """Routes whose handlers iterate ``upstream_events`` themselves: ``/summary/<dialect>``
+    (plain) yields one event saying how the iteration ended; ``/into/<dialect>`` returns the
+    upstream of ``upstream_dialect`` (a query argument) on a route of ``dialect``."""
+    app: Sanic[Any, Any] = Sanic(app_name("iterating"))
+    app.config.STREAMPLUS_UPSTREAM_URL = upstream
+    app.config.STREAMPLUS_HEARTBEAT = 0
+    app.extend(extensions=[StreamPlus])
+
+    @app.post("/summary/<dialect>")
+    @stream_post(dialect="plain")
+    async def summary(request: Request, dialect: str) -> AsyncIterator[Any]:
+        seen: list[str] = []
+        try:
+            events = upstream_events(request, ROUTES[dialect], json=request.json, dialect=dialect)
+            async for event in events:
+                seen.append(event.event)
+        except UpstreamErrorEvent as error:
+            yield {
+                "caught": type(error).__name__,
+                "type": error.upstream_type,
+                "code": error.upstream_code,
+                "message": error.message,
+                "raw": [error.event.event, error.event.data],
+                "dialect": error.dialect,
+                "seen": len(seen),
+            }
+            return
+        except UpstreamTruncated as error:
+            yield {"caught": type(error).__name__, "message": error.message, "seen": len(seen)}
+            return
+        yield {"caught": None, "seen": len(seen), "last": seen[-1]}
+
+    for route_dialect in ROUTES:
+
+        @app.post(f"/into/{route_dialect}", name=f"into_{route_dialect}".replace("-", "_"))
+        @stream_post(dialect=route_dialect)
+        async def into(request: Request) -> Any:
+            dialect = request.args.get("upstream_dialect")
+            return upstream_events(request, ROUTES[dialect], json=request.json, dialect=dialect)
+
+    return app
+
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic", "openai-responses"])
+async def test_a_handler_catches_the_upstreams_error_event_as_a_typed_exception(
+    dialect: str,
+) -> None:
+    async with serve_app(script_app()) as upstream, serve_app(iterating_app(upstream)) as url:
+        result = await stream_request(
+            url, f"/summary/{dialect}", {"fake": {"error_after": 3}}, timeout=WAIT
+        )
+    [event] = result.events
+    caught = json.loads(event.data)
+    own = upstream_error(dialect, 3)
+    assert caught["caught"] == "UpstreamErrorEvent" and caught["dialect"] == dialect
+    assert caught["message"] == UPSTREAM_MESSAGE
+    assert caught["raw"] == [own.event, own.data]  # the raw event, as it came
+    assert caught["seen"] == 3  # not yielded: raised in its place
+    if dialect == "openai":
+        assert (caught["type"], caught["code"]) == ("server_error", "overloaded")
+    elif dialect == "anthropic":
+        assert caught["type"] == "overloaded_error"
+    else:
+        assert caught["code"] == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("dialect", "cut", "complete"),
+    [
+        ("openai", 4, False),  # 3 tokens, no finish_reason
+        ("openai", 2 + TOKENS, True),  # the finish_reason chunk, no [DONE]: complete
+        ("anthropic", 5, False),
+        ("openai-responses", 7, False),
+        ("plain", 3, True),  # no end marker at all
+    ],
+)
+async def test_a_handler_gets_upstream_truncated_at_the_end_of_its_iteration(
+    dialect: str, cut: int, complete: bool
+) -> None:
+    async with serve_app(script_app()) as upstream, serve_app(iterating_app(upstream)) as url:
+        result = await stream_request(url, f"/summary/{dialect}", {"fake": {"cut": cut}})
+        whole = await stream_request(url, f"/summary/{dialect}", {"fake": {}})
+    caught = json.loads(result.events[0].data)
+    assert caught["seen"] == cut  # every event came first
+    if complete:
+        assert caught["caught"] is None
+    else:
+        assert caught["caught"] == "UpstreamTruncated"
+        assert caught["message"] == f"the upstream's {dialect} stream ended without its end event"
+    ended = json.loads(whole.events[0].data)
+    assert ended["caught"] is None
+    if dialect in ("anthropic", "openai-responses"):  # its terminal event is the last one
+        assert ended["last"] == ENDS_NAME[dialect]
+
+
+ENDS_NAME = {"anthropic": "message_stop", "openai-responses": "response.completed"}
+
+
+@pytest.mark.parametrize(
+    ("route", "upstream"),
+    [("plain", "openai"), ("anthropic", "openai"), ("openai", "anthropic")],
+)
+async def test_an_upstream_error_event_of_another_dialect_is_the_routes_own_error_frame(
+    route: str, upstream: str
+) -> None:
+    """Returned as it is from a route of another dialect: the route's error frame, carrying
+    the upstream's message (and type and code where the route's shape has room)."""
+    async with serve_app(script_app()) as up, serve_app(iterating_app(up)) as url:
+        result = await stream_request(
+            url, f"/into/{route}?upstream_dialect={upstream}", {"fake": {"error_after": 3}}
+        )
+    assert result.status == 200 and result.complete
+    own = upstream_error(upstream, 3)
+    assert own.data not in [e.data for e in result.events]  # not the upstream's own frame
+    if route == "openai":
+        error, done = result.events[-2:]
+        assert done.data == "[DONE]"
+        assert json.loads(error.data)["error"] == {
+            "message": UPSTREAM_MESSAGE, "type": "overloaded_error", "code": None
+        }
+    elif route == "anthropic":
+        assert result.events[-1].event == "error"
+        assert json.loads(result.events[-1].data) == {
+            "type": "error", "error": {"type": "server_error", "message": UPSTREAM_MESSAGE}
+        }
+    else:
+        assert result.events[-1].event == "error"
+        error = json.loads(result.events[-1].data)["error"]
+        assert (error["type"], error["message"]) == ("upstream_error", UPSTREAM_MESSAGE)
+    assert result.body.count(UPSTREAM_MESSAGE.encode()) == 1
+
+
+async def test_an_upstream_error_event_of_another_dialect_before_anything_is_a_502() -> None:
+    async with serve_app(script_app()) as up, serve_app(iterating_app(up)) as url:
+        result = await stream_request(
+            url, "/into/anthropic?upstream_dialect=openai", {"fake": {"error_after": 0}}
+        )
+    assert result.status == 502
+    assert result.json == {
+        "type": "error", "error": {"type": "server_error", "message": UPSTREAM_MESSAGE}
+    }

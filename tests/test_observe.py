@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from sanic import Request, Sanic
 
 from sanic_streamplus import ServerSentEvent, StreamPlus, stream_post, upstream_events
 from sanic_streamplus.config import Settings
+from sanic_streamplus.machine import Outcome
 from sanic_streamplus.observe import StreamInfo, before_final_frame
 from sanic_streamplus.testing import FakeUpstream, serve_app
 
@@ -161,19 +163,33 @@ async def read_some(lines: AsyncIterator[str], events: int) -> None:
             "first_event_timeout",
             504,
         ),
+        ({"finish_reason": False, "done": False}, {}, "upstream_truncated", None, 200),
+        ({"error_event_after": 3}, {}, "upstream_error", "upstream_error", 200),
+        ({"error_status": 429}, {}, "rate_limited", "rate_limited", 429),
+        ({"error_status": 401}, {}, "upstream_error", "upstream_status", 401),
     ],
-    ids=["mid-stream", "refused", "idle", "first-event"],
+    ids=["mid-stream", "refused", "idle", "first-event", "truncated", "in-band", "429", "401"],
 )
-async def test_each_failure_has_its_outcome(
-    knobs: dict[str, Any], config: dict[str, Any], outcome: str, error: str, status: int
+async def test_each_failure_has_its_outcome_in_stream_info_and_the_log(
+    knobs: dict[str, Any],
+    config: dict[str, Any],
+    outcome: str,
+    error: str | None,
+    status: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "sanic_streamplus")
     finished = Finished()
     config.setdefault("STREAMPLUS_HEARTBEAT", 0)
+    error = error or outcome
     async with FakeUpstream(tokens=50, delay=0.01, **knobs) as upstream:
         app = observed_app(upstream.url, finished, **config)
         response, info = await one_stream(app, finished, "/s", completions_body())
     assert response.status_code == status
     assert (info.outcome, info.error, info.status) == (outcome, error, status)
+    assert isinstance(info.outcome, Outcome)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stream POST")]
+    assert f" outcome={outcome} error={error} status={status} " in line
 
 
 async def test_a_bug_in_the_handler_is_an_internal_error_outcome() -> None:
