@@ -591,7 +591,7 @@ async def relay(
         await stream.cut([encode(event) for event in final])
         return None
     except asyncio.CancelledError:
-        outcome, status = Outcome.CLIENT_DISCONNECTED, 499
+        outcome, status, error = Outcome.CLIENT_DISCONNECTED, 499, None  # no error of ours
         if stream.disconnected:  # ASGI: we cancelled ourselves; end quietly
             _uncancel(task)
             return None
@@ -606,10 +606,9 @@ async def relay(
         try:
             await close_completely(aclose_iterator(iterator))
         finally:  # even when a cancellation (the cut connection's) lands here
-            disconnected = outcome is Outcome.CLIENT_DISCONNECTED
-            stream.log(outcome, None if disconnected else error, status)
+            stream.log(outcome, error, status)
             if watch is not None:
-                stream.report(watch, None if disconnected else error, status, disconnected)
+                stream.report(watch, error, status, outcome is Outcome.CLIENT_DISCONNECTED)
                 watch.finish()
             stream.ended.set()
 

@@ -281,7 +281,7 @@ async def test_an_in_band_error_passes_through_once_then_done(example: str, path
         "model": "fake",
         "stream": True,
         "messages": [{"role": "user", "content": "hi"}],
-        "fake": {"error_event_after": 4},
+        "fake": {"error_event_after": 4, "hold_after_done": True},  # then it holds the body open
     }
     async with httpx.AsyncClient(timeout=WAIT) as client:
         response = await client.post(example + path, json=body)
@@ -292,6 +292,7 @@ async def test_an_in_band_error_passes_through_once_then_done(example: str, path
         "[DONE]",
     ]
     assert response.content.count(b'"error"') == 1  # no second frame of ours
+    assert response.elapsed.total_seconds() < 5  # ended at the error, not held open
 
 
 async def test_the_chat_route_ends_with_an_error_event_on_a_stream_cut_short(
