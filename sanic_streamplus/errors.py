@@ -93,17 +93,23 @@ class StreamPlusError(Exception):
         type: short machine-readable error type (str), used in JSON bodies and error frames.
         message: human-readable message (str); never contains a stack trace or a secret.
         upstream_status: the upstream's HTTP status (int) when one is known, else None.
-        outcome: the stream outcome logged for it (str): ``internal_error`` here (a bug: the
-            traceback is logged), ``invalid_request``, ``upstream_error``, one per timeout
-            (``connect_timeout``, ``first_event_timeout``, ``idle_timeout``, ``total_timeout``,
-            ``send_timeout``), ``slow_client``, ``too_many_streams`` or ``shutdown``.
+        outcome: the outcome of a stream that ends with it (str, a
+            :class:`~sanic_streamplus.machine.Outcome` value), e.g. ``timeout``.
         retry_after: seconds (str) for a ``Retry-After`` header on the JSON error, or None.
     """
 
     status: int = 500
     type: str = "internal_error"
-    outcome: str = "internal_error"
     retry_after: str | None = None
+
+    @property
+    def outcome(self) -> str:
+        """The outcome of a stream that ends with this error:
+        :func:`sanic_streamplus.machine.outcome_for` (one list: ``timeout`` for every
+        timeout, ``rate_limited`` for an upstream 429, ...)."""
+        from .machine import outcome_for  # the machine imports this module
+
+        return str(outcome_for(self))
 
     def __init__(self, message: str, *, upstream_status: int | None = None) -> None:
         super().__init__(message)
@@ -120,7 +126,6 @@ class InvalidRequest(StreamPlusError):
 
     status = 400
     type = "invalid_request"
-    outcome = "invalid_request"
 
     def __init__(self, message: str, *, status: int = 400) -> None:
         super().__init__(message)
@@ -150,7 +155,6 @@ class TooManyStreams(StreamPlusError):
 
     status = 503
     type = "too_many_streams"
-    outcome = "too_many_streams"
 
     def __init__(self, limit: int, retry_after: float) -> None:
         super().__init__(f"this server is at its limit of {limit} concurrent streams; retry later")
@@ -173,7 +177,6 @@ class EventTooLarge(StreamPlusError):
 
     status = 502
     type = "event_too_large"
-    outcome = "upstream_error"
 
     def __init__(self, limit: int, events: list[Any] | None = None) -> None:
         super().__init__(f"an upstream event exceeded the maximum event size of {limit} bytes")
@@ -201,7 +204,6 @@ class UpstreamError(StreamPlusError):
 
     status = 502
     type = "upstream_error"
-    outcome = "upstream_error"
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -279,7 +281,7 @@ class UpstreamTruncated(UpstreamError):
         dialect: the stream's dialect name (str).
     """
 
-    type = outcome = "upstream_truncated"
+    type = "upstream_truncated"
 
     def __init__(self, dialect: str) -> None:
         super().__init__(f"the upstream's {dialect} stream ended without its end event")
@@ -345,8 +347,8 @@ class UpstreamErrorEvent(UpstreamError):
 
 class UpstreamTimeout(UpstreamError):
     """An upstream timeout expired: HTTP 504 before the commit point. Catch this for any phase,
-    or the subclass of one phase; each has its own ``type`` and log ``outcome`` (both
-    ``<phase>_timeout``).
+    or the subclass of one phase; each has its own ``type`` (``<phase>_timeout``); the
+    outcome of each is ``timeout``.
 
     Attributes:
         phase: ``"connect"``, ``"first_event"``, ``"idle"`` or ``"total"``.
@@ -356,7 +358,6 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     phase = "upstream"
     type = "upstream_timeout"
-    outcome = "timeout"
 
     def __init__(self, seconds: float) -> None:
         super().__init__(f"upstream {self.phase.replace('_', ' ')} timeout ({seconds:g} s) expired")
@@ -367,28 +368,28 @@ class ConnectTimeout(UpstreamTimeout):
     """Connecting to the upstream took longer than ``connect_timeout``."""
 
     phase = "connect"
-    type = outcome = "connect_timeout"
+    type = "connect_timeout"
 
 
 class FirstEventTimeout(UpstreamTimeout):
     """The upstream sent no event within ``first_event_timeout`` of the request."""
 
     phase = "first_event"
-    type = outcome = "first_event_timeout"
+    type = "first_event_timeout"
 
 
 class IdleTimeout(UpstreamTimeout):
     """The upstream sent no event for ``idle_timeout`` seconds (its comments do not count)."""
 
     phase = "idle"
-    type = outcome = "idle_timeout"
+    type = "idle_timeout"
 
 
 class TotalTimeout(UpstreamTimeout):
     """The upstream stream lasted longer than ``total_timeout``."""
 
     phase = "total"
-    type = outcome = "total_timeout"
+    type = "total_timeout"
 
 
 class DownstreamError(StreamPlusError):
@@ -397,7 +398,6 @@ class DownstreamError(StreamPlusError):
 
     status = 504
     type = "downstream_error"
-    outcome = "downstream_error"
 
 
 class SendTimeout(DownstreamError):
@@ -408,7 +408,7 @@ class SendTimeout(DownstreamError):
         seconds: the send timeout in seconds (float).
     """
 
-    type = outcome = "send_timeout"
+    type = "send_timeout"
 
     def __init__(self, seconds: float) -> None:
         super().__init__(f"the client did not read the stream for {seconds:g} s")
@@ -422,7 +422,7 @@ class SlowClient(DownstreamError):
         limit: the high-water mark in bytes.
     """
 
-    type = outcome = "slow_client"
+    type = "slow_client"
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"the client fell more than {limit} bytes behind the stream")
@@ -434,7 +434,7 @@ class ServerShutdown(StreamPlusError):
     commit point), and the upstream is closed."""
 
     status = 503
-    type = outcome = "shutdown"
+    type = "shutdown"
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down; retry the request")
@@ -448,7 +448,7 @@ class ResumeError(StreamPlusError):
     """
 
     status = 404
-    type = outcome = "resume_error"
+    type = "resume_error"
 
     def __init__(self, message: str, stream_id: str) -> None:
         super().__init__(message)
@@ -458,7 +458,7 @@ class ResumeError(StreamPlusError):
 class StreamNotFound(ResumeError):
     """No stream has this ID (or the ``Last-Event-ID`` is not ``<stream>:<seq>``): 404."""
 
-    type = outcome = "stream_not_found"
+    type = "stream_not_found"
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"no stream {stream_id!r}", stream_id)
@@ -468,7 +468,7 @@ class StreamExpired(ResumeError):
     """The stream expired from the event store (its TTL passed): 410."""
 
     status = 410
-    type = outcome = "stream_expired"
+    type = "stream_expired"
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"stream {stream_id!r} expired", stream_id)
@@ -484,7 +484,7 @@ class EventsExpired(ResumeError):
     """
 
     status = 410
-    type = outcome = "events_expired"
+    type = "events_expired"
 
     def __init__(self, stream_id: str, after: int) -> None:
         super().__init__(
@@ -498,7 +498,7 @@ class StreamCancelled(ResumeError):
     ``cancelled`` frame."""
 
     status = 409
-    type = outcome = "cancelled"
+    type = "cancelled"
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"stream {stream_id!r} was cancelled", stream_id)
@@ -513,7 +513,7 @@ class StreamFinished(ResumeError):
     """
 
     status = 409
-    type = outcome = "stream_finished"
+    type = "stream_finished"
 
     def __init__(self, stream_id: str, state: str) -> None:
         super().__init__(
@@ -528,7 +528,7 @@ class ProducerLost(ResumeError):
     """The stream's producer stopped (its process died) without finishing it: 502 or frame."""
 
     status = 502
-    type = outcome = "producer_lost"
+    type = "producer_lost"
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"the producer of stream {stream_id!r} was lost", stream_id)
@@ -539,7 +539,6 @@ class ReplayedError(StreamPlusError):
     readers: same ``type``, ``message`` and ``upstream_status``."""
 
     status = 502
-    outcome = "upstream_error"
 
     def __init__(self, body: dict[str, Any]) -> None:
         super().__init__(
