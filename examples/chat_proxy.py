@@ -17,7 +17,14 @@ on stderr and exit status 1. Routes:
   ``GET /streams/<id>``, cancel with ``DELETE /streams/<id>``, retry safely with an
   ``Idempotency-Key`` (events kept in memory, or in Redis with
   ``SANIC_STREAMPLUS_RESUME_STORE=redis`` and ``SANIC_STREAMPLUS_REDIS_URL``);
-- ``GET /``: a small chat page.
+- ``GET /``: the chat page (``chat.html``, its script and styles in ``static/``, the markdown
+  and sanitizer libraries vendored in ``static/vendor/``: it loads with no network);
+- ``GET /v1/models``: the upstream's model list (the page's model picker);
+- ``GET /docs``: the OpenAPI document in Swagger UI, served from ``static/vendor/`` too.
+
+The embedded fake model answers with a few sentences made from the prompt (:func:`fake_answer`),
+with a markdown list or a code block when the prompt asks for one; a request that carries
+``"fake"`` knobs gets the test kit's numbered tokens instead.
 """
 
 from __future__ import annotations
@@ -26,14 +33,17 @@ import argparse
 import json
 import logging
 import os
+import re
 import sys
 import time
+import zlib
 from collections.abc import AsyncIterator
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, NoReturn
 
-from sanic import HTTPResponse, Request, Sanic, html
+import httpx
+from sanic import HTTPResponse, Request, Sanic, html, raw
 from sanic.response import json as json_response
 from sanic.server.socket import bind_socket
 
@@ -42,6 +52,76 @@ from sanic_streamplus.errors import UpstreamBadResponse
 from sanic_streamplus.testing import FakeUpstream
 
 PAGE = Path(__file__).with_name("chat.html")
+STATIC = Path(__file__).with_name("static")
+SWAGGER_PAGE = STATIC / "swagger.html"
+
+_OPENERS = (
+    "You wrote “{echo}”, and here is my answer.",
+    "“{echo}”: a fine thing to ask a fake model.",
+    "Let me think about “{echo}” for a moment.",
+    "So the question is “{echo}”.",
+)
+_MIDDLES = (
+    "I am the model built into the sanic-streamplus example: each word you see came as its own "
+    "server-sent event, relayed as soon as it was made.",
+    "Nothing here leaves this machine; the answer is made from your prompt alone, so the same "
+    "prompt always gets the same answer.",
+    "Press **Stop** (or Esc) while I type: the proxy closes its upstream request at once, so a "
+    "real model would stop generating, and billing, too.",
+    "If the network drops halfway, the page reconnects with `Last-Event-ID` and the answer goes "
+    "on where it broke, with no gap and no repeat.",
+    "Your message has {words} and {chars} characters; its longest word is *{longest}*.",
+)
+_CLOSERS = (
+    "Ask for a *list* or some *code* to see the markdown rendered.",
+    "Try a prompt with the word *list* or *code* in it.",
+    "That is all I know; I am only a fake.",
+)
+
+
+def fake_answer(body: Any) -> str:
+    """The embedded fake model's answer to a chat completion request ``body`` (its parsed
+    JSON): a few sentences made from the last user message, picked by a checksum of it (so
+    the answer is deterministic), plus a markdown list when the prompt says ``list`` and a
+    fenced code block when it says ``code``, ``python`` or ``example``."""
+    messages = body.get("messages") if isinstance(body, dict) else None
+    prompt = ""
+    for message in reversed(messages if isinstance(messages, list) else []):
+        if isinstance(message, dict) and message.get("role") == "user":
+            content = message.get("content")
+            prompt = content if isinstance(content, str) else json.dumps(content)
+            break
+    prompt = " ".join(prompt.split()) or "nothing at all"
+    words = prompt.split()
+    seed = zlib.crc32(prompt.encode())
+    echo = prompt if len(prompt) <= 80 else prompt[:77].rstrip() + "…"
+    facts = {
+        "echo": echo,
+        "words": f"{len(words)} word{'s' * (len(words) != 1)}",
+        "chars": len(prompt),
+        "longest": max(words, key=len),
+    }
+    first = seed % len(_MIDDLES)
+    second = (first + 1 + seed // 7 % (len(_MIDDLES) - 1)) % len(_MIDDLES)  # never first
+    middles = [_MIDDLES[first], _MIDDLES[second]]
+    parts = [" ".join([_OPENERS[seed % len(_OPENERS)], *middles]).format(**facts)]
+    lowered = prompt.lower()
+    if re.search(r"\blists?\b", lowered):
+        parts.append(
+            "Here is your prompt, taken apart:\n\n"
+            + f"- **{facts['words']}**, {len(prompt)} characters\n"
+            + f"- first word: *{words[0]}*, last word: *{words[-1]}*\n"
+            + f"- in capitals: `{prompt.upper()[:60]}`"
+        )
+    if re.search(r"\b(code|python|example)\b", lowered):
+        parts.append(
+            "The same prompt, counted in Python:\n\n```python\n"
+            + f"prompt = {json.dumps(echo, ensure_ascii=False)}\n"
+            + "words = prompt.split()\n"
+            + "print(len(words), \"words, longest:\", max(words, key=len))\n```"
+        )
+    parts.append(_CLOSERS[seed // 3 % len(_CLOSERS)])
+    return "\n\n".join(parts)
 
 
 def bad_request(message: str) -> HTTPResponse:
@@ -65,12 +145,17 @@ def create_app(
     app.config.STREAMPLUS_UPSTREAM_API_KEY = api_key
     app.config.STREAMPLUS_HEARTBEAT = heartbeat
     app.config.STREAMPLUS_FIRST_EVENT_TIMEOUT = first_event_timeout
+    # /docs: Swagger UI from static/vendor (sanic-ext's default pages load it from CDNs)
+    app.config.OAS_UI_DEFAULT = "swagger"
+    app.config.OAS_UI_REDOC = False
+    app.config.OAS_PATH_TO_SWAGGER_HTML = str(SWAGGER_PAGE)
 
     if upstream is None:
 
         @app.before_server_start(priority=100)  # before StreamPlus opens its client
         async def start_fake_model(app: Sanic[Any, Any]) -> None:
-            app.ctx.fake_model = await FakeUpstream(tokens=40, delay=0.04).start()
+            fake = FakeUpstream(tokens=40, delay=0.04, answer=fake_answer)
+            app.ctx.fake_model = await fake.start()
             app.config.STREAMPLUS_UPSTREAM_URL = app.ctx.fake_model.url
 
         @app.after_server_stop
@@ -82,6 +167,22 @@ def create_app(
     @app.get("/")
     async def index(request: Request) -> HTTPResponse:
         return html(PAGE.read_text(encoding="utf-8"))
+
+    app.static("/static", STATIC, name="static")
+    app.static("/favicon.ico", STATIC / "favicon.svg", name="favicon", content_type="image/svg+xml")
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> HTTPResponse:
+        """The upstream's ``GET /models``, passed through (502 if it cannot be reached)."""
+        client = request.app.ctx.streamplus.client
+        try:
+            answer = await client.get("/models", headers={"Accept": "application/json"}, timeout=10)
+        except httpx.HTTPError as exc:
+            message = f"the upstream's model list is out of reach: {type(exc).__name__}"
+            body = {"error": {"type": "upstream_unavailable", "message": message}}
+            return json_response(body, status=502)
+        content_type = answer.headers.get("content-type", "application/json")
+        return raw(answer.content, status=answer.status_code, content_type=content_type)
 
     def completions(request: Request) -> Any:
         body = request.json

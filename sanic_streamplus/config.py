@@ -47,6 +47,7 @@ _POSITIVE_INTS = (
     "max_line_length",
     "max_body_size",
     "max_streams",
+    "max_producers",
     "max_connections",
     "resume_max_events",
 )
@@ -148,6 +149,11 @@ class Settings:
         max_body_size: largest request body a stream route accepts, in bytes (413 above it).
         max_streams: most concurrent streams per worker; the next gets a 503 with
             ``Retry-After`` before anything starts.
+        max_producers: most producers of resumable streams running per worker, with or without
+            a reader (a detached producer counts under no other limit); the next resumable POST
+            gets a 503 ``too_many_producers`` with ``Retry-After`` and opens nothing (one that
+            attaches with a bound ``Idempotency-Key``, or resumes, still passes). None: the
+            same as ``max_streams``.
         max_connections: size of the shared client's connection pool.
         resume_store: where resumable streams keep their events: ``memory`` (this process:
             one worker) or ``redis`` (every worker and machine on ``redis_url``).
@@ -193,6 +199,7 @@ class Settings:
     max_line_length: int = DEFAULT_MAX_LINE_LENGTH
     max_body_size: int = 10 << 20
     max_streams: int = 1000
+    max_producers: int | None = None
     max_connections: int = 1000
     forward_headers: tuple[str, ...] = ()
     resume_store: str = "memory"

@@ -21,6 +21,7 @@ from .errors import (
     InvalidRequest,
     StreamFinished,
     StreamNotFound,
+    TooManyProducers,
     TooManyStreams,
 )
 from .framing import get_dialect, get_format
@@ -28,7 +29,7 @@ from .machine import Outcome, outcome_for
 from .observe import Hook, Watch
 from .openapi import document
 from .relay import STREAM_HEADERS, StreamOptions, error_response, relay, to_stream_error
-from .resume import Resumer, new_stream_id, parse_last_event_id
+from .resume import Resumer, is_stream_id, new_stream_id, parse_last_event_id
 
 __all__ = ["cancel_stream", "resume_stream", "stream_post"]
 
@@ -106,7 +107,9 @@ async def _resumable(
     response headers that name the stream.
 
     Raises:
-        StreamPlusError: a clear answer before anything is sent (404/410 for a resume).
+        StreamPlusError: a clear answer before anything is sent: 404/410 for a resume, 503
+            ``too_many_producers`` past ``max_producers`` (unless the ``Idempotency-Key`` is
+            bound: that attaches), 503 ``store_unavailable``.
     """
     last_event_id = request.headers.get("last-event-id")
     if last_event_id:
@@ -114,18 +117,27 @@ async def _resumable(
         await resumer.check(stream_id, after)
         return resumer.events(stream_id, after), {"X-Stream-Id": stream_id}
     key = request.headers.get("idempotency-key") or None
-    info = {"format": options.format.name, "dialect": options.dialect.name}
-    stream_id, created = await resumer.store.open(new_stream_id(), key, info)
-    if created:
-        try:
-            source = await produce()
-        except Exception as exc:
-            await resumer.fail(stream_id, to_stream_error(exc))
-            raise
-        if isinstance(source, HTTPResponse):
-            await resumer.fail(stream_id, InvalidRequest("the handler refused the request"))
-            return source
-        await resumer.start(source, options.dialect, stream_id)
+    place = resumer.reserve()
+    if place is None:  # max_producers run already: attach to a bound key's stream, or refuse
+        bound = None if key is None else await resumer.store.bound(key)
+        if bound is None:
+            raise TooManyProducers(resumer.max_producers or 0, 1)
+        return resumer.events(bound, 0), {"X-Stream-Id": bound}
+    try:
+        info = {"format": options.format.name, "dialect": options.dialect.name}
+        stream_id, created = await resumer.store.open(new_stream_id(), key, info)
+        if created:
+            try:
+                source = await produce()
+            except Exception as exc:
+                await resumer.fail(stream_id, to_stream_error(exc))
+                raise
+            if isinstance(source, HTTPResponse):
+                await resumer.fail(stream_id, InvalidRequest("the handler refused the request"))
+                return source
+            await resumer.start(source, options.dialect, stream_id)
+    finally:
+        resumer.release(place)
     return resumer.events(stream_id, 0), {"X-Stream-Id": stream_id}
 
 
@@ -279,38 +291,41 @@ def stream_post(
             request.ctx.streamplus_dialect = options.dialect.name  # upstream_events' default
             if len(state.streams) >= settings.max_streams:
                 return error_response(TooManyStreams(settings.max_streams, 1))
-            try:
-                await _read_body(request, settings.max_body_size)
-            except BodyTooLarge as refused:
-                return error_response(refused)
-            if require_json:
-                try:
-                    body = request.json
-                except Exception:
-                    body = None
-                if body is None:
-                    return error_response(InvalidRequest("the request body must be JSON"))
-            token = object()  # holds a place under max_streams until the relay takes it over
+            # the stream's place under max_streams, from before its body is read until the
+            # relay takes it over; given back on every way out before that
+            token = object()
             state.streams.add(token)
             headers: dict[str, str] | None = None
-            began = time.monotonic()  # the stream's start: the handler's call
             try:
-                if resumable:
-                    produce = functools.partial(call, request, *args, **kwargs)
-                    started = await _resumable(request, state.resumer, options, produce)
-                    if isinstance(started, HTTPResponse):
-                        return started
-                    source, headers = started
-                else:
-                    source = await call(request, *args, **kwargs)
-                    if isinstance(source, HTTPResponse):
-                        return source
-            except Exception as exc:
-                refusal = _refusal(exc)
-                watch = _watch(state, request, options, hooks, None, began)
-                if watch is not None:
-                    await watch.refused(to_stream_error(exc), refusal.status)
-                return refusal
+                try:
+                    await _read_body(request, settings.max_body_size)
+                except BodyTooLarge as refused:
+                    return error_response(refused)
+                if require_json:
+                    try:
+                        body = request.json
+                    except Exception:
+                        body = None
+                    if body is None:
+                        return error_response(InvalidRequest("the request body must be JSON"))
+                began = time.monotonic()  # the stream's start: the handler's call
+                try:
+                    if resumable:
+                        produce = functools.partial(call, request, *args, **kwargs)
+                        started = await _resumable(request, state.resumer, options, produce)
+                        if isinstance(started, HTTPResponse):
+                            return started
+                        source, headers = started
+                    else:
+                        source = await call(request, *args, **kwargs)
+                        if isinstance(source, HTTPResponse):
+                            return source
+                except Exception as exc:
+                    refusal = _refusal(exc)
+                    watch = _watch(state, request, options, hooks, None, began)
+                    if watch is not None:
+                        await watch.refused(to_stream_error(exc), refusal.status)
+                    return refusal
             finally:
                 state.streams.discard(token)
             stream_id = headers["X-Stream-Id"] if headers else None
@@ -375,16 +390,19 @@ async def cancel_stream(request: Request, stream_id: str) -> HTTPResponse:
     """``DELETE <STREAMPLUS_RESUME_PATH>/<stream_id>``: cancel a running resumable stream in
     whatever worker produces it (202 ``{"stream_id", "cancelled": true}``); 409
     ``stream_finished`` if it has finished (``GET`` still replays it); 404 or 410 if it is
-    unknown or expired, as ``GET`` answers."""
+    unknown, malformed or expired, as ``GET`` answers; 503 ``store_unavailable`` if the store
+    cannot be reached."""
     state = getattr(request.app.ctx, "streamplus", None)
     if state is None or state.resumer is None:
         return error_response(ExtensionMissing())
     resumer: Resumer = state.resumer
-    if not await resumer.cancel(stream_id):
-        try:  # no record: the 404 or 410 of GET
-            record = await resumer.store.record(stream_id) or await resumer.check(stream_id, 0)
-        except Exception as exc:
-            return _refusal(exc)
-        finished = StreamFinished(stream_id, record.state) if record.finished else None
-        return error_response(finished or StreamNotFound(stream_id))
+    try:
+        if not await resumer.cancel(stream_id):
+            # no running stream: finished, or the 404 or 410 of GET
+            record = await resumer.store.record(stream_id) if is_stream_id(stream_id) else None
+            record = record or await resumer.check(stream_id, 0)
+            finished = StreamFinished(stream_id, record.state) if record.finished else None
+            return error_response(finished or StreamNotFound(stream_id[:100]))
+    except Exception as exc:
+        return _refusal(exc)
     return json_response({"stream_id": stream_id, "cancelled": True}, status=202)

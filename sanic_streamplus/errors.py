@@ -6,6 +6,7 @@ Catch the class that says what you can act on::
     ├── InvalidRequest               the downstream request is bad (400, or a Sanic error's 4xx)
     │   └── BodyTooLarge             the request body is over ``max_body_size`` (413)
     ├── TooManyStreams               ``max_streams`` streams are open already (503, Retry-After)
+    │   └── TooManyProducers         ``max_producers`` resumable streams are running already
     ├── EventTooLarge                an SSE event grew past the decoder's maximum event size
     │   └── LineTooLong              an upstream line grew past the maximum line length
     ├── UpstreamError                the upstream failed; carries the upstream HTTP status if any
@@ -24,6 +25,7 @@ Catch the class that says what you can act on::
     │   ├── SendTimeout              the client did not drain for ``send_timeout`` seconds
     │   └── SlowClient               the client fell a high-water mark behind (``disconnect``)
     ├── ServerShutdown               the server is stopping (503 before the commit point)
+    ├── StoreUnavailable             the event store (Redis) cannot be reached (503, Retry-After)
     ├── ResumeError                  a resumable stream cannot be read as asked
     │   ├── StreamNotFound           no stream has this ID (404)
     │   ├── StreamExpired            the stream expired from the event store (410)
@@ -65,11 +67,13 @@ __all__ = [
     "SendTimeout",
     "ServerShutdown",
     "SlowClient",
+    "StoreUnavailable",
     "StreamCancelled",
     "StreamExpired",
     "StreamFinished",
     "StreamNotFound",
     "StreamPlusError",
+    "TooManyProducers",
     "TooManyStreams",
     "TotalTimeout",
     "UpstreamBadResponse",
@@ -160,6 +164,24 @@ class TooManyStreams(StreamPlusError):
         super().__init__(f"this server is at its limit of {limit} concurrent streams; retry later")
         self.limit = limit
         self.retry_after = str(max(1, round(retry_after)))
+
+
+class TooManyProducers(TooManyStreams):
+    """``max_producers`` producers of resumable streams are running (or starting) in this
+    worker already, with or without a reader: HTTP 503 with ``Retry-After``, nothing opened.
+
+    Attributes:
+        limit: the maximum number of producers per worker.
+    """
+
+    type = "too_many_producers"
+
+    def __init__(self, limit: int, retry_after: float) -> None:
+        super().__init__(limit, retry_after)
+        self.message = (
+            f"this server is at its limit of {limit} running resumable streams; retry later"
+        )
+        self.args = (self.message,)
 
 
 class EventTooLarge(StreamPlusError):
@@ -438,6 +460,19 @@ class ServerShutdown(StreamPlusError):
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down; retry the request")
+
+
+class StoreUnavailable(StreamPlusError):
+    """The event store of resumable streams cannot be reached (Redis is down, or did not
+    answer in time, retries included): HTTP 503 with ``Retry-After`` before the commit point,
+    a ``store_unavailable`` frame after it."""
+
+    status = 503
+    type = "store_unavailable"
+    retry_after = "1"
+
+    def __init__(self, message: str = "the event store cannot be reached; retry later") -> None:
+        super().__init__(message)
 
 
 class ResumeError(StreamPlusError):

@@ -108,14 +108,14 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
     state.client = create_client(settings)
     store: EventStore
     if settings.resume_store == "redis":
-        from redis.asyncio import Redis
-
         from .store import RedisEventStore
 
         # one pooled connection per reader waiting in XREAD BLOCK: room for every stream
-        redis = Redis.from_url(settings.redis_url or "", max_connections=settings.max_streams + 64)
-        store = RedisEventStore(
-            redis, max_events=settings.resume_max_events, ttl=settings.resume_ttl or 600.0
+        store = RedisEventStore.from_url(
+            settings.redis_url or "",
+            max_connections=settings.max_streams + 64,
+            max_events=settings.resume_max_events,
+            ttl=settings.resume_ttl or 600.0,
         )
     else:
         store = MemoryEventStore(settings.resume_max_events, settings.resume_ttl or 600.0)
@@ -124,6 +124,7 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
         ttl=settings.resume_ttl or 600.0,
         grace=settings.resume_grace or float("inf"),
         window=max(1, settings.resume_max_events // 2),
+        max_producers=settings.max_producers or settings.max_streams,
     )
 
 

@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import re
 import secrets
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
@@ -38,6 +39,7 @@ from .errors import (
     ProducerLost,
     ReplayedError,
     ServerShutdown,
+    StoreUnavailable,
     StreamCancelled,
     StreamExpired,
     StreamNotFound,
@@ -52,7 +54,7 @@ from .relay import to_stream_error
 from .sse import ServerSentEvent
 from .store import EventStore, FencingError, StreamRecord
 
-__all__ = ["Resumer", "new_stream_id", "parse_last_event_id"]
+__all__ = ["Resumer", "is_stream_id", "new_stream_id", "parse_last_event_id"]
 
 logger = logging.getLogger("sanic_streamplus")
 
@@ -60,6 +62,10 @@ _LEASE = 3.0  # seconds a producer's lease lasts; renewed every _TICK
 _TICK = 0.5  # seconds between a producer's checks (lease, cancel, readers)
 _BLOCK = 1.0  # seconds a reader waits in the store before it checks the producer
 _BATCH = 1024  # events a producer may have waiting for the store before it waits too
+# what new_stream_id() makes (the time in ms in base 36, 8 digits until 2059; 64 random bits in
+# hex), and a sequence number (ASCII digits, below 2**63 as Redis stream IDs need)
+_STREAM_ID = re.compile(r"[0-9a-z]{1,10}-[0-9a-f]{16}")
+_SEQ = re.compile(r"[0-9]{1,18}")
 
 
 def new_stream_id() -> str:
@@ -88,15 +94,22 @@ def _created(stream_id: str) -> float | None:
         return None
 
 
+def is_stream_id(value: str) -> bool:
+    """True if ``value`` has the form of an ID :func:`new_stream_id` makes (lower-case ASCII
+    letters and digits, a ``-``, 16 hex digits): anything else names no stream."""
+    return _STREAM_ID.fullmatch(value) is not None
+
+
 def parse_last_event_id(value: str) -> tuple[str, int]:
-    """Split a ``Last-Event-ID`` of this package's form ``<stream>:<seq>``.
+    """Split a ``Last-Event-ID`` of this package's form ``<stream>:<seq>``: a stream ID (see
+    :func:`is_stream_id`) and 1 to 18 ASCII digits.
 
     Raises:
-        StreamNotFound: the value is not of that form.
+        StreamNotFound: the value is not of that form (404, whatever its characters).
     """
     stream_id, _, seq = value.strip().rpartition(":")
-    if not stream_id or not seq.isdigit():
-        raise StreamNotFound(value)
+    if not is_stream_id(stream_id) or _SEQ.fullmatch(seq) is None:
+        raise StreamNotFound(value[:100])
     return stream_id, int(seq)
 
 
@@ -111,17 +124,45 @@ class Resumer:
         window: the most events a producer may run ahead of a reader of the same worker that
             is still reading (half the store's cap: such a reader never falls off it); readers
             in other workers, and the ones that left, do not hold it back.
+        max_producers: the most producers running or starting in this worker (see
+            :meth:`reserve`), or None for no limit.
     """
 
-    def __init__(self, store: EventStore, *, ttl: float, grace: float, window: int) -> None:
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        ttl: float,
+        grace: float,
+        window: int,
+        max_producers: int | None = None,
+    ) -> None:
         self.store = store
         self.ttl = ttl
         self.grace = grace
         self.window = window
+        self.max_producers = max_producers
         self.producers: dict[str, asyncio.Task[None]] = {}
+        self._starting: set[object] = set()  # places held by producers about to start
         self.readers: dict[str, dict[object, int]] = {}  # stream -> reader -> seq it has read
         self.advanced: dict[str, asyncio.Event] = {}  # stream -> a local reader moved on
         self.closing = False  # the server is stopping: a cancelled producer failed with shutdown
+
+    def reserve(self) -> object | None:
+        """Hold a place for one more producer under ``max_producers``, for a stream about to be
+        opened: its token, to give to :meth:`release` once the producer started (it then
+        counts itself) or will not; None when the producers running and starting fill the
+        limit."""
+        limit = self.max_producers
+        if limit is not None and len(self.producers) + len(self._starting) >= limit:
+            return None
+        place = object()
+        self._starting.add(place)
+        return place
+
+    def release(self, place: object) -> None:
+        """Give back a place :meth:`reserve` held."""
+        self._starting.discard(place)
 
     async def start(
         self, source: AsyncIterable[Any], dialect: Dialect, stream_id: str
@@ -188,8 +229,12 @@ class Resumer:
             await close_completely(aclose_iterator(iterator))
         with contextlib.suppress(Exception):  # what was read before a failure is kept
             await close_completely(appender.drain())
-        with contextlib.suppress(FencingError):
+        try:
             await close_completely(store.finish(stream_id, token, state, error))
+        except FencingError:
+            pass
+        except StoreUnavailable:  # its readers learn it from the store they cannot read either
+            logger.warning("stream %s: the event store is unreachable; end not stored", stream_id)
         logger.info("stream %s produced: state=%s", stream_id, state)
 
     async def _wait_for_readers(self, stream_id: str, seq: int) -> None:
@@ -235,7 +280,10 @@ class Resumer:
             StreamNotFound: unknown ID (404).
             StreamExpired: the stream expired (410).
             EventsExpired: events after ``after`` were dropped by the store's cap (410).
+            StoreUnavailable: the store cannot be reached (503).
         """
+        if not is_stream_id(stream_id):  # never sent to the store
+            raise StreamNotFound(stream_id[:100])
         record = await self.store.record(stream_id)
         if record is None:
             created = _created(stream_id)
@@ -308,8 +356,12 @@ class Resumer:
     async def cancel(self, stream_id: str) -> bool:
         """Cancel a running stream, in whatever worker produces it: its producer stops and
         closes its upstream, and its readers end with a ``cancelled`` frame. Returns False if
-        the stream is unknown or already finished."""
-        if not await self.store.request_cancel(stream_id):
+        the stream is unknown or already finished, or ``stream_id`` is not of the form of one.
+
+        Raises:
+            StoreUnavailable: the store cannot be reached.
+        """
+        if not is_stream_id(stream_id) or not await self.store.request_cancel(stream_id):
             return False
         task = self.producers.get(stream_id)
         if task is not None:  # here: at once, without waiting for the producer's next check

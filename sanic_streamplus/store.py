@@ -20,14 +20,17 @@ The store knows nothing of HTTP: the resume logic (``resume.py``) decides what r
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import json
 import math
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from .errors import StoreUnavailable
 from .sse import ServerSentEvent
 
 if TYPE_CHECKING:
@@ -91,6 +94,11 @@ class EventStore(Protocol):
         ``idempotency_key`` is already bound to a stream, return that one. Returns
         ``(stream_id, created)``: ``created`` is True when this call registered the stream (its
         caller then starts the producer)."""
+        ...
+
+    async def bound(self, idempotency_key: str) -> str | None:
+        """The stream ``idempotency_key`` is bound to, or None (unknown or expired); registers
+        nothing."""
         ...
 
     async def claim(self, stream_id: str, token: str, lease: float) -> bool:
@@ -200,6 +208,12 @@ class MemoryEventStore:
             key=idempotency_key,
         )
         return stream_id, True
+
+    async def bound(self, idempotency_key: str) -> str | None:
+        bound = self._keys.get(idempotency_key)
+        if bound is None or bound[1] <= time.monotonic() or self._get(bound[0]) is None:
+            return None
+        return bound[0]
 
     def _refresh(self, stream: _MemoryStream) -> None:
         """Keep ``stream``, and the idempotency key bound to it, ``ttl`` seconds from now."""
@@ -438,22 +452,26 @@ class RedisEventStore:
 
     The methods are those of :class:`EventStore`, with the semantics of
     :class:`MemoryEventStore`. Keys of stream ``<id>`` (each one but the producer's expires
-    ``ttl`` seconds after the stream's last append or finish; times are kept in milliseconds):
+    ``ttl`` seconds after the stream's last append or finish; times are kept in milliseconds).
+    One prefix per kind of key, ``stream:`` and ``idem:``, and the idempotency key hashed, so
+    that no stream ID and no idempotency key, whatever their characters, name each other's
+    entries:
 
-    - ``<prefix><id>:events``: a Redis Stream of the events; entry ID ``0-<seq>``, so the entry
-      ID is the sequence number; fields ``event`` and ``data``. ``XADD MAXLEN <max_events>``
-      (exact) drops the oldest.
-    - ``<prefix><id>:meta``: a hash: ``state``, ``last_seq``, ``error`` (JSON), ``cancel``
-      (``0``/``1``), ``reader_seen`` (seconds since the epoch), ``signals`` (see below) and
-      ``key`` (the idempotency key's name, to refresh its TTL).
-    - ``<prefix><id>:producer``: the producer's token, with a ``PX <lease>`` expiry: the
-      lease. :meth:`claim` sets it only if it is absent (or already this token: a refresh) and
-      the stream is running; :meth:`finish` deletes it.
-    - ``<prefix><id>:signal``: a Redis Stream of one entry, ``0-<n>``, added when the stream
-      finishes or a cancel is requested (``n`` counts them; it is also ``signals`` in the meta).
-    - ``<prefix>key:<idempotency_key>``: the stream ID the key is bound to; :meth:`open` sets
-      it if absent (``SET NX``, in the script that creates the meta, so the key never names a
-      stream not yet registered).
+    - ``<prefix>stream:<id>:events``: a Redis Stream of the events; entry ID ``0-<seq>``, so
+      the entry ID is the sequence number; fields ``event`` and ``data``.
+      ``XADD MAXLEN <max_events>`` (exact) drops the oldest.
+    - ``<prefix>stream:<id>:meta``: a hash: ``state``, ``last_seq``, ``error`` (JSON),
+      ``cancel`` (``0``/``1``), ``reader_seen`` (seconds since the epoch), ``signals`` (see
+      below) and ``key`` (the idempotency key's Redis name, to refresh its TTL).
+    - ``<prefix>stream:<id>:producer``: the producer's token, with a ``PX <lease>`` expiry:
+      the lease. :meth:`claim` sets it only if it is absent (or already this token: a
+      refresh) and the stream is running; :meth:`finish` deletes it.
+    - ``<prefix>stream:<id>:signal``: a Redis Stream of one entry, ``0-<n>``, added when the
+      stream finishes or a cancel is requested (``n`` counts them; it is also ``signals`` in
+      the meta).
+    - ``<prefix>idem:<sha256 of the idempotency key, hex>``: the stream ID the key is bound
+      to; :meth:`open` sets it if absent (``SET NX``, in the script that creates the meta, so
+      the key never names a stream not yet registered).
 
     Every write is one Lua script, so a check and its write are atomic: an append or finish
     whose token is not the value of the producer key raises :class:`FencingError`.
@@ -477,6 +495,11 @@ class RedisEventStore:
     the keys of one stream carry no hash tag, and the scripts refresh the idempotency key by
     the name in the meta).
 
+    Redis going away: every method raises :class:`~sanic_streamplus.errors.StoreUnavailable`
+    for redis-py's ``ConnectionError`` and ``TimeoutError``, raised once the client's own
+    retries are spent. Build the client with :meth:`from_url` for retries with backoff, so that
+    the pool's connections that a Redis restart left dead reconnect instead of failing.
+
     Args:
         client: a ``redis.asyncio.Redis`` client (``decode_responses`` either way); the store
             closes it in :meth:`close`.
@@ -486,7 +509,8 @@ class RedisEventStore:
 
     Raises:
         ValueError: ``max_events`` < 1 or ``ttl`` <= 0.
-        redis.exceptions.RedisError: from any method, when Redis cannot be reached or fails.
+        StoreUnavailable: from any method, when Redis cannot be reached or does not answer.
+        redis.exceptions.RedisError: from any method, when Redis fails otherwise.
     """
 
     def __init__(
@@ -501,10 +525,13 @@ class RedisEventStore:
             raise ValueError(f"max_events must be at least 1, not {max_events}")
         if ttl <= 0:
             raise ValueError(f"ttl must be more than 0 seconds, not {ttl}")
+        from redis.exceptions import ConnectionError, TimeoutError
+
         self.client = client
         self.max_events = max_events
         self.ttl = ttl
         self.prefix = prefix
+        self._unreachable = (ConnectionError, TimeoutError)
         kwargs: dict[str, Any] = getattr(client.connection_pool, "connection_kwargs", {})
         self._encoding = str(kwargs.get("encoding") or "utf-8")
         # The longest single XREAD BLOCK, in seconds: half the client's socket timeout, and at
@@ -521,10 +548,75 @@ class RedisEventStore:
         self._cancel: Any = register(_LUA_CANCEL)
         self._snapshot: Any = register(_LUA_SNAPSHOT)
 
+    @classmethod
+    def from_url(
+        cls,
+        url: str,
+        *,
+        max_connections: int,
+        max_events: int = 10_000,
+        ttl: float = 600.0,
+        prefix: str = "streamplus:",
+    ) -> RedisEventStore:
+        """A store on a new client of the Redis at ``url`` that rides out a restart.
+
+        The client retries a command that met a dead connection or a timeout on a new
+        connection, three times with exponential backoff (20 ms, doubling, at most 0.5 s); a
+        connection idle for 30 s is checked with a ``PING`` before use; connecting gives up
+        after 1 s, a reply after 10 s (``XREAD BLOCK`` waits stay below half of that). Once a
+        restarted Redis is back, no call fails. While it is away, a call fails with
+        :class:`~sanic_streamplus.errors.StoreUnavailable` in a fraction of a second when
+        connections are refused; when packets vanish, after at most 16 connect timeouts
+        (redis-py also retries connecting within each command's retries). Options in
+        ``url``'s query string (e.g. ``?socket_connect_timeout=0.5``) win.
+
+        Args:
+            url: ``redis://``, ``rediss://`` or ``unix://`` URL.
+            max_connections: the pool's size: one per reader waiting in ``XREAD BLOCK``, plus
+                the producers'.
+            max_events: events kept per stream, as for the constructor.
+            ttl: seconds a stream is kept, as for the constructor.
+            prefix: the prefix of every key, as for the constructor.
+
+        Raises:
+            ValueError: a malformed ``url``, or ``max_events``/``ttl`` out of range.
+        """
+        from redis.asyncio import Redis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import ExponentialBackoff
+        from redis.exceptions import ConnectionError, TimeoutError
+
+        client = Redis.from_url(
+            url,
+            max_connections=max_connections,
+            retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
+            retry_on_error=[ConnectionError, TimeoutError],
+            health_check_interval=30,
+            socket_connect_timeout=1.0,
+            socket_timeout=10.0,
+            socket_keepalive=True,
+        )
+        return cls(client, max_events=max_events, ttl=ttl, prefix=prefix)
+
+    @contextlib.contextmanager
+    def _reachable(self) -> Iterator[None]:
+        """Turn redis-py's "cannot reach Redis" errors into :class:`StoreUnavailable`."""
+        try:
+            yield
+        except self._unreachable as exc:
+            raise StoreUnavailable(
+                f"the event store cannot be reached ({type(exc).__name__}); retry later"
+            ) from exc
+
     def _keys(self, stream_id: str) -> list[str]:
         """The keys of ``stream_id``: meta, events, producer, signal (the scripts' KEYS)."""
-        base = f"{self.prefix}{stream_id}:"
+        base = f"{self.prefix}stream:{stream_id}:"
         return [base + "meta", base + "events", base + "producer", base + "signal"]
+
+    def _key(self, idempotency_key: str) -> str:
+        """The Redis name of ``idempotency_key``'s binding (hashed: any length, any text)."""
+        digest = hashlib.sha256(idempotency_key.encode("utf-8", "surrogatepass")).hexdigest()
+        return f"{self.prefix}idem:{digest}"
 
     def _text(self, value: Any) -> str:
         return value.decode(self._encoding) if isinstance(value, bytes) else str(value)
@@ -534,21 +626,32 @@ class RedisEventStore:
     ) -> tuple[str, bool]:
         keys = self._keys(stream_id)
         if idempotency_key is not None:
-            keys.append(f"{self.prefix}key:{idempotency_key}")
+            keys.append(self._key(idempotency_key))
         pairs = [item for name, value in (info or {}).items() for item in (name, value)]
-        bound = await self._open(keys=keys, args=[stream_id, _ms(self.ttl), *pairs])
+        with self._reachable():
+            bound = await self._open(keys=keys, args=[stream_id, _ms(self.ttl), *pairs])
         return (stream_id, True) if bound is None else (self._text(bound), False)
 
+    async def bound(self, idempotency_key: str) -> str | None:
+        with self._reachable():
+            bound = await self.client.get(self._key(idempotency_key))
+        return None if bound is None else self._text(bound)
+
     async def claim(self, stream_id: str, token: str, lease: float) -> bool:
-        return bool(await self._claim(keys=self._keys(stream_id), args=[token, _ms(lease)]))
+        with self._reachable():
+            claimed = await self._claim(keys=self._keys(stream_id), args=[token, _ms(lease)])
+        return bool(claimed)
 
     async def renew(self, stream_id: str, token: str, lease: float) -> bool:
-        return bool(await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)]))
+        with self._reachable():
+            renewed = await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)])
+        return bool(renewed)
 
     async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
         fields = [item for event in events for item in (event.event, event.data)]
         args = [token, self.max_events, _ms(self.ttl), *fields]
-        seq = int(await self._append(keys=self._keys(stream_id), args=args))
+        with self._reachable():
+            seq = int(await self._append(keys=self._keys(stream_id), args=args))
         if seq < 0:
             raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
         return seq
@@ -558,7 +661,9 @@ class RedisEventStore:
     ) -> None:
         body = "" if error is None else json.dumps(error)
         args = [token, _ms(self.ttl), state, body]
-        if int(await self._finish(keys=self._keys(stream_id), args=args)) < 0:
+        with self._reachable():
+            fenced = int(await self._finish(keys=self._keys(stream_id), args=args)) < 0
+        if fenced:
             raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
 
     async def read(
@@ -567,6 +672,13 @@ class RedisEventStore:
         keys = self._keys(stream_id)
         after = max(after, 0)
         deadline = time.monotonic() + block
+        with self._reachable():
+            return await self._read(stream_id, keys, after, deadline)
+
+    async def _read(
+        self, stream_id: str, keys: list[str], after: int, deadline: float
+    ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
+        """:meth:`read`'s loop: snapshots, and ``XREAD BLOCK`` waits until ``deadline``."""
         woken = False
         while True:
             reply = await self._snapshot(keys=keys[:3], args=[after, repr(time.time())])
@@ -585,7 +697,8 @@ class RedisEventStore:
             woken = bool(await self.client.xread(streams, block=_ms(wait)))
 
     async def record(self, stream_id: str) -> StreamRecord | None:
-        reply = await self._snapshot(keys=self._keys(stream_id)[:3], args=["", ""])
+        with self._reachable():
+            reply = await self._snapshot(keys=self._keys(stream_id)[:3], args=["", ""])
         return None if reply is None else self._record(stream_id, reply)[0]
 
     def _record(self, stream_id: str, reply: list[Any]) -> tuple[StreamRecord, int]:
@@ -622,7 +735,9 @@ class RedisEventStore:
 
     async def request_cancel(self, stream_id: str) -> bool:
         keys = self._keys(stream_id)
-        return bool(await self._cancel(keys=keys, args=[]))
+        with self._reachable():
+            return bool(await self._cancel(keys=keys, args=[]))
 
     async def close(self) -> None:
-        await self.client.aclose()
+        with contextlib.suppress(*self._unreachable):
+            await self.client.aclose()

@@ -8,6 +8,8 @@ connection closed, how much of the stream it sent. Knobs (constructor defaults, 
 request with a ``"fake": {...}`` object in the JSON body; ``FakeModel`` holds them):
 
 - ``tokens`` (int): how many tokens to stream; ``delay`` (s): pause before each token;
+- ``text`` (str or None): stream this text instead, cut into word tokens (:func:`text_tokens`;
+  ``tokens`` is then ignored). ``FakeUpstream(answer=...)`` computes it from each request;
 - ``token_size`` (bytes, or None): pad each token to this size (for large-volume tests);
 - ``fail_after`` (int or None): reset the connection after that many events;
 - ``reset_at_byte`` (int or None): write exactly that many bytes of the event-stream body (maybe
@@ -59,6 +61,8 @@ above where they are enabled, the tokens, the stop chunk, the usage chunk, ``[DO
 ``FakeModel.frames()`` gives those blocks as written, to compute byte offsets, and
 ``FakeModel.expected_tokens()`` the token texts as a correct client decodes them.
 
+``GET .../models`` answers an OpenAI-style model list with the one model, ``fake-model``.
+
 ``serve_app(app)`` runs a Sanic app on a socket bound to 127.0.0.1 port 0 and yields its base
 URL: streams need a real server (``app.test_client`` buffers whole bodies).
 
@@ -78,7 +82,7 @@ import re
 import socket
 import struct
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Literal, cast
 from urllib.parse import urlsplit
@@ -98,6 +102,7 @@ __all__ = [
     "fake_tokens",
     "serve_app",
     "stream_request",
+    "text_tokens",
 ]
 
 _WORDS = ("Hello", " from", " the", " fake", " model", ",", " token", " by", " token", ".")
@@ -123,6 +128,19 @@ def fake_tokens(count: int, token_size: int | None = None) -> list[str]:
     return tokens
 
 
+def text_tokens(text: str) -> list[str]:
+    """``text`` cut into tokens as the fake model streams it: each word with the white space
+    before it (line breaks included); trailing white space goes with the last token.
+    ``"".join()`` them gives ``text`` back."""
+    tokens = re.findall(r"\s*\S+", text)
+    tail = text[sum(map(len, tokens)):]
+    if tokens:
+        tokens[-1] += tail
+    elif tail:
+        tokens = [tail]
+    return tokens
+
+
 @dataclass(frozen=True)
 class FakeModel:
     """The fake model's knobs (see the module docstring); seconds for times, bytes for sizes.
@@ -134,6 +152,7 @@ class FakeModel:
 
     tokens: int = 12
     delay: float = 0.05
+    text: str | None = None
     token_size: int | None = None
     fail_after: int | None = None
     reset_at_byte: int | None = None
@@ -166,6 +185,13 @@ class FakeModel:
             raise ValueError(f"line_ending must be one of {sorted(_LINE_ENDINGS)}")
         if self.trickle is not None and self.trickle <= 0:
             raise ValueError("trickle must be a positive number of bytes")
+        if self.text is not None and not isinstance(self.text, str):
+            raise ValueError("text must be a string")
+
+    def _tokens(self) -> list[str]:
+        if self.text is not None:
+            return text_tokens(self.text)
+        return fake_tokens(self.tokens, self.token_size)
 
     def override(self, values: Any) -> FakeModel:
         """A copy with the known keys of ``values`` (a dict from a request body) applied.
@@ -181,7 +207,7 @@ class FakeModel:
     def expected_tokens(self) -> list[str]:
         """The token contents as a correct client sees them: :func:`fake_tokens`, with the
         ``malformed_utf8`` token's bytes decoded with replacement and the ``u2028`` suffix."""
-        tokens = fake_tokens(self.tokens, self.token_size)
+        tokens = self._tokens()
         if self.malformed_utf8 and len(tokens) > MALFORMED_TOKEN:
             tokens[MALFORMED_TOKEN] += MALFORMED_BYTES.decode("utf-8", "replace")
         if self.u2028 and len(tokens) > U2028_TOKEN:
@@ -193,7 +219,7 @@ class FakeModel:
         endings applied, the BOM before the first): ``b"".join()`` them for the whole body.
 
         The ``long_line`` block has no line ending, and nothing follows it."""
-        tokens = fake_tokens(self.tokens, self.token_size)
+        tokens = self._tokens()
         if self.malformed_utf8 and len(tokens) > MALFORMED_TOKEN:
             tokens[MALFORMED_TOKEN] += _MALFORMED_MARK
         if self.u2028 and len(tokens) > U2028_TOKEN:
@@ -367,6 +393,9 @@ class _Connection(asyncio.Protocol):
                 self.current = None
 
     async def respond(self, request: UpstreamRequest) -> None:
+        if request.method == "GET" and request.path.rstrip("/").endswith("/models"):
+            await self.simple(200, _MODELS)
+            return
         try:
             model = self.server.model_for(request)
         except (TypeError, ValueError) as exc:
@@ -540,6 +569,12 @@ def _usage_event(tokens: int) -> bytes:
     return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
 
 
+_MODELS = {
+    "object": "list",
+    "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "sanic-streamplus"}],
+}
+
+
 def _padded_event(line_size: int) -> bytes:
     """A chunk with no content whose data line (``data: ...``, no line ending) is ``line_size``
     bytes, or as short as it can be."""
@@ -552,6 +587,12 @@ class FakeUpstream:
 
     Use as ``async with FakeUpstream(tokens=5) as upstream: ... upstream.url ...``.
 
+    Args:
+        model: the default knobs; ``knobs`` (keyword arguments) override some of them.
+        answer: a function of a request's parsed JSON body (any JSON value, or None) that
+            returns the text to stream (the ``text`` knob), for requests that carry no
+            ``"fake"`` knobs; it may raise ValueError (the request then gets a 400).
+
     Attributes:
         model: the default :class:`FakeModel` knobs.
         requests: every :class:`UpstreamRequest` seen, in arrival order.
@@ -559,8 +600,15 @@ class FakeUpstream:
         released: set by :meth:`release`: streams no longer wait at ``hold_before``.
     """
 
-    def __init__(self, model: FakeModel | None = None, **knobs: Any) -> None:
+    def __init__(
+        self,
+        model: FakeModel | None = None,
+        *,
+        answer: Callable[[Any], str] | None = None,
+        **knobs: Any,
+    ) -> None:
         self.model = (model or FakeModel()).override(knobs)
+        self.answer = answer
         self.requests: list[UpstreamRequest] = []
         self.connections: set[_Connection] = set()
         self.arrived = asyncio.Event()
@@ -601,6 +649,8 @@ class FakeUpstream:
         if not isinstance(body, dict):
             return self.model
         model = self.model.override(body.get("fake"))
+        if body.get("fake") is None and self.answer is not None:
+            model = replace(model, text=self.answer(body))
         options = body.get("stream_options")
         if isinstance(options, dict) and options.get("include_usage"):
             model = replace(model, usage=True)

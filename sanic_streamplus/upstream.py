@@ -13,8 +13,10 @@ import asyncio
 import json
 import logging
 from collections.abc import AsyncIterator, Mapping
+from http.cookiejar import Cookie, CookieJar
 from typing import Any
 
+import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
 
@@ -45,6 +47,33 @@ logger = logging.getLogger("sanic_streamplus")
 _ERROR_BODY_LIMIT = 2048  # bytes of a non-2xx upstream body read, for the log and its error
 
 
+class _NoCookies(CookieJar):
+    """A cookie jar that stores nothing, so it never sends anything either: the shared client
+    serves every user, and an upstream's ``Set-Cookie`` for one must not reach the next.
+    (httpx has no switch for this; every way into a ``CookieJar`` goes through ``set_cookie``.)"""
+
+    def set_cookie(self, cookie: Cookie) -> None:
+        return None
+
+
+def _aiohttp_transport(limits: httpx.Limits) -> AiohttpTransport:
+    """httpx-aiohttp's transport, on an aiohttp session that keeps no cookies (aiohttp's
+    ``ClientSession`` has a jar of its own, under httpx's) and is made as httpx-aiohttp makes
+    it otherwise: the connection limit and keep-alive expiry of ``limits``."""
+    transport = AiohttpTransport(limits=limits)
+
+    def session() -> aiohttp.ClientSession:  # called in the loop, at the first request
+        connector = aiohttp.TCPConnector(
+            limit=limits.max_connections or 0,
+            keepalive_timeout=limits.keepalive_expiry,
+            ssl=transport.ssl_context,
+        )
+        return aiohttp.ClientSession(connector=connector, cookie_jar=aiohttp.DummyCookieJar())
+
+    transport.client = session
+    return transport
+
+
 def create_client(settings: Settings) -> httpx.AsyncClient:
     """Build the shared upstream client from ``settings``.
 
@@ -52,7 +81,9 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
     ``Authorization: Bearer``. Its read timeout is off: the first-event, idle and total timeouts
     of :func:`stream_events` replace it, because they must not count time spent waiting for a slow
     client to drain. ``settings.transport`` picks what carries the requests: ``aiohttp``
-    (httpx-aiohttp's ``AiohttpTransport``) or ``httpcore`` (httpx's own).
+    (httpx-aiohttp's ``AiohttpTransport``) or ``httpcore`` (httpx's own). It keeps no cookie
+    (httpx's jar and aiohttp's both store nothing): an upstream's ``Set-Cookie`` is neither
+    kept nor sent back, to anyone.
     """
     headers = {"Accept": "text/event-stream"}
     if settings.upstream_api_key:
@@ -62,10 +93,11 @@ def create_client(settings: Settings) -> httpx.AsyncClient:
         max_connections=settings.max_connections,
         max_keepalive_connections=min(settings.max_connections, 100),
     )
-    transport = AiohttpTransport(limits=limits) if settings.transport == "aiohttp" else None
+    transport = _aiohttp_transport(limits) if settings.transport == "aiohttp" else None
     return httpx.AsyncClient(
         base_url=settings.upstream_url or "",
         headers=headers,
+        cookies=_NoCookies(),
         timeout=httpx.Timeout(connect=connect, read=None, write=connect, pool=connect),
         limits=limits,
         transport=transport,

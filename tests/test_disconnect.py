@@ -11,8 +11,9 @@ import time
 from typing import Any
 
 import pytest
-from conftest import app_name, chat_body, completions_body, serve_uvicorn
+from conftest import app_name, chat_body, completions_body
 
+from sanic_streamplus.testclient import serve_uvicorn
 from sanic_streamplus.testing import FakeUpstream
 
 ROUNDS = 20

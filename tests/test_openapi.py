@@ -1,25 +1,29 @@
 """sanic-ext integration: stream routes in the OpenAPI document, request bodies validated by
 sanic-ext's ``validate`` (dataclass, pydantic, msgspec) before the stream starts, decorator order.
-Over real sockets: a real Sanic server with StreamPlus, and the fake upstream where one counts."""
+Over real sockets: the document as a Sanic user fetches it (sanic-testing's ``app.test_client``,
+a real server), streams with the kit's stream client, the fake upstream where one counts; apps
+and upstreams come from the package's pytest plugin."""
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import msgspec
 import pytest
-from conftest import app_name
 from pydantic import BaseModel
 from sanic import Request, Sanic
 from sanic_ext import openapi, validate
 
-from sanic_streamplus import StreamPlus, stream_post, upstream_events
-from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app
+from sanic_streamplus import stream_post, upstream_events
+from sanic_streamplus.testclient import StreamClient
+from sanic_streamplus.testing import FakeUpstream, fake_tokens
+
+MakeApp = Callable[..., Sanic[Any, Any]]
+MakeClient = Callable[..., StreamClient]
 
 
 @dataclass
@@ -67,19 +71,17 @@ DELTA_SCHEMA = {
 }
 
 
-def make_app(**config: Any) -> Sanic[Any, Any]:
-    app: Sanic[Any, Any] = Sanic(app_name("openapi"))
-    for key, value in config.items():
-        app.config[key] = value
-    app.extend(extensions=[StreamPlus])
-    return app
+@pytest.fixture
+def make_app(streamplus_app: MakeApp) -> MakeApp:
+    """New apps with StreamPlus (the plugin's ``streamplus_app``), named ``openapi_<n>``."""
+    return functools.partial(streamplus_app, "openapi")
 
 
-async def openapi_document(url: str) -> dict[str, Any]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        response = await client.get(url + "/docs/openapi.json")
-    assert response.status_code == 200
-    document: dict[str, Any] = response.json()
+def openapi_document(app: Sanic[Any, Any]) -> dict[str, Any]:
+    """The app's OpenAPI document, fetched with sanic-testing's ``app.test_client``."""
+    _, response = app.test_client.get("/docs/openapi.json")
+    assert response.status == 200
+    document: dict[str, Any] = response.json
     return document
 
 
@@ -88,7 +90,9 @@ async def openapi_document(url: str) -> dict[str, Any]:
     [DeltaDataclass, DeltaPydantic, DeltaMsgspec, DELTA_SCHEMA],
     ids=["dataclass", "pydantic", "msgspec", "dict"],
 )
-async def test_document_has_the_stream_route_with_its_event_schema(event_schema: Any) -> None:
+def test_document_has_the_stream_route_with_its_event_schema(
+    event_schema: Any, make_app: MakeApp
+) -> None:
     app = make_app()
 
     @app.post("/events")
@@ -96,8 +100,7 @@ async def test_document_has_the_stream_route_with_its_event_schema(event_schema:
     async def handler(request: Request) -> AsyncIterator[Any]:
         yield {"delta": "x"}
 
-    async with serve_app(app) as url:
-        document = await openapi_document(url)
+    document = openapi_document(app)
     ok = document["paths"]["/events"]["post"]["responses"]["200"]
     assert list(ok["content"]) == ["text/event-stream"]
     schema = ok["content"]["text/event-stream"]["schema"]
@@ -110,7 +113,7 @@ async def test_document_has_the_stream_route_with_its_event_schema(event_schema:
     assert "each event's data" in ok["description"]
 
 
-async def test_route_without_event_schema_and_other_formats() -> None:
+def test_route_without_event_schema_and_other_formats(make_app: MakeApp) -> None:
     app = make_app()
 
     @app.post("/plain")
@@ -123,8 +126,7 @@ async def test_route_without_event_schema_and_other_formats() -> None:
     async def lines(request: Request) -> AsyncIterator[Any]:
         yield {"delta": "x"}
 
-    async with serve_app(app) as url:
-        paths = (await openapi_document(url))["paths"]
+    paths = openapi_document(app)["paths"]
     plain_ok = paths["/plain"]["post"]["responses"]["200"]["content"]
     assert plain_ok == {"text/event-stream": {"schema": {"type": "string"}}}
     lines_ok = paths["/lines"]["post"]["responses"]["200"]["content"]
@@ -132,7 +134,7 @@ async def test_route_without_event_schema_and_other_formats() -> None:
     assert lines_ok["application/x-ndjson"]["schema"]["properties"]["delta"]["type"] == "string"
 
 
-async def test_event_model_declared_as_a_component_is_referenced() -> None:
+def test_event_model_declared_as_a_component_is_referenced(make_app: MakeApp) -> None:
     app = make_app()
 
     @app.post("/component")
@@ -140,14 +142,13 @@ async def test_event_model_declared_as_a_component_is_referenced() -> None:
     async def handler(request: Request) -> AsyncIterator[Any]:
         yield {"delta": "x"}
 
-    async with serve_app(app) as url:
-        document = await openapi_document(url)
+    document = openapi_document(app)
     content = document["paths"]["/component"]["post"]["responses"]["200"]["content"]
     assert content["text/event-stream"]["schema"] == {"$ref": "#/components/schemas/DeltaComponent"}
     assert document["components"]["schemas"]["DeltaComponent"]["required"] == ["delta"]
 
 
-async def test_answers_before_the_stream_are_documented_as_json_errors() -> None:
+def test_answers_before_the_stream_are_documented_as_json_errors(make_app: MakeApp) -> None:
     app = make_app()
 
     @app.post("/errors")
@@ -156,8 +157,7 @@ async def test_answers_before_the_stream_are_documented_as_json_errors() -> None
     async def handler(request: Request) -> AsyncIterator[Any]:
         yield "x"
 
-    async with serve_app(app) as url:
-        document = await openapi_document(url)
+    document = openapi_document(app)
     responses = document["paths"]["/errors"]["post"]["responses"]
     reference = {"$ref": "#/components/schemas/StreamPlusError"}
     for status in ("401", "403", "404", "409", "413", "422", "429", "502", "503", "504"):
@@ -173,7 +173,9 @@ async def test_answers_before_the_stream_are_documented_as_json_errors() -> None
 
 
 @pytest.mark.parametrize("model", BODY_MODELS, ids=["dataclass", "pydantic", "msgspec"])
-async def test_request_body_and_docs_below_validate_reach_the_document(model: type) -> None:
+def test_request_body_and_docs_below_validate_reach_the_document(
+    model: type, make_app: MakeApp
+) -> None:
     """sanic-ext's ``validate`` documents nothing and does not carry the docs declared below
     it; ``openapi.body`` documents the body, and ``@stream_post`` collects the docs of every
     function it wraps."""
@@ -188,8 +190,7 @@ async def test_request_body_and_docs_below_validate_reach_the_document(model: ty
     async def handler(request: Request, body: Any) -> AsyncIterator[Any]:
         yield {"delta": body.prompt}
 
-    async with serve_app(app) as url:
-        document = await openapi_document(url)
+    document = openapi_document(app)
     operation = document["paths"]["/documented"]["post"]
     assert operation["summary"] == "Chat, streamed"
     assert operation["tags"] == ["chat"]
@@ -200,28 +201,33 @@ async def test_request_body_and_docs_below_validate_reach_the_document(model: ty
 
 
 @pytest.mark.parametrize("model", BODY_MODELS, ids=["dataclass", "pydantic", "msgspec"])
+@pytest.mark.fake_upstream(tokens=3)
 async def test_validate_below_stream_post_refuses_bad_bodies_before_the_upstream(
-    model: type, caplog: pytest.LogCaptureFixture
+    model: type,
+    caplog: pytest.LogCaptureFixture,
+    make_app: MakeApp,
+    fake_upstream: FakeUpstream,
+    stream_client: MakeClient,
 ) -> None:
     calls: list[Any] = []
-    async with FakeUpstream(tokens=3) as upstream:
-        app = make_app(STREAMPLUS_UPSTREAM_URL=upstream.url)
+    upstream = fake_upstream
+    app = make_app(STREAMPLUS_UPSTREAM_URL=upstream.url)
 
-        @app.post("/chat")
-        @stream_post
-        @validate(json=model)
-        async def chat(request: Request, body: Any) -> Any:
-            calls.append(body)
-            messages = [{"role": "user", "content": body.prompt}]
-            return upstream_events(request, "/chat/completions", json={"messages": messages})
+    @app.post("/chat")
+    @stream_post
+    @validate(json=model)
+    async def chat(request: Request, body: Any) -> Any:
+        calls.append(body)
+        messages = [{"role": "user", "content": body.prompt}]
+        return upstream_events(request, "/chat/completions", json={"messages": messages})
 
-        with caplog.at_level(logging.INFO):
-            async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
-                missing = await client.post(url + "/chat", json={"max_tokens": 3})
-                wrong = await client.post(url + "/chat", json={"prompt": 5})
-                not_object = await client.post(url + "/chat", json=["hi"])
-                assert (calls, upstream.requests) == ([], [])
-                ok = await client.post(url + "/chat", json={"prompt": "hi", "max_tokens": 3})
+    with caplog.at_level(logging.INFO):
+        client = await stream_client(app)
+        missing = await client.post("/chat", json={"max_tokens": 3})
+        wrong = await client.post("/chat", json={"prompt": 5})
+        not_object = await client.post("/chat", json=["hi"])
+        assert (calls, upstream.requests) == ([], [])
+        ok = await client.post("/chat", json={"prompt": "hi", "max_tokens": 3})
 
     assert ok.status_code == 200
     assert ok.headers["content-type"].startswith("text/event-stream")
@@ -245,7 +251,9 @@ async def test_validate_below_stream_post_refuses_bad_bodies_before_the_upstream
     [validate(json=ChatPydantic), openapi.body(ChatPydantic, validate=True)],
     ids=["validate", "openapi.body"],
 )
-async def test_validation_above_stream_post_fails_at_startup(validation: Any) -> None:
+async def test_validation_above_stream_post_fails_at_startup(
+    validation: Any, make_app: MakeApp, stream_client: MakeClient
+) -> None:
     """Above ``@stream_post`` the body is not read yet: the validation would refuse every
     request, so the server refuses to start and says where to put it."""
     app = make_app()
@@ -257,11 +265,12 @@ async def test_validation_above_stream_post_fails_at_startup(validation: Any) ->
         yield "x"
 
     with pytest.raises(RuntimeError, match=r"above @stream_post.*put it below @stream_post"):
-        async with serve_app(app):
-            pass
+        await stream_client(app)
 
 
-async def test_documenting_decorators_above_stream_post_are_fine() -> None:
+async def test_documenting_decorators_above_stream_post_are_fine(
+    make_app: MakeApp, stream_client: MakeClient
+) -> None:
     """Only validation above ``@stream_post`` is refused: ``openapi.body`` without
     ``validate`` documents, and a decorator that does not read the body works there."""
     seen: list[str] = []
@@ -284,10 +293,10 @@ async def test_documenting_decorators_above_stream_post_are_fine() -> None:
     async def handler(request: Request, body: ChatPydantic) -> AsyncIterator[Any]:
         yield {"delta": body.prompt}
 
-    async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
-        ok = await client.post(url + "/above-ok", json={"prompt": "hi"}, headers={"x-user": "u"})
-        bad = await client.post(url + "/above-ok", json={})
-        document = await openapi_document(url)
+    client = await stream_client(app)
+    ok = await client.post("/above-ok", json={"prompt": "hi"}, headers={"x-user": "u"})
+    bad = await client.post("/above-ok", json={})
+    document = (await client.get("/docs/openapi.json")).json()
     assert (ok.status_code, ok.text) == (200, 'data: {"delta":"hi"}\n\n')
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "invalid_request"
     assert seen == ["u", ""]

@@ -187,5 +187,7 @@ async def test_a_handler_can_answer_400_for_bad_input(
 async def test_the_chat_page_is_served(proxy: str, client: httpx.AsyncClient) -> None:
     response = await client.get(proxy + "/")
     assert response.status_code == 200
-    assert "fetch(\"/chat\"" in response.text
-    assert "getReader" in response.text
+    assert '<script src="/static/chat.js"' in response.text
+    script = await client.get(proxy + "/static/chat.js")
+    assert script.status_code == 200
+    assert '"/resumable/v1/chat/completions"' in script.text and "getReader" in script.text

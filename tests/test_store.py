@@ -4,6 +4,7 @@ redis-server (the ``redis_url`` fixture). No mocks; timing bounds are ten times 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -84,6 +85,30 @@ async def test_open_and_idempotency_key(store: EventStore) -> None:
     record = await store.record("a")
     assert record == StreamRecord("a", "running", 1, 0, False, False, 0.0, None)
     assert not record.finished
+
+
+async def test_bound_names_the_stream_of_a_key_and_registers_nothing(store: EventStore) -> None:
+    assert await store.bound("key-1") is None
+    assert await store.open("a", "key-1") == ("a", True)
+    assert await store.bound("key-1") == "a"
+    assert await store.bound("key-2") is None
+    assert await store.open("b", "key-2") == ("b", True)  # bound() did not take "key-2"
+
+
+async def test_no_stream_id_names_an_idempotency_key(store: EventStore) -> None:
+    """Whatever their characters: on Redis, the meta of stream ``key:x`` once was the entry of
+    the key ``x:meta``."""
+    for key in ("x:meta", "é" * 300, ""):
+        stream_id = f"s-{len(key)}"
+        assert await store.open(stream_id, key) == (stream_id, True)
+        assert await store.bound(key) == stream_id
+    assert await store.open("key:x", None) == ("key:x", True)
+    assert await store.claim("key:x", "t1", 30)
+    assert await store.append("key:x", "t1", event(1)) == 1
+    record = await store.record("key:x")
+    assert record is not None and record.last_seq == 1
+    assert await store.request_cancel("key:x")
+    assert await store.bound("x:meta") == "s-6"
 
 
 async def test_open_keeps_the_info(store: EventStore) -> None:
@@ -364,13 +389,14 @@ async def test_redis_keys_and_their_ttls(redis: Redis, redis_url: str, redis_pre
         await store.open("s1", "k")
         await store.claim("s1", "t1", 5)
         await store.append("s1", "t1", ServerSentEvent("hi", "delta"))
-        base = redis_prefix + "s1:"
+        base = redis_prefix + "stream:s1:"
+        idem = redis_prefix + "idem:" + hashlib.sha256(b"k").hexdigest()
         assert await redis.xrange(base + "events") == [
             (b"0-1", {b"event": b"delta", b"data": b"hi"})
         ]
-        assert await redis.get(redis_prefix + "key:k") == b"s1"
+        assert await redis.get(idem) == b"s1"
         assert await redis.get(base + "producer") == b"t1"
-        for key in (base + "meta", base + "events", redis_prefix + "key:k"):
+        for key in (base + "meta", base + "events", idem):
             assert 55_000 < await redis.pttl(key) <= 60_000, key
         assert 0 < await redis.pttl(base + "producer") <= 5_000
         await store.request_cancel("s1")

@@ -6,7 +6,7 @@ import asyncio
 import json
 import logging
 import socket
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import aclosing
 from typing import Any
 
@@ -22,18 +22,17 @@ from sanic_streamplus import (
     ExtensionMissing,
     ServerSentEvent,
     SSEDecoder,
-    StreamPlus,
     stream_post,
     upstream_events,
 )
+from sanic_streamplus.testclient import StreamClient, streamplus_app
 from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app
+
+MakeClient = Callable[..., StreamClient]
 
 
 def make_app(**config: Any) -> Sanic[Any, Any]:
-    app: Sanic[Any, Any] = Sanic(app_name("forms"))
-    for key, value in config.items():
-        app.config[key] = value
-    app.extend(extensions=[StreamPlus])
+    app: Sanic[Any, Any] = streamplus_app("forms", **config)
     return app
 
 
@@ -54,6 +53,14 @@ async def post(url: str, body: Any = None) -> tuple[httpx.Response, bytes]:
         async with client.stream("POST", url, json={} if body is None else body) as response:
             raw = b"".join([chunk async for chunk in response.aiter_raw()])
     return response, raw
+
+
+async def stream(client: StreamClient, path: str, body: Any = None) -> tuple[httpx.Response, bytes]:
+    """POST ``body`` (``{}`` by default) with the plugin's stream client; its response and the
+    body's bytes as they came."""
+    async with client.stream("POST", path, json={} if body is None else body) as response:
+        raw = await response.aread()
+    return response.response, raw
 
 
 async def test_generator_items_become_events() -> None:
@@ -180,19 +187,20 @@ async def test_handler_errors_before_and_after_the_commit_point() -> None:
 
 
 @pytest.mark.usefixtures("transport")
-async def test_heartbeat_keeps_a_silent_stream_alive_past_response_timeout() -> None:
-    async with FakeUpstream(tokens=3, delay=0.01, stall=2.5) as upstream:
-        app = make_app(
-            RESPONSE_TIMEOUT=1, STREAMPLUS_UPSTREAM_URL=upstream.url, STREAMPLUS_HEARTBEAT=30
-        )
+@pytest.mark.fake_upstream(tokens=3, delay=0.01, stall=2.5)
+async def test_heartbeat_keeps_a_silent_stream_alive_past_response_timeout(
+    fake_upstream: FakeUpstream, stream_client: MakeClient
+) -> None:
+    app = make_app(
+        RESPONSE_TIMEOUT=1, STREAMPLUS_UPSTREAM_URL=fake_upstream.url, STREAMPLUS_HEARTBEAT=30
+    )
 
-        @app.post("/s")
-        @stream_post(dialect="openai")
-        async def handler(request: Request) -> Any:
-            return upstream_events(request, "/chat/completions", json=request.json)
+    @app.post("/s")
+    @stream_post(dialect="openai")
+    async def handler(request: Request) -> Any:
+        return upstream_events(request, "/chat/completions", json=request.json)
 
-        async with serve_app(app) as url:
-            response, raw = await post(url + "/s", {"stream": True})
+    response, raw = await stream(await stream_client(app), "/s", {"stream": True})
     assert response.status_code == 200
     assert raw.startswith(b": ping\n")  # committed by the first heartbeat, well before 1 s
     assert raw.count(b": ping\n") >= 3  # heartbeat clamped to RESPONSE_TIMEOUT / 2
@@ -202,13 +210,13 @@ async def test_heartbeat_keeps_a_silent_stream_alive_past_response_timeout() -> 
 
 
 @pytest.mark.usefixtures("transport")
-async def test_first_event_timeout_before_commit_is_a_504() -> None:
-    async with FakeUpstream(stall=3) as upstream:
-        app = relay_app(upstream.url, STREAMPLUS_HEARTBEAT=0, STREAMPLUS_FIRST_EVENT_TIMEOUT=0.3)
-
-        async with serve_app(app) as url:
-            response, raw = await post(url + "/s")
-        closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
+@pytest.mark.fake_upstream(stall=3)
+async def test_first_event_timeout_before_commit_is_a_504(
+    fake_upstream: FakeUpstream, stream_client: MakeClient
+) -> None:
+    app = relay_app(fake_upstream.url, STREAMPLUS_HEARTBEAT=0, STREAMPLUS_FIRST_EVENT_TIMEOUT=0.3)
+    response, raw = await stream(await stream_client(app), "/s")
+    closed = await fake_upstream.wait_closed(fake_upstream.requests[-1], 2.0)
     assert response.status_code == 504
     error = json.loads(raw)["error"]
     assert error["type"] == "first_event_timeout"
@@ -218,7 +226,7 @@ async def test_first_event_timeout_before_commit_is_a_504() -> None:
 
 @pytest.mark.usefixtures("transport")
 @pytest.mark.parametrize(
-    ("knobs", "config", "relayed", "error_type", "says"),
+    ("fake_upstream", "config", "relayed", "error_type", "says"),
     [
         pytest.param(
             {"tokens": 10, "delay": 0.001, "stall": 5, "stall_after": 3},
@@ -245,15 +253,19 @@ async def test_first_event_timeout_before_commit_is_a_504() -> None:
             id="oversized-event",
         ),
     ],
+    indirect=["fake_upstream"],  # the parameter is the fake upstream's knobs
 )
 async def test_upstream_failure_after_the_commit_point_is_an_error_frame(
-    knobs: dict[str, Any], config: dict[str, Any], relayed: range, error_type: str, says: str
+    fake_upstream: FakeUpstream,
+    stream_client: MakeClient,
+    config: dict[str, Any],
+    relayed: range,
+    error_type: str,
+    says: str,
 ) -> None:
-    async with FakeUpstream(**knobs) as upstream:
-        app = relay_app(upstream.url, **config)
-        async with serve_app(app) as url:
-            response, raw = await post(url + "/s")
-        closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
+    upstream = fake_upstream
+    response, raw = await stream(await stream_client(relay_app(upstream.url, **config)), "/s")
+    closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
     events = SSEDecoder().feed(raw)
     assert response.status_code == 200
     assert len(events) - 1 in relayed
@@ -358,23 +370,26 @@ async def test_stream_post_on_a_route_without_post_fails_at_startup_naming_it() 
 
 
 @pytest.mark.usefixtures("transport")
-async def test_a_generator_handler_closes_its_upstream_when_the_client_leaves() -> None:
-    async with FakeUpstream(tokens=500, delay=0.01) as upstream:
-        app = make_app(STREAMPLUS_UPSTREAM_URL=upstream.url)
+@pytest.mark.fake_upstream(tokens=500, delay=0.01)
+async def test_a_generator_handler_closes_its_upstream_when_the_client_leaves(
+    fake_upstream: FakeUpstream, stream_client: MakeClient
+) -> None:
+    upstream = fake_upstream
+    app = make_app(STREAMPLUS_UPSTREAM_URL=upstream.url)
 
-        @app.post("/s")
-        @stream_post
-        async def handler(request: Request) -> AsyncIterator[Any]:
-            events = upstream_events(request, "/chat/completions", json=request.json)
-            async with aclosing(events):
-                async for event in events:
-                    yield event.data.upper()
+    @app.post("/s")
+    @stream_post
+    async def handler(request: Request) -> AsyncIterator[Any]:
+        events = upstream_events(request, "/chat/completions", json=request.json)
+        async with aclosing(events):
+            async for event in events:
+                yield event.data.upper()
 
-        async with serve_app(app) as url, httpx.AsyncClient() as client:
-            async with client.stream("POST", url + "/s", json={}) as response:
-                async for _ in response.aiter_raw():
-                    break
-            closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
+    client = await stream_client(app)
+    async with client.stream("POST", "/s", json={}) as response:
+        async for _ in response.aiter_events():
+            break
+    closed = await upstream.wait_closed(upstream.requests[-1], 2.0)
     assert closed is not None
     assert not upstream.requests[-1].completed
 

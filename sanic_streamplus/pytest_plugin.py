@@ -1,0 +1,142 @@
+"""The pytest plugin of sanic-streamplus: fixtures for testing stream routes over real sockets.
+
+Installed with the package, pytest loads it by itself (the ``pytest11`` entry point
+``streamplus``); ``-p streamplus`` loads it explicitly (with ``PYTEST_DISABLE_PLUGIN_AUTOLOAD``,
+say), ``-p no:streamplus`` turns it off. Fixtures:
+
+``fake_upstream``
+    a started :class:`~sanic_streamplus.testing.FakeUpstream` on 127.0.0.1, closed after the
+    test. Its knobs come from ``@pytest.mark.fake_upstream(tokens=5, delay=0.01, ...)`` (any
+    ``FakeUpstream`` keyword argument, ``answer=`` included), or from indirect parametrization
+    with a dict (``@pytest.mark.parametrize("fake_upstream", [{...}], indirect=True)``), which
+    wins over the marker.
+``stream_client``
+    a factory: ``client = await stream_client(app)`` (or ``server="uvicorn"``) serves the app on
+    127.0.0.1 and gives a :class:`~sanic_streamplus.testclient.StreamClient`; ``async with
+    stream_client(app) as client:`` works too. Every client it made is closed after the test.
+``streamplus_app``
+    a factory: ``streamplus_app(STREAMPLUS_UPSTREAM_URL=..., **config)`` gives a new Sanic app
+    of a unique name, ``config`` set on ``app.config``, ``StreamPlus`` extended.
+``redis_server``
+    the URL (``redis://127.0.0.1:PORT/0``) of a real ``redis-server`` of the test session's own
+    (:mod:`sanic_streamplus.testredis`); the test is skipped, saying how to get one, if there is
+    no binary.
+
+Requirements: the async fixtures (``fake_upstream``, ``stream_client``) need pytest-asyncio
+(they are declared with ``pytest_asyncio.fixture`` when it is installed, so its strict mode works
+too; the ``testing`` extra installs it); ``redis_server`` and ``streamplus_app`` are plain
+fixtures. The plugin imports nothing but pytest (and pytest-asyncio) when it loads: the kit is
+imported by the fixtures that use it, so the plugin costs pytest runs that use none of it nothing.
+``stream_client`` and ``streamplus_app`` set ``Sanic.test_mode = True`` (as sanic-testing's
+clients do), so one process can build many apps.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Iterator
+from typing import TYPE_CHECKING, Any, TypeVar, cast
+
+import pytest
+
+if TYPE_CHECKING:
+    from sanic import Sanic
+
+    from .testclient import StreamClient
+    from .testing import FakeUpstream
+
+__all__ = ["fake_upstream", "redis_server", "stream_client", "streamplus_app"]
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+
+
+def _async_fixture(function: _F) -> _F:
+    """``pytest_asyncio.fixture(function)`` where pytest-asyncio is installed (its strict mode
+    runs only async fixtures declared so), else ``pytest.fixture(function)``."""
+    try:
+        import pytest_asyncio
+    except ImportError:  # pragma: no cover - the testing extra installs pytest-asyncio
+        return cast(_F, pytest.fixture(function))
+    return cast(_F, pytest_asyncio.fixture(function))
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "fake_upstream(**knobs): the knobs of the fake_upstream fixture's FakeUpstream "
+        "(tokens=, delay=, fail_after=, stall=, error_status=, answer=, ...)",
+    )
+
+
+def _fake_upstream_knobs(request: pytest.FixtureRequest) -> dict[str, Any]:
+    marker = request.node.get_closest_marker("fake_upstream")
+    if marker is not None and marker.args:
+        raise pytest.UsageError("@pytest.mark.fake_upstream takes keyword arguments only")
+    knobs = dict(marker.kwargs) if marker is not None else {}
+    param = getattr(request, "param", None)
+    if param is not None:
+        if not isinstance(param, dict):
+            raise pytest.UsageError(
+                f"an indirect fake_upstream parameter is a dict of knobs, not {param!r}"
+            )
+        knobs.update(param)
+    return knobs
+
+
+@_async_fixture
+async def fake_upstream(request: pytest.FixtureRequest) -> AsyncIterator[FakeUpstream]:
+    """A started :class:`~sanic_streamplus.testing.FakeUpstream`, closed after the test; its
+    knobs from ``@pytest.mark.fake_upstream(...)`` and an indirect dict parameter."""
+    from .testing import FakeUpstream
+
+    async with FakeUpstream(**_fake_upstream_knobs(request)) as upstream:
+        yield upstream
+
+
+@_async_fixture
+async def stream_client() -> AsyncIterator[Callable[..., StreamClient]]:
+    """A factory of :class:`~sanic_streamplus.testclient.StreamClient` (the arguments of
+    :func:`~sanic_streamplus.testclient.stream_client`): ``await`` its result, or ``async with``
+    it; every client made is closed (its server stopped) after the test."""
+    from sanic import Sanic
+
+    from .testclient import StreamClient
+
+    Sanic.test_mode = True
+    made: list[StreamClient] = []
+
+    def make(app: Any, **options: Any) -> StreamClient:
+        client = StreamClient(app, **options)
+        made.append(client)
+        return client
+
+    try:
+        yield make
+    finally:
+        for client in reversed(made):
+            await client.aclose()
+
+
+@pytest.fixture
+def streamplus_app() -> Callable[..., Sanic[Any, Any]]:
+    """A factory of Sanic apps with ``StreamPlus`` extended:
+    :func:`~sanic_streamplus.testclient.streamplus_app` (``streamplus_app(name="app",
+    **config)`` gives a new app named ``<name>_<n>``, each ``config`` item set on
+    ``app.config`` before the extension reads it)."""
+    from .testclient import streamplus_app
+
+    return streamplus_app
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``redis-server`` for the whole session (no persistence, on 127.0.0.1): its URL,
+    ``redis://127.0.0.1:<port>/0``. Skips the test, saying how to get one, without a binary."""
+    from .testredis import RedisUnavailable, start_redis, stop_redis
+
+    try:
+        process, port = start_redis(tmp_path_factory.mktemp("redis"))
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield f"redis://127.0.0.1:{port}/0"
+    finally:
+        stop_redis(process)
