@@ -208,13 +208,18 @@ def create_app(
             return bad_request("send {\"messages\": [{\"role\": \"user\", \"content\": ...}]}")
         fake = request.json.get("fake")  # knobs of the embedded fake model, for tests
         payload = {"model": model, "messages": messages, "stream": True}
+        payload["stream_options"] = {"include_usage": True}  # the last chunk: usage, for done
         if fake is not None:
             payload["fake"] = fake
         return tokens(request, payload)
 
     async def tokens(request: Request, payload: dict[str, Any]) -> AsyncIterator[ServerSentEvent]:
         started, count, usage = time.monotonic(), 0, None
-        async with aclosing(upstream_events(request, "/chat/completions", json=payload)) as events:
+        # dialect="openai": the upstream's error event raises UpstreamErrorEvent, and a stream
+        # cut short (no finish_reason, no [DONE]) UpstreamTruncated: either ends this stream
+        # with event: error (the relay's frame, the upstream's message), never with done
+        upstream = upstream_events(request, "/chat/completions", json=payload, dialect="openai")
+        async with aclosing(upstream) as events:
             async for event in events:
                 if event.data == "[DONE]":
                     break

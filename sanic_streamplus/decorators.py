@@ -26,6 +26,7 @@ from .errors import (
     TooManyStreams,
 )
 from .framing import get_dialect, get_format
+from .machine import Outcome, outcome_for
 from .observe import Hook, Watch
 from .openapi import document
 from .relay import STREAM_HEADERS, StreamOptions, error_response, relay, to_stream_error
@@ -90,7 +91,7 @@ async def _read_body(request: Request, limit: int) -> None:
 def _refusal(exc: Exception) -> HTTPResponse:
     """The JSON error response for ``exc`` raised before the commit point (a bug is logged)."""
     error = to_stream_error(exc)
-    if error.outcome == "internal_error":
+    if outcome_for(error) is Outcome.INTERNAL_ERROR:
         logger.exception("stream handler failed", exc_info=exc)
     return error_response(error)
 
@@ -204,6 +205,7 @@ async def _serve(
     options = _options(request, settings, route.overrides)
     if request.method == "HEAD":
         return _head_response(options)
+    request.ctx.streamplus_dialect = options.dialect.name  # upstream_events' default
     if len(state.streams) >= settings.max_streams:
         return error_response(TooManyStreams(settings.max_streams, 1))
     # the stream's place under max_streams, from before its body is read until the relay

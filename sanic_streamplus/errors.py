@@ -15,6 +15,7 @@ Catch the class that says what you can act on::
     │   ├── UpstreamBadResponse      the upstream answered 2xx but not ``text/event-stream``
     │   ├── UpstreamDisconnected     the upstream broke the connection in the middle of the body
     │   ├── UpstreamTruncated        the upstream's stream ended without its dialect's end event
+    │   ├── UpstreamErrorEvent       the upstream reported an error in its stream (an error event)
     │   └── UpstreamTimeout          an upstream timeout expired (504); one class per phase:
     │       ├── ConnectTimeout           connecting
     │       ├── FirstEventTimeout        from the request to the first event
@@ -46,6 +47,7 @@ sans-IO codec can raise these errors; how a Sanic exception maps onto them is
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 __all__ = [
@@ -77,11 +79,13 @@ __all__ = [
     "UpstreamBadResponse",
     "UpstreamDisconnected",
     "UpstreamError",
+    "UpstreamErrorEvent",
     "UpstreamStatusError",
     "UpstreamTimeout",
     "UpstreamTruncated",
     "UpstreamUnreachable",
     "error_body",
+    "error_fields",
 ]
 
 
@@ -93,18 +97,23 @@ class StreamPlusError(Exception):
         type: short machine-readable error type (str), used in JSON bodies and error frames.
         message: human-readable message (str); never contains a stack trace or a secret.
         upstream_status: the upstream's HTTP status (int) when one is known, else None.
-        outcome: the stream outcome logged for it (str): ``internal_error`` here (a bug: the
-            traceback is logged), ``invalid_request``, ``upstream_error``, one per timeout
-            (``connect_timeout``, ``first_event_timeout``, ``idle_timeout``, ``total_timeout``,
-            ``send_timeout``), ``slow_client``, ``too_many_streams``, ``too_many_producers``,
-            ``store_unavailable`` or ``shutdown``.
+        outcome: the outcome of a stream that ends with it (str, a
+            :class:`~sanic_streamplus.machine.Outcome` value), e.g. ``timeout``.
         retry_after: seconds (str) for a ``Retry-After`` header on the JSON error, or None.
     """
 
     status: int = 500
     type: str = "internal_error"
-    outcome: str = "internal_error"
     retry_after: str | None = None
+
+    @property
+    def outcome(self) -> str:
+        """The outcome of a stream that ends with this error:
+        :func:`sanic_streamplus.machine.outcome_for` (one list: ``timeout`` for every
+        timeout, ``rate_limited`` for an upstream 429, ...)."""
+        from .machine import outcome_for  # the machine imports this module
+
+        return str(outcome_for(self))
 
     def __init__(self, message: str, *, upstream_status: int | None = None) -> None:
         super().__init__(message)
@@ -121,7 +130,6 @@ class InvalidRequest(StreamPlusError):
 
     status = 400
     type = "invalid_request"
-    outcome = "invalid_request"
 
     def __init__(self, message: str, *, status: int = 400) -> None:
         super().__init__(message)
@@ -151,7 +159,6 @@ class TooManyStreams(StreamPlusError):
 
     status = 503
     type = "too_many_streams"
-    outcome = "too_many_streams"
 
     def __init__(self, limit: int, retry_after: float) -> None:
         super().__init__(f"this server is at its limit of {limit} concurrent streams; retry later")
@@ -167,7 +174,7 @@ class TooManyProducers(TooManyStreams):
         limit: the maximum number of producers per worker.
     """
 
-    type = outcome = "too_many_producers"
+    type = "too_many_producers"
 
     def __init__(self, limit: int, retry_after: float) -> None:
         super().__init__(limit, retry_after)
@@ -192,7 +199,6 @@ class EventTooLarge(StreamPlusError):
 
     status = 502
     type = "event_too_large"
-    outcome = "upstream_error"
 
     def __init__(self, limit: int, events: list[Any] | None = None) -> None:
         super().__init__(f"an upstream event exceeded the maximum event size of {limit} bytes")
@@ -220,7 +226,6 @@ class UpstreamError(StreamPlusError):
 
     status = 502
     type = "upstream_error"
-    outcome = "upstream_error"
 
 
 class UpstreamUnreachable(UpstreamError):
@@ -298,17 +303,74 @@ class UpstreamTruncated(UpstreamError):
         dialect: the stream's dialect name (str).
     """
 
-    type = outcome = "upstream_truncated"
+    type = "upstream_truncated"
 
     def __init__(self, dialect: str) -> None:
         super().__init__(f"the upstream's {dialect} stream ended without its end event")
         self.dialect = dialect
 
 
+class UpstreamErrorEvent(UpstreamError):
+    """The upstream reported an error inside its stream: an OpenAI-style ``data: {"error":
+    {...}}`` (as LiteLLM sends), Anthropic's ``event: error``, the Responses API's
+    ``response.failed`` or ``error``, or ``event: error`` in the ``plain`` dialect. Raised by
+    :func:`~sanic_streamplus.upstream.upstream_events` at that event (nothing after it is read);
+    a handler may catch it. Uncaught on a route of the same dialect, the upstream's own frame
+    goes to the client as it came (then ``[DONE]`` for ``openai``); on a route of another
+    dialect, that dialect's error frame with the upstream's message, type and code.
+
+    Attributes:
+        dialect: the upstream's dialect name (str), whose frame ``event`` is.
+        event: the upstream's error event, as it came (a ``ServerSentEvent``).
+        message: the upstream's message (at most 1,000 characters), or a generic one.
+        upstream_type: the upstream's error type (str, e.g. ``overloaded_error``), or None.
+        upstream_code: the upstream's error code (str or int), or None.
+        upstream_param: the request parameter the upstream blamed (str), or None.
+    """
+
+    type = "upstream_error"
+
+    def __init__(
+        self,
+        dialect: str,
+        event: Any,
+        *,
+        message: str | None = None,
+        upstream_type: str | None = None,
+        upstream_code: str | int | None = None,
+        upstream_param: str | None = None,
+    ) -> None:
+        super().__init__(message or "the upstream reported an error in its stream")
+        self.dialect = dialect
+        self.event = event
+        self.upstream_type = upstream_type
+        self.upstream_code = upstream_code
+        self.upstream_param = upstream_param
+
+    @classmethod
+    def from_event(cls, event: Any, dialect: str) -> UpstreamErrorEvent:
+        """The error ``event`` (a ``ServerSentEvent`` of ``dialect``) reports: its message,
+        type and code from its JSON data (``{"error": {...}}``, ``{"type": "error", "error":
+        {...}}``, ``response.failed``'s ``response.error``, or the object itself), bounded as
+        :func:`error_fields` bounds them."""
+        try:
+            value = json.loads(event.data)
+        except ValueError:
+            value = None
+        found: Any = value
+        if isinstance(value, dict):
+            response = value.get("response")
+            if isinstance(response, dict) and isinstance(response.get("error"), dict):
+                found = {"error": response["error"]}
+            elif value.get("type") in ("error", "response.failed") and "error" not in value:
+                found = {k: v for k, v in value.items() if k != "type"}
+        return cls(dialect, event, **error_fields(found))
+
+
 class UpstreamTimeout(UpstreamError):
     """An upstream timeout expired: HTTP 504 before the commit point. Catch this for any phase,
-    or the subclass of one phase; each has its own ``type`` and log ``outcome`` (both
-    ``<phase>_timeout``).
+    or the subclass of one phase; each has its own ``type`` (``<phase>_timeout``); the
+    outcome of each is ``timeout``.
 
     Attributes:
         phase: ``"connect"``, ``"first_event"``, ``"idle"`` or ``"total"``.
@@ -318,7 +380,6 @@ class UpstreamTimeout(UpstreamError):
     status = 504
     phase = "upstream"
     type = "upstream_timeout"
-    outcome = "timeout"
 
     def __init__(self, seconds: float) -> None:
         super().__init__(f"upstream {self.phase.replace('_', ' ')} timeout ({seconds:g} s) expired")
@@ -329,28 +390,28 @@ class ConnectTimeout(UpstreamTimeout):
     """Connecting to the upstream took longer than ``connect_timeout``."""
 
     phase = "connect"
-    type = outcome = "connect_timeout"
+    type = "connect_timeout"
 
 
 class FirstEventTimeout(UpstreamTimeout):
     """The upstream sent no event within ``first_event_timeout`` of the request."""
 
     phase = "first_event"
-    type = outcome = "first_event_timeout"
+    type = "first_event_timeout"
 
 
 class IdleTimeout(UpstreamTimeout):
     """The upstream sent no event for ``idle_timeout`` seconds (its comments do not count)."""
 
     phase = "idle"
-    type = outcome = "idle_timeout"
+    type = "idle_timeout"
 
 
 class TotalTimeout(UpstreamTimeout):
     """The upstream stream lasted longer than ``total_timeout``."""
 
     phase = "total"
-    type = outcome = "total_timeout"
+    type = "total_timeout"
 
 
 class DownstreamError(StreamPlusError):
@@ -359,7 +420,6 @@ class DownstreamError(StreamPlusError):
 
     status = 504
     type = "downstream_error"
-    outcome = "downstream_error"
 
 
 class SendTimeout(DownstreamError):
@@ -370,7 +430,7 @@ class SendTimeout(DownstreamError):
         seconds: the send timeout in seconds (float).
     """
 
-    type = outcome = "send_timeout"
+    type = "send_timeout"
 
     def __init__(self, seconds: float) -> None:
         super().__init__(f"the client did not read the stream for {seconds:g} s")
@@ -384,7 +444,7 @@ class SlowClient(DownstreamError):
         limit: the high-water mark in bytes.
     """
 
-    type = outcome = "slow_client"
+    type = "slow_client"
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"the client fell more than {limit} bytes behind the stream")
@@ -396,7 +456,7 @@ class ServerShutdown(StreamPlusError):
     commit point), and the upstream is closed."""
 
     status = 503
-    type = outcome = "shutdown"
+    type = "shutdown"
 
     def __init__(self) -> None:
         super().__init__("the server is shutting down; retry the request")
@@ -408,7 +468,7 @@ class StoreUnavailable(StreamPlusError):
     a ``store_unavailable`` frame after it."""
 
     status = 503
-    type = outcome = "store_unavailable"
+    type = "store_unavailable"
     retry_after = "1"
 
     def __init__(self, message: str = "the event store cannot be reached; retry later") -> None:
@@ -423,7 +483,7 @@ class ResumeError(StreamPlusError):
     """
 
     status = 404
-    type = outcome = "resume_error"
+    type = "resume_error"
 
     def __init__(self, message: str, stream_id: str) -> None:
         super().__init__(message)
@@ -433,7 +493,7 @@ class ResumeError(StreamPlusError):
 class StreamNotFound(ResumeError):
     """No stream has this ID (or the ``Last-Event-ID`` is not ``<stream>:<seq>``): 404."""
 
-    type = outcome = "stream_not_found"
+    type = "stream_not_found"
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"no stream {stream_id!r}", stream_id)
@@ -443,7 +503,7 @@ class StreamExpired(ResumeError):
     """The stream expired from the event store (its TTL passed): 410."""
 
     status = 410
-    type = outcome = "stream_expired"
+    type = "stream_expired"
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"stream {stream_id!r} expired", stream_id)
@@ -459,7 +519,7 @@ class EventsExpired(ResumeError):
     """
 
     status = 410
-    type = outcome = "events_expired"
+    type = "events_expired"
 
     def __init__(self, stream_id: str, after: int) -> None:
         super().__init__(
@@ -473,7 +533,7 @@ class StreamCancelled(ResumeError):
     ``cancelled`` frame."""
 
     status = 409
-    type = outcome = "cancelled"
+    type = "cancelled"
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"stream {stream_id!r} was cancelled", stream_id)
@@ -488,7 +548,7 @@ class StreamFinished(ResumeError):
     """
 
     status = 409
-    type = outcome = "stream_finished"
+    type = "stream_finished"
 
     def __init__(self, stream_id: str, state: str) -> None:
         super().__init__(
@@ -503,7 +563,7 @@ class ProducerLost(ResumeError):
     """The stream's producer stopped (its process died) without finishing it: 502 or frame."""
 
     status = 502
-    type = outcome = "producer_lost"
+    type = "producer_lost"
 
     def __init__(self, stream_id: str) -> None:
         super().__init__(f"the producer of stream {stream_id!r} was lost", stream_id)
@@ -514,7 +574,6 @@ class ReplayedError(StreamPlusError):
     readers: same ``type``, ``message`` and ``upstream_status``."""
 
     status = 502
-    outcome = "upstream_error"
 
     def __init__(self, body: dict[str, Any]) -> None:
         super().__init__(
@@ -535,6 +594,35 @@ class ExtensionMissing(StreamPlusError, RuntimeError):
             "`from sanic_streamplus import StreamPlus` and "
             "`app.extend(extensions=[StreamPlus])` where the app is created"
         )
+
+
+_FIELD_LIMIT = 1000  # characters of each field of an upstream error kept for the client
+_FIELDS = (("message", "message"), ("upstream_type", "type"), ("upstream_param", "param"))
+
+
+def error_fields(value: Any) -> dict[str, Any]:
+    """The ``message``, ``upstream_type``, ``upstream_code`` and ``upstream_param`` of an
+    upstream's JSON error (parsed): OpenAI's ``{"error": {"message", "type", "param", "code"}}``,
+    Anthropic's ``{"type": "error", "error": {"type", "message"}}``, or ``{"error": "message"}``
+    / ``{"message": ...}``; only string (and integer code) values, each at most 1,000
+    characters. Empty for anything else."""
+    if not isinstance(value, dict):
+        return {}
+    error = value.get("error", value)
+    if isinstance(error, str):
+        error = {"message": error}
+    if not isinstance(error, dict):
+        return {}
+    fields: dict[str, Any] = {}
+    for name, key in _FIELDS:
+        if isinstance(error.get(key), str) and error[key]:
+            fields[name] = error[key][:_FIELD_LIMIT]
+    code = error.get("code")
+    if isinstance(code, str) and code:
+        fields["upstream_code"] = code[:_FIELD_LIMIT]
+    elif isinstance(code, int) and not isinstance(code, bool):
+        fields["upstream_code"] = code
+    return fields
 
 
 def error_body(error: StreamPlusError) -> dict[str, Any]:

@@ -335,8 +335,11 @@ class OpenAIDialect(Dialect):
         started: ServerSentEvent | None,
         last: ServerSentEvent | None,
     ) -> list[ServerSentEvent]:
-        code = error.upstream_status
-        body = {"error": {"message": error.message, "type": error.type, "code": code}}
+        code = getattr(error, "upstream_code", None)  # the upstream's own, else its status
+        kind = getattr(error, "upstream_type", None) or error.type
+        body = {"error": {"message": error.message, "type": kind, "code": code}}
+        if code is None:
+            body["error"]["code"] = error.upstream_status
         return [ServerSentEvent(_DUMPS(body)), _DONE]
 
     def refusal_body(self, error: StreamPlusError) -> dict[str, Any]:

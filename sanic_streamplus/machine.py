@@ -60,6 +60,7 @@ from .errors import (
     SendTimeout,
     ServerShutdown,
     SlowClient,
+    StoreUnavailable,
     StreamCancelled,
     StreamPlusError,
     TooManyStreams,
@@ -141,6 +142,7 @@ _OUTCOMES: tuple[tuple[type[StreamPlusError], Outcome], ...] = (
     (UpstreamError, Outcome.UPSTREAM_ERROR),
     (EventTooLarge, Outcome.UPSTREAM_ERROR),
     (ProducerLost, Outcome.UPSTREAM_ERROR),
+    (StoreUnavailable, Outcome.UPSTREAM_ERROR),  # a backend failed, as the upstream can
     (ReplayedError, Outcome.UPSTREAM_ERROR),
     (InvalidRequest, Outcome.INVALID_REQUEST),
     (ResumeError, Outcome.INVALID_REQUEST),

@@ -18,17 +18,11 @@ events, bytes, duration, and the upstream's usage block when one went by). It is
 - **OpenTelemetry** (``STREAMPLUS_OTEL``): one span per stream, child of the request's
   ``traceparent``.
 
-Outcomes (``StreamInfo.outcome``), with ``StreamInfo.error`` the precise error ``type``:
-
-====================== =========================================================================
-``completed``          the source ended (or sent its end marker) and the end frames went out
-``client_disconnected`` the client went away, or was cut for falling behind (``slow_client``)
-``upstream_error``     the upstream failed, refused, or sent what cannot be relayed
-``timeout``            a connect, first-event, idle, total (upstream) or send (downstream) timeout
-``cancelled``          a resumable stream was cancelled (``DELETE``, or no reader for the grace)
-``shutdown``           the server stopped while the stream ran
-``error``              anything else: a bug in the handler, an invalid request it refused
-====================== =========================================================================
+Outcomes (``StreamInfo.outcome``, the log line's ``outcome=``, the metrics' ``outcome`` label and
+the span's ``streamplus.outcome``) are the one list of :class:`~sanic_streamplus.machine.Outcome`
+(str values: ``completed``, ``client_disconnected``, ``upstream_error``, ``upstream_truncated``,
+``rate_limited``, ``timeout``, ``cancelled``, ``shutdown``, ``invalid_request``,
+``internal_error``); ``StreamInfo.error`` is the precise error ``type``.
 """
 
 from __future__ import annotations
@@ -45,6 +39,7 @@ from typing import Any, TypeVar
 from sanic import Request
 
 from .errors import StreamPlusError
+from .machine import Outcome, outcome_for
 
 __all__ = [
     "OUTCOMES",
@@ -58,46 +53,12 @@ __all__ = [
 
 logger = logging.getLogger("sanic_streamplus")
 
-OUTCOMES = (
-    "completed",
-    "client_disconnected",
-    "upstream_error",
-    "timeout",
-    "cancelled",
-    "shutdown",
-    "error",
-)
+OUTCOMES = tuple(Outcome)  # the one list: machine.Outcome's members
 START_SIGNAL = "streamplus.stream.start"
 FINISH_SIGNAL = "streamplus.stream.finish"
-_BY_TYPE = {
-    "shutdown": "shutdown",
-    "cancelled": "cancelled",
-    "slow_client": "client_disconnected",
-    **dict.fromkeys(
-        (
-            "upstream_timeout",
-            "connect_timeout",
-            "first_event_timeout",
-            "idle_timeout",
-            "total_timeout",
-            "send_timeout",
-        ),
-        "timeout",
-    ),
-    **dict.fromkeys(
-        (
-            "upstream_error",
-            "upstream_unreachable",
-            "upstream_status",
-            "upstream_bad_response",
-            "upstream_disconnected",
-            "event_too_large",
-            "line_too_long",
-            "producer_lost",
-        ),
-        "upstream_error",
-    ),
-}
+_FAILED = frozenset(  # a span with one of these outcomes has status ERROR
+    (Outcome.UPSTREAM_ERROR, Outcome.UPSTREAM_TRUNCATED, Outcome.TIMEOUT, Outcome.INTERNAL_ERROR)
+)
 # seconds; what a chat stream's time to first byte, gap between tokens and length look like
 _TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
@@ -118,7 +79,8 @@ class StreamInfo:
         dialect: the dialect name (``plain``, ``openai``, ...).
         stream_id: a resumable stream's ID, else None.
         started_at: when the stream started, in seconds since the epoch (``time.time()``).
-        outcome: one of :data:`OUTCOMES` (see the module's table); ``""`` while it runs.
+        outcome: a :class:`~sanic_streamplus.machine.Outcome` (a str: ``"completed"``, ...;
+            see the module docstring); ``""`` while it runs.
         error: the error's ``type`` (e.g. ``idle_timeout``), None for ``completed`` and for a
             plain disconnect.
         status: the HTTP status the client got: 200 once the stream was committed, else the
@@ -145,7 +107,7 @@ class StreamInfo:
     dialect: str
     stream_id: str | None = None
     started_at: float = 0.0
-    outcome: str = ""
+    outcome: Outcome | str = ""
     error: str | None = None
     status: int = 200
     duration: float = 0.0
@@ -169,12 +131,13 @@ def before_final_frame(hook: H) -> H:
     return hook
 
 
-def outcome_of(error: StreamPlusError | None, disconnected: bool = False) -> str:
-    """The outcome (one of :data:`OUTCOMES`) of a stream that ended with ``error`` (None: no
-    error), or whose client went away (``disconnected``)."""
+def outcome_of(error: StreamPlusError | None, disconnected: bool = False) -> Outcome:
+    """The :class:`~sanic_streamplus.machine.Outcome` of a stream that ended with ``error``
+    (:func:`~sanic_streamplus.machine.outcome_for`; None: no error), or whose client went away
+    (``disconnected``)."""
     if error is None:
-        return "client_disconnected" if disconnected else "completed"
-    return _BY_TYPE.get(error.type, "error")
+        return Outcome.CLIENT_DISCONNECTED if disconnected else Outcome.COMPLETED
+    return outcome_for(error)
 
 
 def _is_early(hook: Hook) -> bool:
@@ -510,7 +473,7 @@ class Watch:
         info, span = self.info, self.span
         span.set_attributes(
             {
-                "streamplus.outcome": info.outcome,
+                "streamplus.outcome": str(info.outcome),
                 "http.response.status_code": info.status,
                 "streamplus.events": info.events,
                 "streamplus.bytes": info.bytes,
@@ -533,6 +496,6 @@ class Watch:
                 if isinstance(usage.get(name), int):
                     span.set_attribute(ours, usage[name])
                     break
-        if info.outcome in ("upstream_error", "timeout", "error"):
+        if info.outcome in _FAILED:
             span.set_status(Status(StatusCode.ERROR, info.error))
         span.end()

@@ -35,8 +35,8 @@ from typing import TYPE_CHECKING, Any
 from sanic.exceptions import SanicException
 
 from ._aio import aclose_iterator, close_completely
-from .errors import InvalidRequest, SendTimeout, SlowClient, StreamPlusError
-from .framing import to_event
+from .errors import InvalidRequest, SendTimeout, SlowClient, StreamPlusError, UpstreamErrorEvent
+from .framing import EventKind, to_event
 from .machine import (
     CloseSource,
     Commit,
@@ -109,6 +109,7 @@ class Pump:
     Attributes:
         failure: the exception a downstream write raised (it ended the stream as if the client
             had left), or None.
+        upstream_error: the upstream's in-band error report that ended the stream, or None.
     """
 
     __slots__ = (
@@ -132,6 +133,7 @@ class Pump:
         "sending_since",
         "slow_client",
         "started",
+        "upstream_error",
         "watch",
     )
 
@@ -156,6 +158,7 @@ class Pump:
         self.watch = watch
         self.name = name
         self.failure: BaseException | None = None
+        self.upstream_error: UpstreamErrorEvent | None = None
         self._loop = asyncio.get_running_loop()
         self.started = self.last_write = self._loop.time()
         self.first_byte: float | None = None
@@ -249,6 +252,7 @@ class Pump:
         machine, downstream, watch, limit = self.machine, self.downstream, self.watch, self.limit
         put, wake, feed, event_in = downstream.put, self._wake, machine.feed, machine.event
         kind_of, usage = machine.dialect.end_kind, machine.dialect.usage
+        dialect = machine.dialect.name
         iterator = source.__aiter__()
         try:
             try:
@@ -263,6 +267,8 @@ class Pump:
                             wake.set()
                         put(data, event)
                     else:
+                        if kind is EventKind.UPSTREAM_ERROR:  # yielded, not raised: the same
+                            self.upstream_error = UpstreamErrorEvent.from_event(event, dialect)
                         self._run(event_in(event, kind))
                         if machine.phase not in _LIVE:
                             break
@@ -273,6 +279,8 @@ class Pump:
             except asyncio.CancelledError:
                 if machine.ending is None:  # not a CloseSource: the loop is going down
                     raise
+            except UpstreamErrorEvent as exc:  # the upstream's own report (upstream_events)
+                self._inband(exc)
             except Exception as exc:
                 self._run(machine.source_failed(stream_error(exc)))
             finally:
@@ -280,6 +288,16 @@ class Pump:
             await self._before_final()
         finally:
             wake.set()
+
+    def _inband(self, error: UpstreamErrorEvent) -> None:
+        """The upstream reported an error in its stream: its own frame goes through as it came
+        when it speaks the stream's dialect; else the dialect's error frame carries it."""
+        self.upstream_error = error
+        machine = self.machine
+        if error.dialect == machine.dialect.name:
+            self._run(machine.event(error.event, EventKind.UPSTREAM_ERROR))
+        else:
+            self._run(machine.source_failed(error))
 
     async def _wait_for_writer(self) -> bool:
         """Backpressure: wait while ``high_water_mark`` is queued; False if the stream ended
@@ -400,12 +418,21 @@ class Pump:
         error = machine.ending.error if machine.ending is not None else None
         return error.status if error is not None else 200
 
+    def _error(self) -> StreamPlusError | None:
+        """The ending's error for the report: ours, or the upstream's own in-band one."""
+        ending = self.machine.ending
+        if ending is None:
+            return None
+        if ending.error is None and ending.outcome is Outcome.UPSTREAM_ERROR:
+            return self.upstream_error
+        return ending.error
+
     def _settle(self) -> None:
         if self.watch is None:
             return
         machine = self.machine
         ending = machine.ending
-        error = ending.error if ending is not None else None
+        error = self._error()
         left = ending is None or ending.outcome is Outcome.CLIENT_DISCONNECTED
         ttfb = None if self.first_byte is None else self.first_byte - self.started
         self.watch.settle(error, left, self._status(), machine.events, machine.bytes, ttfb)
@@ -415,14 +442,14 @@ class Pump:
         machine = self.machine
         ending = machine.ending
         if self.name is not None:
-            outcome: str = Outcome.CLIENT_DISCONNECTED
-            if ending is not None:  # the error's own (send_timeout, idle_timeout, ...)
-                outcome = ending.error.outcome if ending.error is not None else ending.outcome
+            outcome = ending.outcome if ending is not None else Outcome.CLIENT_DISCONNECTED
+            error = self._error()
             ttfb = "-" if self.first_byte is None else f"{self.first_byte - self.started:.3f}s"
             logger.info(
-                "stream %s outcome=%s status=%d duration=%.3fs ttfb=%s events=%d bytes=%d",
+                "stream %s outcome=%s%s status=%d duration=%.3fs ttfb=%s events=%d bytes=%d",
                 self.name,
                 outcome,
+                "" if error is None else f" error={error.type}",
                 self._status(),
                 self._loop.time() - self.started,
                 ttfb,

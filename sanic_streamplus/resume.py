@@ -43,6 +43,7 @@ from .errors import (
     StreamExpired,
     StreamNotFound,
     StreamPlusError,
+    UpstreamTruncated,
     error_body,
 )
 from .framing import Dialect, Format
@@ -346,6 +347,19 @@ class Resumer:
         await self.store.close()
 
 
+def _replayed(record: StreamRecord) -> StreamPlusError:
+    """The error a failed stream's readers end with: the stored one, as
+    :class:`~sanic_streamplus.errors.ReplayedError`, or for a truncated upstream an
+    :class:`~sanic_streamplus.errors.UpstreamTruncated` (its outcome: ``upstream_truncated``)."""
+    stored = record.error or {}
+    if stored.get("type") == UpstreamTruncated.type:
+        truncated = UpstreamTruncated(str(record.info.get("dialect") or "plain"))
+        truncated.message = str(stored.get("message") or truncated.message)
+        return truncated
+    return ReplayedError(stored)
+
+
+
 def _raise_ending(stream_id: str, record: StreamRecord) -> None:
     """A finished stream read to its end: raise what its state says, if not ``completed``.
 
@@ -356,7 +370,7 @@ def _raise_ending(stream_id: str, record: StreamRecord) -> None:
     if record.state == "cancelled":
         raise StreamCancelled(stream_id)
     if record.state == "failed":
-        raise ReplayedError(record.error or {})
+        raise _replayed(record)
 
 
 class _StoreDownstream:

@@ -42,17 +42,24 @@ request with a ``"fake": {...}`` object in the JSON body; ``FakeModel`` holds th
 - ``hold_before`` (int or None): go silent (keeping the connection open) before event number N
   until :meth:`FakeUpstream.release` is called; the request's ``held`` is True meanwhile. For a test
   that must see a stream still open (first tokens shown, the end not yet sent), then let it finish;
+- ``finish_reason`` (bool): send the stop chunk (``"finish_reason": "stop"``) after the tokens;
+  with neither it nor ``done`` the stream is cut short (``upstream_truncated``);
+- ``usage`` (bool): after the stop chunk, a usage chunk (``"choices": []``, ``"usage"``:
+  ``FAKE_USAGE`` with the token count), as OpenAI sends for ``stream_options: {"include_usage":
+  true}``; a request that asks so gets it without the knob;
+- ``error_event_after`` (int or None): instead of block number N and what follows, one error
+  event ``ERROR_EVENT`` (``data: {"error": {...}}``, as LiteLLM sends mid-stream), then the end;
 - ``done`` (bool): end with ``data: [DONE]``; ``hold_after_done`` (bool): after the last event,
   never end the body: the connection stays open until the client closes it;
 - ``trickle`` (bytes, or None): write the body in pieces of that many bytes, each its own chunk and
   its own write, with ``delay`` between pieces instead of between tokens;
 - ``set_cookie`` (str, or None): send this ``Set-Cookie`` header with the stream.
 
-Event numbers (``fail_after``, ``stall_after``, ``stall_mid_frame``, ``hold_before``) count the
-blocks of the body from 0: the role chunk, then the extra blocks above where they are enabled, the
-tokens, the stop chunk, ``[DONE]``. ``FakeModel.frames()`` gives those blocks as written, to
-compute byte offsets, and ``FakeModel.expected_tokens()`` the token texts as a correct client
-decodes them.
+Event numbers (``fail_after``, ``stall_after``, ``stall_mid_frame``, ``hold_before``,
+``error_event_after``) count the blocks of the body from 0: the role chunk, then the extra blocks
+above where they are enabled, the tokens, the stop chunk, the usage chunk, ``[DONE]``.
+``FakeModel.frames()`` gives those blocks as written, to compute byte offsets, and
+``FakeModel.expected_tokens()`` the token texts as a correct client decodes them.
 
 ``GET .../models`` answers an OpenAI-style model list with the one model, ``fake-model``.
 
@@ -83,6 +90,8 @@ from urllib.parse import urlsplit
 from .sse import ServerSentEvent, SSEDecoder
 
 __all__ = [
+    "ERROR_EVENT",
+    "FAKE_USAGE",
     "MALFORMED_BYTES",
     "MALFORMED_TOKEN",
     "U2028_TOKEN",
@@ -104,6 +113,10 @@ _U2028_SUFFIX = "\u2028line\u2029para"
 _MALFORMED_MARK = "{malformed}"  # ASCII placeholder swapped for MALFORMED_BYTES once encoded
 _LINE_ENDINGS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
 _FOREVER = 1e9  # seconds: asyncio.sleep() does not take math.inf
+ERROR_EVENT = {  # the data of the error_event_after event
+    "error": {"message": "fake upstream error event", "type": "server_error", "code": "fake_error"}
+}
+FAKE_USAGE = {"prompt_tokens": 7}  # the usage chunk's, plus completion_tokens and total_tokens
 
 
 def fake_tokens(count: int, token_size: int | None = None) -> list[str]:
@@ -159,6 +172,9 @@ class FakeModel:
     id_only_block: bool = False
     oversized_event: int | None = None
     long_line: int | None = None
+    finish_reason: bool = True
+    usage: bool = False
+    error_event_after: int | None = None
     done: bool = True
     hold_after_done: bool = False
     trickle: int | None = None
@@ -224,9 +240,15 @@ class FakeModel:
             blocks.append((b"data: " + b"x" * self.long_line)[: self.long_line])
         else:
             blocks += token_events[1:]
-            blocks.append(_chunk_event({}, "stop"))
+            if self.finish_reason:
+                blocks.append(_chunk_event({}, "stop"))
+            if self.usage:
+                blocks.append(_usage_event(len(tokens)))
             if self.done:
                 blocks.append(b"data: [DONE]\n\n")
+        if self.error_event_after is not None:
+            error = json.dumps(ERROR_EVENT, separators=(",", ":")).encode()
+            blocks[self.error_event_after :] = [b"data: " + error + b"\n\n"]
         ending = _LINE_ENDINGS[self.line_ending]
         if ending != b"\n":
             blocks = [block.replace(b"\n", ending) for block in blocks]
@@ -374,12 +396,8 @@ class _Connection(asyncio.Protocol):
         if request.method == "GET" and request.path.rstrip("/").endswith("/models"):
             await self.simple(200, _MODELS)
             return
-        body = request.json
-        knobs = body.get("fake") if isinstance(body, dict) else None
         try:
-            model = self.server.model.override(knobs)
-            if knobs is None and self.server.answer is not None:
-                model = replace(model, text=self.server.answer(body))
+            model = self.server.model_for(request)
         except (TypeError, ValueError) as exc:
             await self.simple(400, {"error": {"message": str(exc), "type": "bad_fake_knob"}})
             return
@@ -543,6 +561,14 @@ def _chunk_event(delta: dict[str, Any], finish_reason: str | None, **extra: Any)
     return b"data: " + data + b"\n\n"
 
 
+def _usage_event(tokens: int) -> bytes:
+    usage = {**FAKE_USAGE, "completion_tokens": tokens}
+    usage["total_tokens"] = usage["prompt_tokens"] + tokens
+    chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0,
+             "model": "fake-model", "choices": [], "usage": usage}
+    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+
+
 _MODELS = {
     "object": "list",
     "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "sanic-streamplus"}],
@@ -611,6 +637,24 @@ class FakeUpstream:
                     connection.transport.abort()
             await self._server.wait_closed()
             self._server = None
+
+    def model_for(self, request: UpstreamRequest) -> FakeModel:
+        """The knobs ``request`` was answered with: :attr:`model`, its body's ``"fake"``
+        object applied, and ``usage`` when it asked for ``stream_options.include_usage``.
+
+        Raises:
+            ValueError, TypeError: a knob of the body is out of range or unknown in type.
+        """
+        body = request.json
+        if not isinstance(body, dict):
+            return self.model
+        model = self.model.override(body.get("fake"))
+        if body.get("fake") is None and self.answer is not None:
+            model = replace(model, text=self.answer(body))
+        options = body.get("stream_options")
+        if isinstance(options, dict) and options.get("include_usage"):
+            model = replace(model, usage=True)
+        return model
 
     def release(self) -> None:
         """Let every stream waiting at ``hold_before`` go on, and any later one pass it

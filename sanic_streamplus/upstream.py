@@ -31,18 +31,20 @@ from .errors import (
     TotalTimeout,
     UpstreamBadResponse,
     UpstreamDisconnected,
+    UpstreamErrorEvent,
     UpstreamStatusError,
     UpstreamTimeout,
+    UpstreamTruncated,
     UpstreamUnreachable,
+    error_fields,
 )
+from .framing import Dialect, EventKind, get_dialect
 from .sse import ServerSentEvent, SSEDecoder
 
 __all__ = ["create_client", "stream_events", "upstream_events"]
 
 logger = logging.getLogger("sanic_streamplus")
 _ERROR_BODY_LIMIT = 2048  # bytes of a non-2xx upstream body read, for the log and its error
-_ERROR_FIELD_LIMIT = 1000  # characters of each field of an upstream error kept for the client
-_ERROR_FIELDS = (("message", "message"), ("upstream_type", "type"), ("upstream_param", "param"))
 
 
 class _NoCookies(CookieJar):
@@ -128,6 +130,7 @@ async def stream_events(
     json: Any = None,
     content: bytes | None = None,
     headers: Mapping[str, str] | None = None,
+    dialect: Dialect | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Open a streaming request on ``client`` and yield the events of its answer.
 
@@ -141,6 +144,11 @@ async def stream_events(
         content: a raw request body (bytes), or None.
         headers: extra request headers; nothing of the downstream request is forwarded unless
             passed here.
+        dialect: the upstream's :class:`~sanic_streamplus.framing.Dialect`, to check the
+            stream's integrity (:meth:`~sanic_streamplus.framing.Dialect.end_kind`): its error
+            event raises, its terminal event is the last one yielded (nothing after it is
+            read), and an end without one raises unless the dialect accepts it
+            (:meth:`~sanic_streamplus.framing.Dialect.complete_without_end`). None: no check.
 
     Yields:
         :class:`ServerSentEvent`, in stream order.
@@ -155,6 +163,8 @@ async def stream_events(
         UpstreamDisconnected: the connection broke in the middle of the body.
         EventTooLarge: one event exceeded ``settings.max_event_size``; its subclass
             ``LineTooLong``: one line exceeded ``settings.max_line_length``.
+        UpstreamErrorEvent: (with ``dialect``) the upstream sent its error event.
+        UpstreamTruncated: (with ``dialect``) the stream ended without its terminal event.
     """
     loop = asyncio.get_running_loop()
     deadline = Deadline()
@@ -202,10 +212,14 @@ async def stream_events(
         chunks = response.aiter_bytes() if encoded else response.aiter_raw()  # one layer less
         next_chunk = chunks.__anext__
         first = True
+        classify = dialect.end_kind if dialect is not None else None
+        finished = False  # a FINISH event went by (OpenAI chat: complete without [DONE])
         while True:
             try:
                 chunk = await deadline.guard(next_chunk())
             except StopAsyncIteration:
+                if dialect is not None and not dialect.complete_without_end(finished):
+                    raise UpstreamTruncated(dialect.name) from None
                 return
             except TimeoutError:
                 raise timeout(first) from None
@@ -223,6 +237,15 @@ async def stream_events(
             if events:
                 first = False
                 for event in events:
+                    if classify is not None:
+                        kind = classify(event)
+                        if kind is EventKind.UPSTREAM_ERROR:
+                            assert dialect is not None
+                            raise UpstreamErrorEvent.from_event(event, dialect.name)
+                        if kind is EventKind.TERMINAL:
+                            yield event
+                            return
+                        finished = finished or kind is EventKind.FINISH
                     yield event
                 deadline.set(_later(loop.time(), settings.idle_timeout, total_at))
     finally:
@@ -299,31 +322,13 @@ async def _refusal(
 
 
 def _error_fields(text: str) -> dict[str, Any]:
-    """The message, type, code and param of a JSON error body: OpenAI's ``{"error": {"message",
-    "type", "param", "code"}}``, Anthropic's ``{"type": "error", "error": {"type", "message"}}``,
-    or ``{"error": "message"}`` / ``{"message": ...}``; only string (and integer code) values,
-    each at most ``_ERROR_FIELD_LIMIT`` characters. Empty for any other body."""
+    """The message, type, code and param of a JSON error body
+    (:func:`~sanic_streamplus.errors.error_fields`); empty for any other body."""
     try:
         value = json.loads(text)
     except ValueError:
         return {}
-    if not isinstance(value, dict):
-        return {}
-    error = value.get("error", value)
-    if isinstance(error, str):
-        error = {"message": error}
-    if not isinstance(error, dict):
-        return {}
-    fields: dict[str, Any] = {}
-    for name, key in _ERROR_FIELDS:
-        if isinstance(error.get(key), str) and error[key]:
-            fields[name] = error[key][:_ERROR_FIELD_LIMIT]
-    code = error.get("code")
-    if isinstance(code, str) and code:
-        fields["upstream_code"] = code[:_ERROR_FIELD_LIMIT]
-    elif isinstance(code, int) and not isinstance(code, bool):
-        fields["upstream_code"] = code
-    return fields
+    return error_fields(value)
 
 
 async def _close(chunks: AsyncIterator[bytes] | None, response: httpx.Response) -> None:
@@ -340,6 +345,7 @@ def upstream_events(
     json: Any = None,
     content: bytes | None = None,
     headers: Mapping[str, str] | None = None,
+    dialect: str | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Stream the events of an upstream request on the app's shared client.
 
@@ -350,9 +356,30 @@ def upstream_events(
     upstream (none by default: not ``Authorization``, not ``Cookie``); ``headers`` are added on
     top. See :func:`stream_events` for what it yields and raises.
 
+    ``dialect`` is the upstream's dialect (``"plain"``, ``"openai"``, ``"anthropic"``,
+    ``"openai-responses"``), by which the stream's integrity is checked; by default the route's
+    own (``@stream_post(dialect=...)``, left on ``request.ctx.streamplus_dialect``), and on a
+    route without ``@stream_post``, ``STREAMPLUS_DIALECT`` (``plain`` unless set: then only an
+    ``event: error`` is an error, and any end is complete). So iterating it yourself:
+
+    - the upstream's error event (OpenAI's ``data: {"error": ...}``, Anthropic's ``event:
+      error``, the Responses API's ``response.failed`` / ``error``) raises
+      :class:`~sanic_streamplus.errors.UpstreamErrorEvent` (its ``upstream_type``,
+      ``upstream_code``, ``message`` and the raw ``event``), which you may catch;
+    - a stream that ends without its terminal event (OpenAI chat: neither ``[DONE]`` nor a
+      ``finish_reason``; Anthropic: no ``message_stop``; Responses: no ``response.completed``
+      / ``incomplete`` / ``failed``) raises :class:`~sanic_streamplus.errors.UpstreamTruncated`
+      at the end of the iteration;
+    - the terminal event is the last one yielded.
+
+    Returned from a ``@stream_post`` handler, the relay turns both into the stream's ending: the
+    upstream's own error frame where the route's dialect is the upstream's, else the route's
+    error frame (a JSON answer before anything was sent; see ``docs/errors.md``).
+
     Raises:
         ExtensionMissing: the app has not registered the StreamPlus extension, or its server has
             not started.
+        ValueError: an unknown ``dialect``.
     """
     state = getattr(request.app.ctx, "streamplus", None)
     if state is None or state.client is None:
@@ -365,6 +392,7 @@ def upstream_events(
             if name in request.headers
         }
         headers = {**forwarded, **(headers or {})}
+    name = dialect or getattr(request.ctx, "streamplus_dialect", None) or settings.dialect
     return stream_events(
         state.client,
         method,
@@ -373,4 +401,5 @@ def upstream_events(
         json=json,
         content=content,
         headers=headers,
+        dialect=get_dialect(name),
     )

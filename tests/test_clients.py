@@ -17,7 +17,7 @@ from conftest import chat_body, run_example
 from httpx_sse import SSEError, aconnect_sse
 
 from sanic_streamplus import SSEDecoder
-from sanic_streamplus.testing import FakeUpstream, fake_tokens
+from sanic_streamplus.testing import ERROR_EVENT, FAKE_USAGE, FakeUpstream, fake_tokens
 
 TOKENS = 12
 WAIT = 20.0  # seconds: a loose bound on any one wait (loopback answers in milliseconds)
@@ -239,3 +239,96 @@ async def test_curl_shows_a_failure(
     out, _ = await asyncio.wait_for(process.communicate(), WAIT)
     assert process.returncode == code
     assert shown in out
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["OpenAI", "AsyncOpenAI"])
+async def test_openai_sdk_raises_api_error_on_a_stream_cut_short(
+    example: str, fake: FakeUpstream, sync: bool
+) -> None:
+    """The upstream ends its body cleanly after the tokens, with neither a finish_reason nor
+    [DONE]: the SDK raises on the proxy's error frame instead of returning the partial text as
+    a complete answer."""
+    text, error = await sdk_chat(sync, example + "/v1", finish_reason=False, done=False)
+    assert isinstance(error, openai.APIError), error
+    assert "ended without its end event" in str(error)
+    assert text == "".join(fake_tokens(TOKENS))  # all that came: cut short, told so
+    assert fake.requests[-1].completed  # the upstream's body did end cleanly
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["OpenAI", "AsyncOpenAI"])
+async def test_openai_sdk_reads_a_finish_reason_without_done_as_complete(
+    example: str, sync: bool
+) -> None:
+    text, error = await sdk_chat(sync, example + "/v1", done=False)
+    assert error is None
+    assert text == "".join(fake_tokens(TOKENS))
+
+
+@pytest.mark.parametrize("sync", [True, False], ids=["OpenAI", "AsyncOpenAI"])
+async def test_openai_sdk_raises_the_upstreams_own_in_band_error(
+    example: str, sync: bool
+) -> None:
+    text, error = await sdk_chat(sync, example + "/v1", error_event_after=4)
+    assert isinstance(error, openai.APIError), error
+    assert str(error) == ERROR_EVENT["error"]["message"]
+    assert error.body == ERROR_EVENT["error"]  # the upstream's own object, type and code
+    assert text == "".join(fake_tokens(3))
+
+
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/resumable/v1/chat/completions"])
+async def test_an_in_band_error_passes_through_once_then_done(example: str, path: str) -> None:
+    body = {
+        "model": "fake",
+        "stream": True,
+        "messages": [{"role": "user", "content": "hi"}],
+        "fake": {"error_event_after": 4, "hold_after_done": True},  # then it holds the body open
+    }
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        response = await client.post(example + path, json=body)
+    events = SSEDecoder().feed(response.content)
+    assert response.status_code == 200
+    assert [e.data for e in events[4:]] == [
+        json.dumps(ERROR_EVENT, separators=(",", ":")),  # as the upstream wrote it
+        "[DONE]",
+    ]
+    assert response.content.count(b'"error"') == 1  # no second frame of ours
+    assert response.elapsed.total_seconds() < 5  # ended at the error, not held open
+
+
+async def test_the_chat_route_ends_with_an_error_event_on_a_stream_cut_short(
+    example: str,
+) -> None:
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        response = await client.post(
+            example + "/chat", json=chat_body(finish_reason=False, done=False)
+        )
+    events = SSEDecoder().feed(response.content)
+    assert response.status_code == 200
+    assert [e.event for e in events] == ["token"] * TOKENS + ["error"]  # never done
+    error = json.loads(events[-1].data)["error"]
+    assert error["type"] == "upstream_truncated"
+    assert "ended without its end event" in error["message"]
+
+
+async def test_the_chat_route_ends_with_an_error_event_on_the_upstreams_error_event(
+    example: str,
+) -> None:
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        response = await client.post(example + "/chat", json=chat_body(error_event_after=4))
+    events = SSEDecoder().feed(response.content)
+    assert [e.event for e in events] == ["token"] * 3 + ["error"]  # never done
+    error = json.loads(events[-1].data)["error"]
+    assert error["type"] == "upstream_error"
+    assert error["message"] == ERROR_EVENT["error"]["message"]  # the upstream's words
+
+
+async def test_the_chat_routes_done_carries_the_usage_it_asked_for(
+    example: str, fake: FakeUpstream
+) -> None:
+    async with httpx.AsyncClient(timeout=WAIT) as client:
+        response = await client.post(example + "/chat", json=chat_body())
+    events = SSEDecoder().feed(response.content)
+    assert events[-1].event == "done"
+    usage = json.loads(events[-1].data)["usage"]
+    assert usage == {**FAKE_USAGE, "completion_tokens": TOKENS, "total_tokens": 7 + TOKENS}
+    assert fake.requests[-1].json["stream_options"] == {"include_usage": True}

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -29,7 +30,9 @@ from sanic_streamplus.errors import (
     ServerShutdown,
     StreamPlusError,
     UpstreamDisconnected,
+    UpstreamErrorEvent,
     UpstreamStatusError,
+    UpstreamTruncated,
 )
 from sanic_streamplus.framing import get_dialect, get_format
 from sanic_streamplus.testing import StreamResult, fake_tokens, serve_app, stream_request
@@ -144,6 +147,27 @@ def responses_events(tokens: list[str], end: bool) -> list[ServerSentEvent]:
     return [named(kind, sequence_number=n, **data) for n, (kind, data) in enumerate(steps)]
 
 
+UPSTREAM_MESSAGE = "the fake upstream is overloaded"
+
+
+def upstream_error(dialect: str, number: int) -> ServerSentEvent:
+    """The upstream's own error event in ``dialect``, as event number ``number`` of its stream:
+    plain and Anthropic ``event: error``, OpenAI chat's ``data: {"error": ...}`` (as LiteLLM
+    sends), the Responses API's ``response.failed`` of the announced response."""
+    if dialect == "openai":
+        error = {"message": UPSTREAM_MESSAGE, "type": "server_error", "code": "overloaded"}
+        return ServerSentEvent(json.dumps({"error": error}))
+    if dialect == "anthropic":
+        return named("error", error={"type": "overloaded_error", "message": UPSTREAM_MESSAGE})
+    if dialect == "openai-responses":
+        response = json.loads(responses_events([], True)[0].data)["response"]
+        failed = {**response, "status": "failed"}
+        failed["error"] = {"code": "server_error", "message": UPSTREAM_MESSAGE}
+        return named("response.failed", sequence_number=number, response=failed)
+    body = {"error": {"type": "overloaded", "message": UPSTREAM_MESSAGE}}
+    return ServerSentEvent(json.dumps(body), event="error")
+
+
 SCRIPTS: dict[str, Callable[[list[str], bool], list[ServerSentEvent]]] = {
     "plain": plain_events,
     "openai": chat_events,
@@ -155,6 +179,9 @@ SCRIPTS: dict[str, Callable[[list[str], bool], list[ServerSentEvent]]] = {
 def script_app() -> Sanic[Any, Any]:
     """The upstream: ``POST <ROUTES[dialect]>`` streams that dialect's canned events. Knobs in
     the body's ``"fake"``: ``tokens`` (int); ``end`` (bool, default true: send the end marker);
+    ``cut`` (int: only the first that many events, then a clean end: a truncated stream);
+    ``error_after`` (int: that many events, then the dialect's own error event
+    (:func:`upstream_error`), then a clean end);
     ``delay`` (s between writes); ``stall`` (s before the first); ``batch`` (events per write);
     ``fail_after`` (int: abort the connection after that many events); ``hold`` (bool: after
     the events write :data:`JUNK`, then keep the connection open until the client leaves)."""
@@ -164,9 +191,12 @@ def script_app() -> Sanic[Any, Any]:
     @app.post("/v1/<name:path>")
     async def script(request: Request, name: str) -> None:
         fake = request.json.get("fake") or {}
-        events = SCRIPTS[dialects["/v1/" + name]](
-            fake_tokens(fake.get("tokens", TOKENS)), fake.get("end", True)
-        )
+        dialect = dialects["/v1/" + name]
+        events = SCRIPTS[dialect](fake_tokens(fake.get("tokens", TOKENS)), fake.get("end", True))
+        if fake.get("cut") is not None:
+            events = events[: fake["cut"]]
+        if fake.get("error_after") is not None:
+            events = [*events[: fake["error_after"]], upstream_error(dialect, fake["error_after"])]
         if fake.get("hold"):
             events.append(JUNK)
         blocks = [encode(event) for event in events]
@@ -266,23 +296,152 @@ async def test_a_stream_ends_at_once_after_its_end_marker_and_nothing_follows(
     assert text_of(dialect, result.events) == "".join(fake_tokens(TOKENS))
 
 
+def truncation_frame(dialect: str, events: list[ServerSentEvent]) -> dict[str, Any]:
+    """The error frame that ends a truncated stream of ``dialect`` (checked to be the last
+    event(s): openai's then ``[DONE]``), as ``{"type", "message"}``."""
+    if dialect == "openai":
+        assert events[-1].data == "[DONE]"
+        assert events[-2].event == "message"
+        return dict(json.loads(events[-2].data)["error"])
+    frame = json.loads(events[-1].data)
+    if dialect == "anthropic":
+        assert events[-1].event == "error" and frame["type"] == "error"
+        return dict(frame["error"])
+    assert events[-1].event == "response.failed" == frame["type"]
+    failed = frame["response"]
+    assert failed["id"] == RESPONSE_ID and failed["status"] == "failed"  # the announced one
+    return {"type": failed["error"]["code"], "message": failed["error"]["message"]}
+
+
+TRUNCATED_TYPE = {"openai": "upstream_truncated", "anthropic": "api_error"}
+TRUNCATED_TYPE["openai-responses"] = "server_error"  # the Responses API's own error codes
+
+
+def logged(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The ``outcome=... [error=...]`` of each stream line logged so far."""
+    lines = [r.getMessage() for r in caplog.records if r.name == "sanic_streamplus"]
+    return [
+        " ".join(w for w in line.split() if w.startswith(("outcome=", "error=")))
+        for line in lines
+        if line.startswith("stream ") and "outcome=" in line
+    ]
+
+
+async def wait_logged(caplog: pytest.LogCaptureFixture, count: int) -> list[str]:
+    """:func:`logged`, once ``count`` lines are there (a line follows the stream's close)."""
+    for _ in range(250):
+        if len(found := logged(caplog)) >= count:
+            return found
+        await asyncio.sleep(0.02)
+    return logged(caplog)
+
+
 @pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
 @pytest.mark.parametrize(
-    ("dialect", "last"),
+    ("dialect", "end"),
     [
-        ("openai", "[DONE]"),  # written by the proxy: a finish_reason went by
-        ("anthropic", "error"),  # no message_stop made up: upstream_truncated
-        ("openai-responses", "response.failed"),  # no response.completed made up: truncated
+        ("openai", False),  # no [DONE], but the finish_reason went by: complete
+        ("openai", True),
+        ("anthropic", True),
+        ("openai-responses", True),
+        ("plain", False),  # no end marker at all: any end is complete
     ],
 )
-async def test_a_source_that_ends_without_its_end_marker(dialect: str, last: str) -> None:
-    """openai writes ``[DONE]`` for it (its finish_reason said the answer was complete);
-    anthropic and openai-responses end with their error frame (``upstream_truncated``)."""
-    async with dialect_proxy() as proxy:
-        result = await fetch(proxy, dialect, end=False)
+async def test_a_complete_stream_ends_with_its_end_marker_never_an_error(
+    dialect: str, end: bool, resumable: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    async with dialect_proxy(resumable) as proxy:
+        result = await fetch(proxy, dialect, end=end)
+        lines = await wait_logged(caplog, 1)
     assert result.status == 200 and result.complete
-    assert last in (result.events[-1].event, result.events[-1].data)
+    assert ENDS[dialect](result.events[-1])  # openai: [DONE], written for the finish_reason
+    assert not [e for e in result.events if e.event in ("error", "response.failed")]
+    assert b"ended without its end event" not in result.body
     assert text_of(dialect, result.events) == "".join(fake_tokens(TOKENS))
+    assert lines[-1] == "outcome=completed"
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+@pytest.mark.parametrize("dialect", ["openai", "anthropic", "openai-responses"])
+async def test_a_stream_cut_short_ends_with_the_dialects_error_frame_never_its_end_marker(
+    dialect: str, resumable: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The upstream ends its body cleanly after 3 tokens, without its terminal event (openai:
+    no finish_reason, no [DONE]): ``upstream_truncated``, an error frame in the dialect, then
+    the end; never a ``[DONE]`` / ``message_stop`` / ``response.completed`` the proxy made up."""
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    cut = {"openai": 4, "anthropic": 5, "openai-responses": 7}[dialect]  # 3 tokens each
+    async with dialect_proxy(resumable) as proxy:
+        result = await fetch(proxy, dialect, cut=cut)
+        if resumable:  # a reader that resumes mid-stream gets the same end (Responses: it
+            resumed = await stream_request(  # saw response.in_progress, so the same response)
+                proxy, ROUTES[dialect], {}, headers={"Last-Event-ID": result.events[0].id or ""}
+            )
+        lines = await wait_logged(caplog, 2 if resumable else 1)
+    assert result.status == 200 and result.complete  # the error frame, then a clean end
+    assert text_of(dialect, result.events) == "".join(fake_tokens(3))
+    frame = truncation_frame(dialect, result.events)
+    assert frame["type"] == TRUNCATED_TYPE[dialect]
+    assert "ended without its end event" in frame["message"]
+    extra = 2 if dialect == "openai" else 1  # the frame (openai: and [DONE]), nothing else
+    assert len(result.events) == cut + extra
+    assert result.body.count(b"[DONE]") == (1 if dialect == "openai" else 0)
+    assert not [e for e in result.events if e.event in ("message_stop", "response.completed")]
+    if resumable:
+        assert resumed.status == 200 and resumed.complete
+        assert [(e.event, e.data) for e in resumed.events[:-extra]] == [
+            (e.event, e.data) for e in result.events[1:-extra]
+        ]
+        assert truncation_frame(dialect, resumed.events) == frame
+    assert set(lines) == {"outcome=upstream_truncated error=upstream_truncated"}
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+@pytest.mark.parametrize("dialect", ["openai", "anthropic", "openai-responses"])
+async def test_an_upstream_that_sends_no_event_is_a_502_in_the_dialects_shape(
+    dialect: str, resumable: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    async with dialect_proxy(resumable) as proxy:
+        result = await fetch(proxy, dialect, cut=0)
+        lines = await wait_logged(caplog, 1)
+    assert result.status == 502 and result.json is not None
+    error = result.json["error"]
+    if dialect == "anthropic":
+        assert result.json["type"] == "error" and error["type"] == "api_error"
+    else:
+        assert error["type"] == "upstream_truncated"
+    assert "ended without its end event" in error["message"]
+    assert lines[-1] == "outcome=upstream_truncated error=upstream_truncated"
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+@pytest.mark.parametrize("at", [3, 0], ids=["mid-stream", "first"])
+@pytest.mark.parametrize("dialect", list(ROUTES))
+async def test_the_upstreams_own_error_event_passes_through_once_and_ends_the_stream(
+    dialect: str, at: int, resumable: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Its own frame, as it came, exactly once; then ``[DONE]`` for openai and nothing else:
+    no second error frame of ours, no end marker, nothing the upstream sent after it."""
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    async with dialect_proxy(resumable) as proxy:
+        result = await fetch(proxy, dialect, error_after=at, hold=True)
+        lines = await wait_logged(caplog, 1)
+    assert result.status == 200 and result.complete
+    assert result.elapsed < 5  # not held open by the upstream
+    own = upstream_error(dialect, at)
+    tail = result.events[at:]
+    assert [(e.event, e.data) for e in tail] == [(own.event, own.data)] + (
+        [("message", "[DONE]")] if dialect == "openai" else []
+    )
+    assert result.body.count(UPSTREAM_MESSAGE.encode()) == 1
+    assert b"the end" not in result.body  # what the upstream wrote after its error
+    assert lines[-1] == "outcome=upstream_error error=upstream_error"
 
 
 @pytest.mark.usefixtures("transport")
@@ -656,3 +815,218 @@ async def test_ndjson_keeps_an_end_event_with_data_and_drops_a_bare_marker(
     assert "[DONE]" not in response.text
     assert last in lines[-1]
     assert len(lines) == sum(event.data != "[DONE]" for event in events)
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+async def test_anthropic_sdk_raises_on_a_stream_cut_short(resumable: bool) -> None:
+    """No message_stop: the SDK raises its status error on the proxy's error frame, instead of
+    returning a message that looks finished."""
+    fake = {"cut": 5}  # message_start, content_block_start, 3 deltas
+    async with dialect_proxy(resumable) as proxy, anthropic_sdk(proxy) as sdk:
+        text = ""
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            async with sdk.messages.stream(**ASK, extra_body={"fake": fake}) as stream:
+                async for piece in stream.text_stream:
+                    text += piece
+    assert raised.value.type == "api_error"
+    assert raised.value.api_message is not None
+    assert "ended without its end event" in raised.value.api_message
+    assert text == "".join(fake_tokens(3))
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+async def test_anthropic_sdk_raises_the_upstreams_own_error_event(resumable: bool) -> None:
+    async with dialect_proxy(resumable) as proxy, anthropic_sdk(proxy) as sdk:
+        with pytest.raises(anthropic.APIStatusError) as raised:
+            fake = {"error_after": 4}
+            raw = await sdk.messages.create(**ASK, stream=True, extra_body={"fake": fake})
+            async for _ in raw:
+                pass
+    assert raised.value.type == "overloaded_error"  # the upstream's own type and words
+    assert raised.value.api_message == UPSTREAM_MESSAGE
+
+
+@pytest.mark.usefixtures("transport")
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+async def test_openai_sdk_sees_a_responses_stream_cut_short_fail(resumable: bool) -> None:
+    """No response.completed: the stream ends with response.failed of the announced response,
+    so the SDK's stream helper has no final response to return."""
+    fake = {"cut": 7}  # created, in_progress, item added, part added, 3 deltas
+    async with dialect_proxy(resumable) as proxy, openai_sdk(proxy) as sdk:
+        stream = await sdk.responses.create(
+            model="gpt-fake", input="hi", stream=True, extra_body={"fake": fake}
+        )
+        events = [event async for event in stream]
+        with pytest.raises(RuntimeError, match=r"response\.completed"):
+            async with sdk.responses.stream(
+                model="gpt-fake", input="hi", extra_body={"fake": fake}
+            ) as helper:
+                await helper.get_final_response()
+    failed = events[-1]
+    assert failed.type == "response.failed" and failed.sequence_number == 7
+    assert failed.response.id == RESPONSE_ID and failed.response.error is not None
+    assert "ended without its end event" in failed.response.error.message
+    assert [e.type for e in events].count("response.failed") == 1
+
+
+@pytest.mark.usefixtures("transport")
+async def test_openai_sdk_gets_the_upstreams_own_response_failed_once() -> None:
+    async with dialect_proxy() as proxy, openai_sdk(proxy) as sdk:
+        stream = await sdk.responses.create(
+            model="gpt-fake", input="hi", stream=True, extra_body={"fake": {"error_after": 5}}
+        )
+        events = [event async for event in stream]
+    assert [e.type for e in events][-2:] == ["response.output_text.delta", "response.failed"]
+    failed = events[-1]
+    assert failed.response.error is not None
+    assert failed.response.error.message == UPSTREAM_MESSAGE
+    assert failed.sequence_number == 5
+
+
+# ------------------------------------------------ handlers that iterate upstream_events
+
+
+def iterating_app(upstream: str) -> Sanic[Any, Any]:
+    """Routes whose handlers iterate ``upstream_events`` themselves: ``/summary/<dialect>``
+    (plain) yields one event saying how the iteration ended; ``/into/<dialect>`` returns the
+    upstream of ``upstream_dialect`` (a query argument) on a route of ``dialect``."""
+    app: Sanic[Any, Any] = Sanic(app_name("iterating"))
+    app.config.STREAMPLUS_UPSTREAM_URL = upstream
+    app.config.STREAMPLUS_HEARTBEAT = 0
+    app.extend(extensions=[StreamPlus])
+
+    @app.post("/summary/<dialect>")
+    @stream_post(dialect="plain")
+    async def summary(request: Request, dialect: str) -> AsyncIterator[Any]:
+        seen: list[str] = []
+        try:
+            events = upstream_events(request, ROUTES[dialect], json=request.json, dialect=dialect)
+            async for event in events:
+                seen.append(event.event)
+        except UpstreamErrorEvent as error:
+            yield {
+                "caught": type(error).__name__,
+                "type": error.upstream_type,
+                "code": error.upstream_code,
+                "message": error.message,
+                "raw": [error.event.event, error.event.data],
+                "dialect": error.dialect,
+                "seen": len(seen),
+            }
+            return
+        except UpstreamTruncated as error:
+            yield {"caught": type(error).__name__, "message": error.message, "seen": len(seen)}
+            return
+        yield {"caught": None, "seen": len(seen), "last": seen[-1]}
+
+    for route_dialect in ROUTES:
+
+        @app.post(f"/into/{route_dialect}", name=f"into_{route_dialect}".replace("-", "_"))
+        @stream_post(dialect=route_dialect)
+        async def into(request: Request) -> Any:
+            dialect = request.args.get("upstream_dialect")
+            return upstream_events(request, ROUTES[dialect], json=request.json, dialect=dialect)
+
+    return app
+
+
+@pytest.mark.parametrize("dialect", ["openai", "anthropic", "openai-responses"])
+async def test_a_handler_catches_the_upstreams_error_event_as_a_typed_exception(
+    dialect: str,
+) -> None:
+    async with serve_app(script_app()) as upstream, serve_app(iterating_app(upstream)) as url:
+        result = await stream_request(
+            url, f"/summary/{dialect}", {"fake": {"error_after": 3}}, timeout=WAIT
+        )
+    [event] = result.events
+    caught = json.loads(event.data)
+    own = upstream_error(dialect, 3)
+    assert caught["caught"] == "UpstreamErrorEvent" and caught["dialect"] == dialect
+    assert caught["message"] == UPSTREAM_MESSAGE
+    assert caught["raw"] == [own.event, own.data]  # the raw event, as it came
+    assert caught["seen"] == 3  # not yielded: raised in its place
+    if dialect == "openai":
+        assert (caught["type"], caught["code"]) == ("server_error", "overloaded")
+    elif dialect == "anthropic":
+        assert caught["type"] == "overloaded_error"
+    else:
+        assert caught["code"] == "server_error"
+
+
+@pytest.mark.parametrize(
+    ("dialect", "cut", "complete"),
+    [
+        ("openai", 4, False),  # 3 tokens, no finish_reason
+        ("openai", 2 + TOKENS, True),  # the finish_reason chunk, no [DONE]: complete
+        ("anthropic", 5, False),
+        ("openai-responses", 7, False),
+        ("plain", 3, True),  # no end marker at all
+    ],
+)
+async def test_a_handler_gets_upstream_truncated_at_the_end_of_its_iteration(
+    dialect: str, cut: int, complete: bool
+) -> None:
+    async with serve_app(script_app()) as upstream, serve_app(iterating_app(upstream)) as url:
+        result = await stream_request(url, f"/summary/{dialect}", {"fake": {"cut": cut}})
+        whole = await stream_request(url, f"/summary/{dialect}", {"fake": {}})
+    caught = json.loads(result.events[0].data)
+    assert caught["seen"] == cut  # every event came first
+    if complete:
+        assert caught["caught"] is None
+    else:
+        assert caught["caught"] == "UpstreamTruncated"
+        assert caught["message"] == f"the upstream's {dialect} stream ended without its end event"
+    ended = json.loads(whole.events[0].data)
+    assert ended["caught"] is None
+    if dialect in ("anthropic", "openai-responses"):  # its terminal event is the last one
+        assert ended["last"] == ENDS_NAME[dialect]
+
+
+ENDS_NAME = {"anthropic": "message_stop", "openai-responses": "response.completed"}
+
+
+@pytest.mark.parametrize(
+    ("route", "upstream"),
+    [("plain", "openai"), ("anthropic", "openai"), ("openai", "anthropic")],
+)
+async def test_an_upstream_error_event_of_another_dialect_is_the_routes_own_error_frame(
+    route: str, upstream: str
+) -> None:
+    """Returned as it is from a route of another dialect: the route's error frame, carrying
+    the upstream's message (and type and code where the route's shape has room)."""
+    async with serve_app(script_app()) as up, serve_app(iterating_app(up)) as url:
+        result = await stream_request(
+            url, f"/into/{route}?upstream_dialect={upstream}", {"fake": {"error_after": 3}}
+        )
+    assert result.status == 200 and result.complete
+    own = upstream_error(upstream, 3)
+    assert own.data not in [e.data for e in result.events]  # not the upstream's own frame
+    if route == "openai":
+        error, done = result.events[-2:]
+        assert done.data == "[DONE]"
+        assert json.loads(error.data)["error"] == {
+            "message": UPSTREAM_MESSAGE, "type": "overloaded_error", "code": None
+        }
+    elif route == "anthropic":
+        assert result.events[-1].event == "error"
+        assert json.loads(result.events[-1].data) == {
+            "type": "error", "error": {"type": "server_error", "message": UPSTREAM_MESSAGE}
+        }
+    else:
+        assert result.events[-1].event == "error"
+        error = json.loads(result.events[-1].data)["error"]
+        assert (error["type"], error["message"]) == ("upstream_error", UPSTREAM_MESSAGE)
+    assert result.body.count(UPSTREAM_MESSAGE.encode()) == 1
+
+
+async def test_an_upstream_error_event_of_another_dialect_before_anything_is_a_502() -> None:
+    async with serve_app(script_app()) as up, serve_app(iterating_app(up)) as url:
+        result = await stream_request(
+            url, "/into/anthropic?upstream_dialect=openai", {"fake": {"error_after": 0}}
+        )
+    assert result.status == 502
+    assert result.json == {
+        "type": "error", "error": {"type": "server_error", "message": UPSTREAM_MESSAGE}
+    }

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -21,6 +22,7 @@ from sanic import Request, Sanic
 
 from sanic_streamplus import ServerSentEvent, StreamPlus, stream_post, upstream_events
 from sanic_streamplus.config import Settings
+from sanic_streamplus.machine import Outcome
 from sanic_streamplus.observe import StreamInfo, before_final_frame
 from sanic_streamplus.testing import FakeUpstream, serve_app
 
@@ -69,10 +71,10 @@ def observed_app(upstream_url: str, finished: Finished | None = None, **config: 
     @app.post("/usage")
     @stream_post(dialect="openai", on_finish=hooks)
     async def with_usage(request: Request) -> AsyncIterator[Any]:
-        for text in ("a", "b", "c"):  # the last one finished: the stream is complete
-            choice = {"index": 0, "delta": {"content": text}}
-            yield chunk({"choices": [{**choice, "finish_reason": "stop" if text == "c" else None}]})
-        yield chunk({"choices": [], "usage": USAGE})
+        for text in ("a", "b", "c"):
+            yield chunk({"choices": [{"index": 0, "delta": {"content": text}}]})
+        yield chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "stop"}]})
+        yield chunk({"choices": [], "usage": USAGE})  # complete: a finish_reason went by
 
     @app.post("/bug")
     @stream_post(on_finish=hooks)
@@ -130,7 +132,7 @@ async def test_the_usage_block_of_the_upstream_is_reported() -> None:
     response, info = await one_stream(app, finished, "/usage", {})
     assert response.text.endswith("data: [DONE]\n\n")
     assert info.usage == USAGE
-    assert info.events == 4
+    assert info.events == 5
 
 
 async def read_some(lines: AsyncIterator[str], events: int) -> None:
@@ -161,28 +163,42 @@ async def read_some(lines: AsyncIterator[str], events: int) -> None:
             "first_event_timeout",
             504,
         ),
+        ({"finish_reason": False, "done": False}, {}, "upstream_truncated", None, 200),
+        ({"error_event_after": 3}, {}, "upstream_error", "upstream_error", 200),
+        ({"error_status": 429}, {}, "rate_limited", "rate_limited", 429),
+        ({"error_status": 401}, {}, "upstream_error", "upstream_status", 401),
     ],
-    ids=["mid-stream", "refused", "idle", "first-event"],
+    ids=["mid-stream", "refused", "idle", "first-event", "truncated", "in-band", "429", "401"],
 )
-async def test_each_failure_has_its_outcome(
-    knobs: dict[str, Any], config: dict[str, Any], outcome: str, error: str, status: int
+async def test_each_failure_has_its_outcome_in_stream_info_and_the_log(
+    knobs: dict[str, Any],
+    config: dict[str, Any],
+    outcome: str,
+    error: str | None,
+    status: int,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
+    caplog.set_level(logging.INFO, "sanic_streamplus")
     finished = Finished()
     config.setdefault("STREAMPLUS_HEARTBEAT", 0)
+    error = error or outcome
     async with FakeUpstream(tokens=50, delay=0.01, **knobs) as upstream:
         app = observed_app(upstream.url, finished, **config)
         response, info = await one_stream(app, finished, "/s", completions_body())
     assert response.status_code == status
     assert (info.outcome, info.error, info.status) == (outcome, error, status)
+    assert isinstance(info.outcome, Outcome)
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("stream POST")]
+    assert f" outcome={outcome} error={error} status={status} " in line
 
 
-async def test_a_bug_in_the_handler_is_an_error_outcome() -> None:
+async def test_a_bug_in_the_handler_is_an_internal_error_outcome() -> None:
     finished = Finished()
     app = observed_app("http://127.0.0.1:9", finished)
     response, info = await one_stream(app, finished, "/bug", {})
     assert response.status_code == 500
     assert (info.outcome, info.error, info.status, info.events) == (
-        "error",
+        "internal_error",
         "internal_error",
         500,
         0,
@@ -386,7 +402,7 @@ async def test_an_opentelemetry_span_per_stream_under_the_callers_trace(
     assert ok.parent is not None and format(ok.parent.span_id, "016x") == "00f067aa0ba902b7"
     attributes = dict(ok.attributes or {})
     assert attributes["streamplus.outcome"] == "completed"
-    assert attributes["streamplus.events"] == 4
+    assert attributes["streamplus.events"] == 5
     assert attributes["gen_ai.usage.input_tokens"] == 7
     assert attributes["gen_ai.usage.output_tokens"] == 3
     assert [event.name for event in ok.events] == ["first_event"]

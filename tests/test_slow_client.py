@@ -109,10 +109,11 @@ def contents(events: list[ServerSentEvent]) -> str:
 
 
 async def outcomes(caplog: pytest.LogCaptureFixture) -> list[str]:
-    """The outcomes logged so far, once at least one is (the log line follows the close)."""
+    """The ``<outcome> error=<type>`` logged so far, once at least one is (the log line follows
+    the close)."""
     for _ in range(100):
         found = [
-            r.getMessage().split("outcome=")[1].split()[0]
+            " ".join(r.getMessage().split("outcome=")[1].split()[:2])  # outcome=, error=
             for r in caplog.records
             if r.name == "sanic_streamplus" and "outcome=" in r.getMessage()
         ]
@@ -124,11 +125,18 @@ async def outcomes(caplog: pytest.LogCaptureFixture) -> list[str]:
 
 @pytest.mark.usefixtures("transport")
 @pytest.mark.parametrize(
-    ("policy", "send_timeout", "error_type"),
-    [("block", 0.5, "send_timeout"), ("disconnect", 30, "slow_client")],
+    ("policy", "send_timeout", "error_type", "outcome"),
+    [
+        ("block", 0.5, "send_timeout", "timeout"),
+        ("disconnect", 30, "slow_client", "client_disconnected"),
+    ],
 )
 async def test_a_client_that_stops_reading_is_cut_and_gets_the_error_frame_last(
-    policy: str, send_timeout: float, error_type: str, caplog: pytest.LogCaptureFixture
+    policy: str,
+    send_timeout: float,
+    error_type: str,
+    outcome: str,
+    caplog: pytest.LogCaptureFixture,
 ) -> None:
     caplog.set_level(logging.INFO, "sanic_streamplus")
     body = completions_body(tokens=TOKENS, token_size=TOKEN_SIZE, delay=0)
@@ -150,7 +158,7 @@ async def test_a_client_that_stops_reading_is_cut_and_gets_the_error_frame_last(
     assert events[-1].data == "[DONE]"
     text = contents(events[:-2])
     assert text and "".join(fake_tokens(TOKENS, TOKEN_SIZE)).startswith(text)  # no gap
-    assert logged == [error_type]
+    assert logged == [f"{outcome} error={error_type}"]
 
 
 @pytest.mark.usefixtures("transport")
