@@ -43,10 +43,10 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from .errors import StreamPlusError, error_body
 from .sse import ServerSentEvent, encode, encode_comment
@@ -448,7 +448,28 @@ _ANTHROPIC_ERRORS = {  # HTTP status -> Anthropic error type (anthropic-sdk Erro
 }
 
 
-class AnthropicDialect(Dialect):
+class _NamedDialect(Dialect):
+    """A dialect whose events say what they are by name (or an unnamed event's data
+    ``"type"``): Anthropic's and the Responses API's. :meth:`classify` looks the name up in
+    :attr:`kinds`, which is cheap already, so :meth:`end_kind` is :meth:`classify`; and the
+    answer is complete only with its terminal event."""
+
+    names: ClassVar[frozenset[str]] = frozenset()  # the keys of kinds
+    kinds: ClassVar[Mapping[str, EventKind]] = {}
+
+    def _classify_by_name(self, event: ServerSentEvent) -> EventKind:
+        kind = _event_type(event, self.names)
+        return EventKind.OTHER if kind is None else self.kinds[kind]
+
+    def end_kind(self, event: ServerSentEvent) -> EventKind:
+        return self.classify(event)
+
+    def complete_without_end(self, finished: bool) -> bool:
+        """Never: without its terminal event the answer was cut."""
+        return False
+
+
+class AnthropicDialect(_NamedDialect):
     """The Anthropic Messages streaming dialect (API reference: "Messages, streaming").
 
     - End: the ``message_stop`` event (by event name, or an unnamed event whose data has
@@ -470,6 +491,7 @@ class AnthropicDialect(Dialect):
     """
 
     name = "anthropic"
+    names, kinds = _ANTHROPIC_NAMES, _ANTHROPIC_KINDS
     end_is_data = True
     heartbeat_event = ServerSentEvent('{"type": "ping"}', event="ping")
     usage_paths = (("usage",), ("message", "usage"))
@@ -497,16 +519,7 @@ class AnthropicDialect(Dialect):
         """By event name (or an unnamed event's data ``"type"``): ``error`` the upstream's
         error, ``message_stop`` TERMINAL, ``message_start`` START, ``message_delta`` USAGE,
         ``content_block_delta`` TEXT_DELTA."""
-        kind = _event_type(event, _ANTHROPIC_NAMES)
-        return EventKind.OTHER if kind is None else _ANTHROPIC_KINDS[kind]
-
-    def end_kind(self, event: ServerSentEvent) -> EventKind:
-        """:meth:`classify` (by event name: cheap already)."""
-        return self.classify(event)
-
-    def complete_without_end(self, finished: bool) -> bool:
-        """Never: an Anthropic answer is complete only with its ``message_stop``."""
-        return False
+        return self._classify_by_name(event)
 
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
         if event.event != "content_block_delta":
@@ -547,7 +560,7 @@ _TEXT_DELTA_KEYS = frozenset(
 )
 
 
-class OpenAIResponsesDialect(Dialect):
+class OpenAIResponsesDialect(_NamedDialect):
     """The OpenAI Responses API streaming dialect (API reference: "Responses, streaming
     events"). One object per stream: it remembers the stream's last event and its last
     ``response.created`` / ``response.in_progress`` / ``response.queued`` event (references
@@ -577,6 +590,7 @@ class OpenAIResponsesDialect(Dialect):
     """
 
     name = "openai-responses"
+    names, kinds = _RESPONSE_NAMES, _RESPONSE_KINDS
     end_is_data = True
     usage_paths = (("response", "usage"),)
 
@@ -640,16 +654,7 @@ class OpenAIResponsesDialect(Dialect):
         TERMINAL, ``response.created`` / ``in_progress`` / ``queued`` START,
         ``response.output_text.delta`` TEXT_DELTA. Unlike :meth:`is_end`, remembers nothing:
         the caller keeps the last START event and the last event for :meth:`error_frame`."""
-        kind = _event_type(event, _RESPONSE_NAMES)
-        return EventKind.OTHER if kind is None else _RESPONSE_KINDS[kind]
-
-    def end_kind(self, event: ServerSentEvent) -> EventKind:
-        """:meth:`classify` (by event name: cheap already)."""
-        return self.classify(event)
-
-    def complete_without_end(self, finished: bool) -> bool:
-        """Never: a Responses stream is complete only with its terminal event."""
-        return False
+        return self._classify_by_name(event)
 
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
         if event.event not in ("message", _TEXT_DELTA):
