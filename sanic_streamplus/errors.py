@@ -86,6 +86,7 @@ __all__ = [
     "UpstreamUnreachable",
     "error_body",
     "error_fields",
+    "error_record",
 ]
 
 
@@ -570,8 +571,11 @@ class ProducerLost(ResumeError):
 
 
 class ReplayedError(StreamPlusError):
-    """The error a resumable stream's producer failed with, as the store kept it, for its
-    readers: same ``type``, ``message`` and ``upstream_status``."""
+    """The error a resumable stream's producer failed with, as the store kept it
+    (:func:`error_record`), for its readers: the same ``type``, ``message``, ``upstream_status``,
+    HTTP ``status`` and ``retry_after``, and an upstream refusal's own ``upstream_type``,
+    ``upstream_code`` and ``upstream_param``, so that a reader that gets it before the commit
+    point is refused exactly as a live stream would be (an upstream 400 stays a 400)."""
 
     status = 502
 
@@ -581,6 +585,14 @@ class ReplayedError(StreamPlusError):
             upstream_status=body.get("upstream_status"),
         )
         self.type = str(body.get("type") or "upstream_error")
+        status = body.get("status")
+        if isinstance(status, int) and 400 <= status <= 599:
+            self.status = status
+        retry_after = body.get("retry_after")
+        self.retry_after = retry_after if isinstance(retry_after, str) else None
+        self.upstream_type: str | None = body.get("upstream_type")
+        self.upstream_code: str | int | None = body.get("upstream_code")
+        self.upstream_param: str | None = body.get("upstream_param")
 
 
 class ExtensionMissing(StreamPlusError, RuntimeError):
@@ -625,6 +637,20 @@ def error_fields(value: Any) -> dict[str, Any]:
     return fields
 
 
+def error_record(error: StreamPlusError) -> dict[str, Any]:
+    """What the event store keeps of a failed stream's ``error`` (JSON-serialisable): the
+    fields of :func:`error_body` plus its HTTP ``status``, and, where set, ``retry_after`` and
+    an upstream refusal's ``upstream_type``, ``upstream_code`` and ``upstream_param``;
+    :class:`ReplayedError` rebuilds the error from it."""
+    record: dict[str, Any] = error_body(error)["error"]
+    record["status"] = error.status
+    for name in ("retry_after", "upstream_type", "upstream_code", "upstream_param"):
+        value = getattr(error, name, None)
+        if value is not None:
+            record[name] = value
+    return record
+
+
 def error_body(error: StreamPlusError) -> dict[str, Any]:
     """The JSON body for ``error``: ``{"error": {"type", "message", "upstream_status"}}``."""
     return {
@@ -634,4 +660,3 @@ def error_body(error: StreamPlusError) -> dict[str, Any]:
             "upstream_status": error.upstream_status,
         }
     }
-

@@ -44,7 +44,7 @@ from .errors import (
     StreamNotFound,
     StreamPlusError,
     UpstreamTruncated,
-    error_body,
+    error_record,
 )
 from .framing import Dialect, Format
 from .machine import Commit, Cut, Ending, FinalFrame, Outcome, Refuse, StreamMachine
@@ -224,7 +224,7 @@ class Resumer:
         handler refused the request, and a retry with the same key must learn it."""
         token = secrets.token_hex(8)
         if await self.store.claim(stream_id, token, _LEASE):
-            await self.store.finish(stream_id, token, "failed", error_body(error)["error"])
+            await self.store.finish(stream_id, token, "failed", error_record(error))
 
     async def _watch(self, stream_id: str, token: str, pump: Pump) -> None:
         """Renew the lease; cancel the producer when asked to or when no reader is left."""
@@ -447,7 +447,7 @@ class _StoreDownstream:
         elif ending.error is None:
             state = "completed"
         else:
-            state, error = "failed", error_body(ending.error)["error"]
+            state, error = "failed", error_record(ending.error)
         try:
             await close_completely(
                 self.resumer.store.finish(self.stream_id, self.token, state, error)

@@ -20,7 +20,13 @@ from sanic_streamplus.testing import FakeUpstream, serve_app
 
 KEY = "sk-upstream-secret-123"
 WAIT = 20.0  # seconds: a loose bound on one SDK call (loopback answers in milliseconds)
-ROUTES = {"plain": "/plain", "openai": "/v1/chat/completions", "anthropic": "/v1/messages"}
+ROUTES = {
+    "plain": "/plain",
+    "openai": "/v1/chat/completions",
+    "anthropic": "/v1/messages",
+    "openai-responses": "/v1/responses",
+}
+RESUMABLE = "/resumable"  # the same routes, resumable, under this prefix
 
 
 def openai_error(message: str, kind: str, code: str | None, param: str | None = None) -> Any:
@@ -47,6 +53,8 @@ async def refusing_proxy() -> AsyncIterator[tuple[str, FakeUpstream]]:
 
         for dialect, path in ROUTES.items():
             app.post(path, name=f"relay_{dialect}")(stream_post(dialect=dialect)(relay))
+            resumable = stream_post(dialect=dialect, resumable=True)(relay)
+            app.post(RESUMABLE + path, name=f"resumable_{dialect}")(resumable)
         async with serve_app(app) as proxy:
             yield proxy, upstream
 
@@ -57,17 +65,26 @@ async def refusing() -> AsyncIterator[tuple[str, FakeUpstream]]:
         yield pair
 
 
-async def openai_call(base_url: str, fake: dict[str, Any], retries: int) -> Exception | None:
+async def openai_call(
+    base_url: str, fake: dict[str, Any], retries: int, api: str = "chat"
+) -> Exception | None:
+    """Stream one answer through the openai SDK (``api``: ``chat`` completions or
+    ``responses``); the exception it raised, or None."""
     async with openai.AsyncOpenAI(
         base_url=base_url + "/v1", api_key="client-key", max_retries=retries, timeout=WAIT
     ) as sdk:
         try:
-            stream = await sdk.chat.completions.create(
-                model="fake",
-                messages=[{"role": "user", "content": "hi"}],
-                stream=True,
-                extra_body={"fake": fake},
-            )
+            if api == "responses":
+                stream: Any = await sdk.responses.create(
+                    model="fake", input="hi", stream=True, extra_body={"fake": fake}
+                )
+            else:
+                stream = await sdk.chat.completions.create(
+                    model="fake",
+                    messages=[{"role": "user", "content": "hi"}],
+                    stream=True,
+                    extra_body={"fake": fake},
+                )
             async for _ in stream:
                 pass
         except Exception as exc:
@@ -85,13 +102,21 @@ async def openai_call(base_url: str, fake: dict[str, Any], retries: int) -> Exce
         (422, openai.UnprocessableEntityError),
     ],
 )
+@pytest.mark.parametrize("api", ["chat", "responses"])
+@pytest.mark.parametrize("prefix", ["", RESUMABLE], ids=["live", "resumable"])
 async def test_openai_sdk_raises_its_own_class_for_an_upstream_4xx_and_does_not_retry(
-    refusing: tuple[str, FakeUpstream], status: int, kind: type[openai.APIStatusError]
+    refusing: tuple[str, FakeUpstream],
+    status: int,
+    kind: type[openai.APIStatusError],
+    api: str,
+    prefix: str,
 ) -> None:
     proxy, upstream = refusing
-    body = openai_error("The model `gpt-9` does not exist", "invalid_request_error",
-                        "model_not_found", "model")
-    error = await openai_call(proxy, {"error_status": status, "error_body": body}, retries=2)
+    body = openai_error(
+        "The model `gpt-9` does not exist", "invalid_request_error", "model_not_found", "model"
+    )
+    fake = {"error_status": status, "error_body": body}
+    error = await openai_call(proxy + prefix, fake, retries=2, api=api)
     assert isinstance(error, kind), repr(error)
     assert error.status_code == status
     assert error.message.endswith("The model `gpt-9` does not exist")
@@ -120,11 +145,12 @@ async def test_an_upstream_5xx_is_a_502_the_sdk_may_retry(
     assert "The server had an error" in error.message
 
 
-async def test_a_429_keeps_its_retry_after(refusing: tuple[str, FakeUpstream]) -> None:
+@pytest.mark.parametrize("prefix", ["", RESUMABLE], ids=["live", "resumable"])
+async def test_a_429_keeps_its_retry_after(refusing: tuple[str, FakeUpstream], prefix: str) -> None:
     proxy, _ = refusing
     body = openai_error("Rate limit reached", "requests", "rate_limit_exceeded")
     fake = {"error_status": 429, "retry_after": "7", "error_body": body}
-    error = await openai_call(proxy, fake, retries=0)
+    error = await openai_call(proxy + prefix, fake, retries=0)
     assert isinstance(error, openai.RateLimitError), repr(error)
     assert error.response.headers["retry-after"] == "7"
     assert error.code == "rate_limit_exceeded"
@@ -138,16 +164,18 @@ async def test_a_429_keeps_its_retry_after(refusing: tuple[str, FakeUpstream]) -
         (404, anthropic.NotFoundError, "not_found_error"),
     ],
 )
+@pytest.mark.parametrize("prefix", ["", RESUMABLE], ids=["live", "resumable"])
 async def test_anthropic_sdk_raises_its_own_class_for_an_upstream_4xx(
     refusing: tuple[str, FakeUpstream],
     status: int,
     kind: type[anthropic.APIStatusError],
     error_type: str,
+    prefix: str,
 ) -> None:
     proxy, upstream = refusing
     body = anthropic_error(error_type, "model: claude-9 not found")
     async with anthropic.AsyncAnthropic(
-        base_url=proxy, api_key="client-key", max_retries=2, timeout=WAIT
+        base_url=proxy + prefix, api_key="client-key", max_retries=2, timeout=WAIT
     ) as sdk:
         with pytest.raises(kind) as raised:
             async with sdk.messages.stream(
@@ -159,7 +187,8 @@ async def test_anthropic_sdk_raises_its_own_class_for_an_upstream_4xx(
                 await stream.get_final_message()
     assert raised.value.status_code == status
     assert raised.value.body == {
-        "type": "error", "error": {"type": error_type, "message": "model: claude-9 not found"}
+        "type": "error",
+        "error": {"type": error_type, "message": "model: claude-9 not found"},
     }
     assert len(upstream.requests) == 1
 
