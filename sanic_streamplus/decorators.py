@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -58,12 +59,19 @@ def _options(request: Request, settings: Settings, overrides: dict[str, Any]) ->
     )
 
 
+_DRAIN_BYTES = 1 << 20  # of a body past the limit, read and dropped so that the 413 is seen
+_DRAIN_TIME = 1.0  # seconds spent on that at most
+
+
 async def _read_body(request: Request, limit: int) -> None:
     """Read the request body into ``request.body``, refusing it past ``limit`` bytes.
 
     Stream routes are marked ``is_stream`` so that Sanic does not read the body first (up to its
     own ``REQUEST_MAX_SIZE``, 100 MB by default); this reads it with the stream's own limit, and
-    never holds more than ``limit`` bytes of it.
+    never holds more than ``limit`` bytes of it. A body that grows past the limit is read on
+    and dropped (a lingering close, as nginx's ``lingering_close``: at most 1 MiB more, for at
+    most 1 s) before the refusal, so that a client still sending gets the 413 instead of a
+    connection reset that discards it.
 
     Raises:
         BodyTooLarge: ``Content-Length`` says more than ``limit``, or the body grew past it.
@@ -76,16 +84,39 @@ async def _read_body(request: Request, limit: int) -> None:
         raise BodyTooLarge(limit)
     if http is None or not getattr(http, "request_body", None):
         return  # no body, or already read
-    http.request_max_size = limit  # Sanic's HTTP/1: drop the connection, not read the rest
+    http.request_max_size = limit + _DRAIN_BYTES  # Sanic's HTTP/1: past it, drop the connection
     body = bytearray()
     try:
         async for data in http:  # counted as it arrives, on Sanic's server and under ASGI alike
             body += data
             if len(body) > limit:
-                raise BodyTooLarge(limit)
+                break
     except PayloadTooLarge:  # Sanic's own count, with the limit above
         raise BodyTooLarge(limit) from None
+    if len(body) > limit:
+        await _drain(http)
+        raise BodyTooLarge(limit)
     request.body = bytes(body)
+
+
+async def _drain(http: Any) -> None:
+    """Read and drop what is left of a refused body, within ``_DRAIN_BYTES`` and
+    ``_DRAIN_TIME``; past either, the connection is not kept alive."""
+
+    async def drop() -> bool:  # True: the body ended within the bound
+        drained = 0
+        async for data in http:
+            drained += len(data)
+            if drained > _DRAIN_BYTES:
+                return False
+        return True
+
+    try:
+        ended = await asyncio.wait_for(drop(), _DRAIN_TIME)
+    except (asyncio.TimeoutError, PayloadTooLarge):
+        ended = False
+    if not ended:
+        http.keep_alive = False
 
 
 def _refusal(exc: Exception) -> HTTPResponse:

@@ -8,6 +8,7 @@ a final frame in its dialect and closes its upstream.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gzip
 import json
 import signal
@@ -61,8 +62,9 @@ async def test_a_body_over_the_limit_is_a_413_before_anything_starts(serve: Any)
             declared = await client.post(url + "/s", json={"pad": "x" * 2000})
 
             async def chunks() -> Any:  # no Content-Length: the body is counted as it arrives
-                for _ in range(20):
+                for _ in range(20):  # still sending after the limit: the 413 must reach it
                     yield b'{"pad": "' + b"x" * 100 + b'"}'
+                    await asyncio.sleep(0.01)
 
             chunked = await client.post(url + "/s", content=chunks())
             small = await client.post(url + "/s", json=completions_body(tokens=2))
@@ -74,6 +76,34 @@ async def test_a_body_over_the_limit_is_a_413_before_anything_starts(serve: Any)
     assert small.status_code == 200
     assert small.text.endswith("data: [DONE]\n\n")
     assert len(upstream.requests) == 1  # only the small one went upstream
+
+
+@pytest.mark.parametrize("serve", [serve_app, serve_uvicorn], ids=["sanic", "uvicorn"])
+async def test_a_body_that_never_ends_is_refused_within_the_drain_time(serve: Any) -> None:
+    """A body past the limit is read on and dropped for at most about a second (so a client
+    still sending sees the 413), not for as long as the client goes on sending."""
+    async with FakeUpstream() as upstream:
+        app = relay_app(upstream.url, STREAMPLUS_MAX_BODY_SIZE=1000)
+        async with serve(app) as url:
+            host, port = url.removeprefix("http://").split(":")
+            reader, writer = await asyncio.open_connection(host, int(port))
+            writer.write(b"POST /s HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+
+            async def trickle() -> None:  # 200 bytes every 20 ms, for at most 20 s
+                with contextlib.suppress(ConnectionError):
+                    for _ in range(1000):
+                        writer.write(b"c8\r\n" + b"x" * 200 + b"\r\n")
+                        await writer.drain()
+                        await asyncio.sleep(0.02)
+
+            sending = asyncio.create_task(trickle())
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+            finally:
+                sending.cancel()
+                writer.close()
+    assert head.startswith(b"HTTP/1.1 413"), head
+    assert upstream.requests == []
 
 
 async def test_streams_past_the_limit_get_a_503_with_retry_after() -> None:
