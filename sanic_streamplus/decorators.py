@@ -268,7 +268,7 @@ async def _body_refusal(
         await _read_body(request, settings.max_body_size)
     except BodyTooLarge as refused:
         return error_response(refused)
-    if require_json:
+    if require_json and request.method != "GET":  # a GET (EventSource's) has no body
         try:
             body = request.json
         except Exception:
@@ -378,7 +378,9 @@ def stream_post(
             a client can resume with ``Last-Event-ID``, a retried POST with the same
             ``Idempotency-Key`` attaches instead of starting again, and the stream can be
             cancelled (see ``docs/resume.md`` and :mod:`sanic_streamplus.resume`).
-        require_json: answer 400 before calling the handler if the body is not a JSON document.
+        require_json: answer 400 before calling the handler if the body is not a JSON document
+            (not for a ``GET``, which has none: on a route that also accepts ``GET``, for an
+            ``EventSource``, the handler sees ``request.json`` None).
         event_schema: the schema of each event's data, for the OpenAPI document only (events
             are not checked): a dataclass, pydantic or msgspec model (rendered by sanic-ext as
             it renders a body model), or a dict (an OpenAPI schema object).
@@ -441,11 +443,17 @@ async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None
     ``format`` and ``dialect`` query arguments override them).
 
     Answers 404 ``stream_not_found``, 410 ``stream_expired`` or ``events_expired`` before
-    anything is sent when it cannot replay without a gap.
+    anything is sent when it cannot replay without a gap, and 503 ``too_many_streams`` (with
+    ``Retry-After``) when ``max_streams`` streams are open in this worker: a reader holds a
+    connection and a place as a live stream does.
     """
     state = getattr(request.app.ctx, "streamplus", None)
     if state is None or state.resumer is None:
         return error_response(ExtensionMissing())
+    if len(state.streams) >= state.settings.max_streams:
+        return error_response(TooManyStreams(state.settings.max_streams, 1))
+    token = object()  # its place under max_streams until the relay takes it over
+    state.streams.add(token)
     try:
         after = 0
         last_event_id = request.headers.get("last-event-id")
@@ -460,6 +468,8 @@ async def resume_stream(request: Request, stream_id: str) -> HTTPResponse | None
         return error_response(InvalidRequest(str(exc)))
     except Exception as exc:
         return _refusal(exc)
+    finally:
+        state.streams.discard(token)
     events = state.resumer.events(stream_id, after)
     watch = _watch(state, request, options, (), stream_id)
     return await relay(request, events, options, state.streams, {"X-Stream-Id": stream_id}, watch)

@@ -105,6 +105,29 @@ async def test_a_resumable_stream_counts_once_under_max_streams() -> None:
     assert refused.status_code == 503
 
 
+async def test_readers_of_the_resume_route_count_under_max_streams() -> None:
+    async with FakeUpstream(tokens=200, delay=0.01) as upstream:
+        app = proxy(upstream, STREAMPLUS_MAX_STREAMS=2)
+        async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
+            async with client.stream("POST", url + ROUTE, json=completions_body()) as one:
+                path = f"{url}/streams/{one.headers['x-stream-id']}"
+                async with client.stream("GET", path) as reader:
+                    statuses = [one.status_code, reader.status_code]
+                    refused = await client.get(path)
+                again_status = 0
+                for _ in range(40):  # the reader's place is back once the server saw it leave
+                    async with client.stream("GET", path) as again:
+                        again_status = again.status_code
+                    if again_status == 200:
+                        break
+                    await asyncio.sleep(0.05)
+    assert statuses == [200, 200]
+    assert refused.status_code == 503
+    assert refused.json()["error"]["type"] == "too_many_streams"
+    assert refused.headers["retry-after"] == "1"
+    assert again_status == 200
+
+
 async def test_cancel_closes_the_upstream_and_readers_get_a_cancelled_frame() -> None:
     async with FakeUpstream(tokens=1000, delay=0.01) as upstream:
         async with serve_app(proxy(upstream)) as url, httpx.AsyncClient(timeout=10) as client:

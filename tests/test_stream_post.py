@@ -369,6 +369,26 @@ async def test_stream_post_on_a_route_without_post_fails_at_startup_naming_it() 
     assert got.status_code == 200 and SSEDecoder().feed(got.content)[0].data == "x"
 
 
+async def test_a_route_for_post_and_get_needs_json_only_from_the_post() -> None:
+    """EventSource can only GET: on a route that takes both, the GET (no body) reaches the
+    handler, while a POST's body must still be JSON."""
+    app = make_app()
+
+    @app.route("/both", methods=["POST", "GET"])
+    @stream_post
+    async def both(request: Request) -> AsyncIterator[str]:
+        yield request.method if request.json is None else request.json["say"]
+
+    async with serve_app(app) as url, httpx.AsyncClient(timeout=10) as client:
+        got = await client.get(url + "/both")
+        posted = await client.post(url + "/both", json={"say": "hi"})
+        not_json = await client.post(url + "/both", content=b"hi")
+    assert got.status_code == 200 and SSEDecoder().feed(got.content)[0].data == "GET"
+    assert posted.status_code == 200 and SSEDecoder().feed(posted.content)[0].data == "hi"
+    assert not_json.status_code == 400
+    assert not_json.json()["error"]["message"] == "the request body must be JSON"
+
+
 @pytest.mark.usefixtures("transport")
 @pytest.mark.fake_upstream(tokens=500, delay=0.01)
 async def test_a_generator_handler_closes_its_upstream_when_the_client_leaves(
