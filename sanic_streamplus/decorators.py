@@ -427,6 +427,7 @@ def stream_post(
 
         wrapper.__streamplus__ = True  # type: ignore[attr-defined]
         wrapper.__streamplus_json__ = require_json  # type: ignore[attr-defined]  # needs POST
+        wrapper.__streamplus_dialect__ = dialect  # type: ignore[attr-defined]  # its errors' shape
         wrapper.is_stream = True  # type: ignore[attr-defined]  # Sanic leaves the body to us
         document(wrapper, handler, format, event_schema)
         return wrapper  # type: ignore[return-value]

@@ -3,8 +3,8 @@
 - :func:`document` (called by ``@stream_post``): the route answers 200 in its format's content
   type (``text/event-stream`` by default), with the schema of each event's data when the route
   declares one (``event_schema``), and the JSON errors it can answer before its first event
-  (400, 401, 403, 404, 409, 413, 422, 429, 502, 503, 504, as
-  ``#/components/schemas/StreamPlusError``).
+  (400, 401, 403, 404, 409, 413, 422, 429, 502, 503, 504), in the route's dialect's error
+  shape (``#/components/schemas/StreamPlusError``, ``OpenAIError`` or ``AnthropicError``).
 - :func:`prepare_stream_routes` (a ``before_server_start`` listener of the extension): refuses
   ``@validate`` *above* ``@stream_post``, where the body is not read yet (below, it works: a
   failure is a 400 ``invalid_request`` before the handler runs), and carries the docs of
@@ -26,25 +26,66 @@ from .framing import get_format
 
 __all__ = ["document", "prepare_stream_routes"]
 
-_ERROR_COMPONENT = "StreamPlusError"  # the JSON error body, in components/schemas
-_ERROR_SCHEMA: dict[str, Any] = {
-    "type": "object",
-    "required": ["error"],
-    "properties": {
-        "error": {
-            "type": "object",
-            "required": ["type", "message", "upstream_status"],
-            "properties": {
-                "type": {"type": "string", "description": "machine-readable, e.g. body_too_large"},
-                "message": {"type": "string", "description": "human-readable, no stack trace"},
-                "upstream_status": {
-                    "type": "integer",
-                    "nullable": True,
-                    "description": "the upstream's HTTP status, when it answered one",
+_STRING = {"type": "string"}
+_NULLABLE_STRING = {"type": "string", "nullable": True}
+# the JSON error body of each dialect (Dialect.refusal_body), by component name
+_ERROR_SCHEMAS: dict[str, dict[str, Any]] = {
+    "StreamPlusError": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["type", "message", "upstream_status"],
+                "properties": {
+                    "type": {**_STRING, "description": "machine-readable, e.g. body_too_large"},
+                    "message": {**_STRING, "description": "human-readable, no stack trace"},
+                    "upstream_status": {
+                        "type": "integer",
+                        "nullable": True,
+                        "description": "the upstream's HTTP status, when it answered one",
+                    },
+                },
+            }
+        },
+    },
+    "OpenAIError": {  # OpenAI's error object (chat completions and the Responses API)
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type", "param", "code"],
+                "properties": {
+                    "message": _STRING,
+                    "type": {**_STRING, "description": "e.g. invalid_request_error"},
+                    "param": _NULLABLE_STRING,
+                    "code": {"nullable": True, "description": "a string or an integer"},
+                },
+            }
+        },
+    },
+    "AnthropicError": {  # Anthropic's error object
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"type": "string", "enum": ["error"]},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {
+                    "type": {**_STRING, "description": "e.g. invalid_request_error"},
+                    "message": _STRING,
                 },
             },
-        }
+        },
     },
+}
+_ERROR_COMPONENTS = {  # dialect -> its error body's component
+    "plain": "StreamPlusError",
+    "openai": "OpenAIError",
+    "openai-responses": "OpenAIError",
+    "anthropic": "AnthropicError",
 }
 # the answers a stream route can give before its first event (docs/errors.md has them all)
 _ERROR_ANSWERS = {
@@ -108,29 +149,37 @@ def _event_content(event_schema: Any) -> Any:
     return event_schema
 
 
-def _error_reference() -> Any:
-    """A ``$ref`` to the JSON error body's schema, registered in components on first use."""
+def _error_reference(dialect: str) -> Any:
+    """A ``$ref`` to the schema of ``dialect``'s JSON error body, registered in components on
+    first use."""
+    name = _ERROR_COMPONENTS.get(dialect, "StreamPlusError")
     spec = SpecificationBuilder()
-    if not spec.has_component("schemas", _ERROR_COMPONENT):
-        spec.add_component("schemas", _ERROR_COMPONENT, _ERROR_SCHEMA)
-    return Reference(f"#/components/schemas/{_ERROR_COMPONENT}")  # type: ignore[no-untyped-call]
+    if not spec.has_component("schemas", name):
+        spec.add_component("schemas", name, _ERROR_SCHEMAS[name])
+    return Reference(f"#/components/schemas/{name}")  # type: ignore[no-untyped-call]
 
 
 def document(wrapper: Any, handler: Any, format: str | None, event_schema: Any) -> None:
     """Document the stream route ``wrapper`` in sanic-ext's OpenAPI: the handler's own docs,
-    a 200 in the format's content type (with ``event_schema`` as the schema of each event's
-    data), and the JSON errors answered before the first event, unless the route declares
-    those statuses itself."""
+    and a 200 in the format's content type (with ``event_schema`` as the schema of each event's
+    data). Its JSON errors are documented at server start (:func:`prepare_stream_routes`),
+    when the default dialect, and so their shape, is known."""
     _carry_docs(handler, wrapper)
     content_type = get_format(format or "sse").content_type.split(";")[0]
     description = "A stream of events" + (
         "; the schema is that of each event's data" if event_schema is not None else ""
     )
     openapi.response(200, {content_type: _event_content(event_schema)}, description)(wrapper)
-    declared = OperationStore()[wrapper].responses  # type: ignore[no-untyped-call]
+
+
+def _document_errors(handler: Any, dialect: str) -> None:
+    """The JSON errors a stream route answers before its first event, in ``dialect``'s error
+    shape, on the route's ``handler``, unless the route declares those statuses itself."""
+    declared = OperationStore()[handler].responses  # type: ignore[no-untyped-call]
     for status, answer in _ERROR_ANSWERS.items():
         if status not in declared:
-            openapi.response(status, {"application/json": _error_reference()}, answer)(wrapper)
+            content = {"application/json": _error_reference(dialect)}
+            openapi.response(status, content, answer)(handler)
 
 
 def _probe(request: Request) -> None:
@@ -183,5 +232,9 @@ def prepare_stream_routes(app: Sanic[Any, Any]) -> None:
                     "@stream_post (@app.post(...), then @stream_post, then the validation)"
                 )
             fn = fn.__wrapped__
+        if not getattr(fn, "__streamplus__", False):
+            continue
         if fn is not route.handler:  # decorators above @stream_post
             _carry_docs(route.handler, route.handler)
+        dialect = fn.__streamplus_dialect__ or app.ctx.streamplus.settings.dialect
+        _document_errors(route.handler, dialect)

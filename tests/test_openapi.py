@@ -172,6 +172,39 @@ def test_answers_before_the_stream_are_documented_as_json_errors(make_app: MakeA
     assert inner["properties"]["upstream_status"]["nullable"] is True
 
 
+def test_each_route_documents_its_dialects_error_shape(make_app: MakeApp) -> None:
+    """The errors before the stream are in the route's dialect's shape (what its SDK reads):
+    OpenAI's error object for openai and openai-responses, Anthropic's for anthropic, ours for
+    a route without a dialect, which takes ``STREAMPLUS_DIALECT``."""
+    app = make_app(STREAMPLUS_DIALECT="anthropic")
+    for dialect in ("plain", "openai", "openai-responses", "anthropic", None):
+
+        async def handler(request: Request) -> AsyncIterator[Any]:
+            yield "x"
+
+        path = f"/{dialect or 'default'}"
+        name = path.strip("/").replace("-", "_")
+        app.post(path, name=name)(stream_post(dialect=dialect)(handler))
+    document = openapi_document(app)
+    references = {
+        path: operation["post"]["responses"]["401"]["content"]["application/json"]["schema"]
+        for path, operation in document["paths"].items()
+        if "post" in operation
+    }
+    assert references == {
+        "/plain": {"$ref": "#/components/schemas/StreamPlusError"},
+        "/openai": {"$ref": "#/components/schemas/OpenAIError"},
+        "/openai-responses": {"$ref": "#/components/schemas/OpenAIError"},
+        "/anthropic": {"$ref": "#/components/schemas/AnthropicError"},
+        "/default": {"$ref": "#/components/schemas/AnthropicError"},
+    }
+    schemas = document["components"]["schemas"]
+    assert schemas["OpenAIError"]["properties"]["error"]["required"] == [
+        "message", "type", "param", "code"
+    ]
+    assert schemas["AnthropicError"]["required"] == ["type", "error"]
+
+
 @pytest.mark.parametrize("model", BODY_MODELS, ids=["dataclass", "pydantic", "msgspec"])
 def test_request_body_and_docs_below_validate_reach_the_document(
     model: type, make_app: MakeApp
