@@ -198,22 +198,9 @@ class Dialect:
     end_is_data = False
     usage_paths: tuple[tuple[str, ...], ...] = (("usage",),)
 
-    def is_end(self, event: ServerSentEvent) -> bool:
-        """True if ``event`` is the stream's end marker (nothing may follow it).
-
-        The relay calls it once for every event of the stream, in order, before writing it: a
-        dialect may remember what its error frame needs (``openai-responses`` does).
-        """
-        return False
-
     def end_events(self) -> list[ServerSentEvent]:
         """Events that end a stream whose source completed without an end marker."""
         return []
-
-    def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
-        """Events that report ``error`` after the commit point, and end the stream (what
-        :meth:`error_frame` makes of what this dialect object remembered)."""
-        return self.error_frame(error, None, None)
 
     def error_frame(
         self,
@@ -323,9 +310,6 @@ class OpenAIDialect(Dialect):
 
     name = "openai"
 
-    def is_end(self, event: ServerSentEvent) -> bool:
-        return event.data == "[DONE]"
-
     def end_events(self) -> list[ServerSentEvent]:
         return [_DONE]
 
@@ -422,7 +406,6 @@ def _finished(choice: Any) -> bool:
     return isinstance(choice, dict) and isinstance(choice.get("finish_reason"), str)
 
 
-_ANTHROPIC_END = frozenset({"message_stop"})
 _ANTHROPIC_KINDS = {
     "error": EventKind.UPSTREAM_ERROR,
     "message_stop": EventKind.TERMINAL,
@@ -496,9 +479,6 @@ class AnthropicDialect(_NamedDialect):
     heartbeat_event = ServerSentEvent('{"type": "ping"}', event="ping")
     usage_paths = (("usage",), ("message", "usage"))
 
-    def is_end(self, event: ServerSentEvent) -> bool:
-        return _event_type(event, _ANTHROPIC_END) is not None
-
     def error_frame(
         self,
         error: StreamPlusError,
@@ -543,8 +523,6 @@ class AnthropicDialect(_NamedDialect):
 
 
 _RESPONSE_START = frozenset({"response.created", "response.in_progress", "response.queued"})
-_RESPONSE_END = frozenset({"response.completed", "response.incomplete", "response.failed"})
-_RESPONSE_TYPES = _RESPONSE_START | _RESPONSE_END
 _TEXT_DELTA = "response.output_text.delta"
 _RESPONSE_KINDS = {
     "response.failed": EventKind.UPSTREAM_ERROR,
@@ -598,20 +576,6 @@ class OpenAIResponsesDialect(_NamedDialect):
         """OpenAI's error object, as for chat completions (the SDK reads it the same way)."""
         return {"error": _openai_error(error)}
 
-    def __init__(self) -> None:
-        self.last: ServerSentEvent | None = None
-        self.started: ServerSentEvent | None = None
-
-    def is_end(self, event: ServerSentEvent) -> bool:
-        self.last = event
-        kind = _event_type(event, _RESPONSE_TYPES)
-        if kind in _RESPONSE_START:
-            self.started = event
-        return kind in _RESPONSE_END
-
-    def error_events(self, error: StreamPlusError) -> list[ServerSentEvent]:
-        return self.error_frame(error, self.started, self.last)
-
     def error_frame(
         self,
         error: StreamPlusError,
@@ -652,8 +616,8 @@ class OpenAIResponsesDialect(_NamedDialect):
         """By event name (or an unnamed event's data ``"type"``): ``response.failed`` and
         ``error`` the upstream's error, ``response.completed`` / ``response.incomplete``
         TERMINAL, ``response.created`` / ``in_progress`` / ``queued`` START,
-        ``response.output_text.delta`` TEXT_DELTA. Unlike :meth:`is_end`, remembers nothing:
-        the caller keeps the last START event and the last event for :meth:`error_frame`."""
+        ``response.output_text.delta`` TEXT_DELTA. Remembers nothing: the caller keeps the
+        last START event and the last event for :meth:`error_frame`."""
         return self._classify_by_name(event)
 
     def text_delta(self, event: ServerSentEvent) -> tuple[str, Any, str] | None:
@@ -755,13 +719,21 @@ def get_format(name: str) -> Format:
 
 
 def get_dialect(name: str) -> Dialect:
-    """A new :class:`Dialect` called ``name``, for one stream (``plain``, ``openai``,
-    ``anthropic`` or ``openai-responses``).
+    """The :class:`Dialect` called ``name`` (``plain``, ``openai``, ``anthropic`` or
+    ``openai-responses``): one object per dialect class, shared by every stream (a dialect
+    keeps no state of its own).
 
     Raises:
         ValueError: unknown dialect name.
     """
-    return _lookup(DIALECTS, "dialect", name)()
+    kind = _lookup(DIALECTS, "dialect", name)
+    dialect = _SHARED.get(kind)
+    if dialect is None:
+        dialect = _SHARED[kind] = kind()
+    return dialect
+
+
+_SHARED: dict[type[Dialect], Dialect] = {}
 
 
 def _lookup(table: dict[str, T], kind: str, name: str) -> T:

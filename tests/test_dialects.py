@@ -636,7 +636,7 @@ def test_usage_is_found_where_each_dialect_keeps_it(
     ],
 )
 def test_anthropic_error_types(error: StreamPlusError, kind: str) -> None:
-    (frame,) = get_dialect("anthropic").error_events(error)
+    (frame,) = get_dialect("anthropic").error_frame(error, None, None)
     assert frame.event == "error"
     assert json.loads(frame.data) == {
         "type": "error",
@@ -646,17 +646,22 @@ def test_anthropic_error_types(error: StreamPlusError, kind: str) -> None:
 
 def test_a_responses_failure_before_any_response_announces_one_first() -> None:
     dialect = get_dialect("openai-responses")
-    created, failed = dialect.error_events(UpstreamStatusError(429))
+    created, failed = dialect.error_frame(UpstreamStatusError(429), None, None)
     assert (created.event, failed.event) == ("response.created", "response.failed")
     first, second = json.loads(created.data), json.loads(failed.data)
     assert (first["sequence_number"], second["sequence_number"]) == (0, 1)
     assert first["response"]["id"] == second["response"]["id"]
     assert first["response"]["id"].startswith("resp_")
     assert second["response"]["error"]["code"] == "rate_limit_exceeded"
-    # one dialect object per stream: a new one remembers nothing
-    dialect.is_end(responses_events(["a"], True)[0])
-    assert len(dialect.error_events(IdleTimeout(1))) == 1
-    assert len(get_dialect("openai-responses").error_events(IdleTimeout(1))) == 2
+    # after a response was announced: its response.failed only, numbered after the last event
+    events = responses_events(["a"], False)
+    (failed,) = dialect.error_frame(IdleTimeout(1), events[0], events[-1])
+    announced = json.loads(events[0].data)["response"]["id"]
+    last = json.loads(events[-1].data)["sequence_number"]
+    body = json.loads(failed.data)
+    assert (failed.event, body["response"]["id"]) == ("response.failed", announced)
+    assert body["sequence_number"] == last + 1
+    assert get_dialect("openai-responses") is dialect  # one object serves every stream
 
 
 def test_heartbeat_bytes_per_dialect_and_format() -> None:
