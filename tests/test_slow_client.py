@@ -186,7 +186,7 @@ async def test_coalesce_gives_a_slow_reader_fewer_larger_events_and_every_charac
     async with FakeUpstream() as upstream:
         app = relay_app(upstream.url, STREAMPLUS_SLOW_CLIENT="coalesce")
         async with serve_app(app) as url, PausingClient(url, body) as client:
-            await client.read_rest(delay=0.005, size=4096)  # about 800 KB/s: behind at once
+            await client.read_rest(delay=0.005, size=16384, timeout=60)  # ~3 MB/s: behind at once
     events, complete = client.events()
     assert complete and events[-1].data == "[DONE]"
     assert contents(events) == "".join(fake_tokens(tokens))
