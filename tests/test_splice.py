@@ -1,0 +1,289 @@
+"""The splice (``sanic_streamplus.splice``): a committed stream continued on a second upstream
+reads as one answer. Sans-IO, like the codec: event lists in, event lists out.
+
+Each dialect has table tests (one cut, the seams looked at one by one) and a hypothesis property
+(the first upstream cut after every event, a second one continuing: the client's text is the
+delivered prefix plus the continuation, one start, one id, consistent indices); the spliced
+events then go through the official SDK's own stream accumulator (openai's
+``ChatCompletionStreamState`` / ``ResponseStreamState``, anthropic's ``accumulate_event``),
+which must give one message with the whole text and raise nothing.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.types.chat import ChatCompletionChunk
+
+from sanic_streamplus.framing import get_dialect
+from sanic_streamplus.splice import CONTINUE_INSTRUCTION, Splice
+from sanic_streamplus.sse import ServerSentEvent
+
+DONE = ServerSentEvent("[DONE]")
+QUESTION = {"role": "user", "content": "Tell me a story."}
+
+
+def spliced(
+    dialect: str,
+    first: list[ServerSentEvent],
+    cut: int,
+    second: list[ServerSentEvent],
+    body: dict[str, Any],
+    **options: Any,
+) -> tuple[list[ServerSentEvent], dict[str, Any]]:
+    """What the client gets when the first upstream fails after ``cut`` of its events and the
+    second one continues: (the client's events, the second upstream's request body)."""
+    splice = Splice(get_dialect(dialect), **options)
+    client = []
+    for event in first[:cut]:
+        splice.delivered(event)
+        client.append(event)
+    assert splice.can_continue
+    continued = splice.continuation_body(body)
+    for event in second:
+        out = splice.rewrite(event)
+        if out is not None:
+            splice.delivered(out)
+            client.append(out)
+    return client, continued
+
+
+# ------------------------------------------------------------------------ OpenAI chat completions
+
+
+def chat_stream(
+    tokens: list[str],
+    *,
+    ident: str = "chatcmpl-first",
+    model: str = "gpt-first",
+    created: int = 1700000000,
+    fingerprint: str | None = "fp_first",
+    usage: dict[str, Any] | None = None,
+) -> list[ServerSentEvent]:
+    """A Chat Completions stream (API reference "The chat completion chunk object"): a role
+    chunk, one chunk per token, a finish chunk, a usage chunk when ``usage``, ``[DONE]``."""
+
+    def chunk(choices: list[dict[str, Any]], **extra: Any) -> ServerSentEvent:
+        body = {"id": ident, "object": "chat.completion.chunk", "created": created}
+        body |= {"model": model, "system_fingerprint": fingerprint, "choices": choices, **extra}
+        return ServerSentEvent(json.dumps(body))
+
+    def choice(delta: dict[str, Any], finish: str | None = None) -> list[dict[str, Any]]:
+        return [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]
+
+    events = [chunk(choice({"role": "assistant", "content": "", "refusal": None}))]
+    events += [chunk(choice({"content": token})) for token in tokens]
+    events.append(chunk(choice({}, "stop")))
+    if usage is not None:
+        events.append(chunk([], usage=usage))
+    return [*events, DONE]
+
+
+def chat_usage(prompt: int, completion: int) -> dict[str, Any]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+
+
+def chunks(events: list[ServerSentEvent]) -> list[dict[str, Any]]:
+    return [json.loads(event.data) for event in events if event.data != "[DONE]"]
+
+
+def chat_text(events: list[ServerSentEvent]) -> str:
+    return "".join(
+        c["choices"][0]["delta"].get("content") or "" for c in chunks(events) if c["choices"]
+    )
+
+
+def roles(events: list[ServerSentEvent]) -> int:
+    return sum("role" in c["choices"][0]["delta"] for c in chunks(events) if c["choices"])
+
+
+def chat_sdk_message(events: list[ServerSentEvent]) -> Any:
+    """The completion openai-python's accumulator makes of ``events`` (each chunk validated
+    as its ``ChatCompletionChunk`` model)."""
+    state: ChatCompletionStreamState[Any] = ChatCompletionStreamState()
+    for value in chunks(events):
+        state.handle_chunk(ChatCompletionChunk.model_validate(value))
+    return state.get_final_completion()
+
+
+SECOND = {"ident": "chatcmpl-second", "model": "gpt-second", "created": 1800000000}
+
+
+def test_chat_the_client_sees_one_answer_from_two_upstreams() -> None:
+    first = chat_stream(["Once", " upon", " a", " time"])
+    second = chat_stream([",", " a", " fox."], fingerprint="fp_second", **SECOND)
+    client, _ = spliced("openai", first, 3, second, {"messages": [QUESTION], "stream": True})
+
+    assert chat_text(client) == "Once upon, a fox."
+    assert roles(client) == 1
+    heads = {(c["id"], c["model"], c["created"], c["system_fingerprint"]) for c in chunks(client)}
+    assert heads == {("chatcmpl-first", "gpt-first", 1700000000, "fp_first")}
+    assert client[-1] == DONE and client.count(DONE) == 1
+    assert len(client) == 3 + len(second) - 1  # only the second role chunk is dropped
+    completion = chat_sdk_message(client)
+    assert completion.id == "chatcmpl-first"
+    assert completion.choices[0].message.role == "assistant"
+    assert completion.choices[0].message.content == "Once upon, a fox."
+    assert completion.choices[0].finish_reason == "stop"
+
+
+def test_chat_continuation_body_is_the_original_plus_the_partial_answer() -> None:
+    body = {"model": "gpt-x", "messages": [QUESTION], "stream": True, "temperature": 0.2}
+    original = json.loads(json.dumps(body))
+    splice = Splice(get_dialect("openai"))
+    for event in chat_stream(["Once", " upon"])[:3]:
+        splice.delivered(event)
+
+    continued = splice.continuation_body(body)
+
+    assert body == original  # not mutated
+    assert continued == {
+        **original,
+        "messages": [
+            QUESTION,
+            {"role": "assistant", "content": "Once upon"},
+            {"role": "user", "content": CONTINUE_INSTRUCTION},
+        ],
+    }
+
+
+@pytest.mark.parametrize("instruction", ["Go on.", None])
+def test_chat_the_instruction_is_overridable_or_none(instruction: str | None) -> None:
+    first = chat_stream(["Once"])
+    _, body = spliced("openai", first, 2, [], {"messages": [QUESTION]}, instruction=instruction)
+    expected = [QUESTION, {"role": "assistant", "content": "Once"}]
+    if instruction is not None:
+        expected.append({"role": "user", "content": instruction})
+    assert body["messages"] == expected
+
+
+def test_chat_with_only_the_role_delivered_the_request_is_asked_again_as_is() -> None:
+    body = {"messages": [QUESTION], "stream": True}
+    client, continued = spliced("openai", chat_stream(["A"]), 1, chat_stream(["B"]), body)
+    assert continued == body
+    assert chat_text(client) == "B" and roles(client) == 1
+
+
+def test_chat_a_role_chunk_with_text_keeps_its_text() -> None:
+    second = chat_stream([" fox"], **SECOND)
+    role = json.loads(second[0].data)
+    role["choices"][0]["delta"]["content"] = "a"
+    second[0] = ServerSentEvent(json.dumps(role))
+    client, _ = spliced("openai", chat_stream(["Once", " upon"]), 2, second, {"messages": []})
+    assert chat_text(client) == "Oncea fox" and roles(client) == 1
+
+
+def test_chat_usage_is_added_to_what_the_client_was_sent() -> None:
+    # the first upstream reports usage on every chunk (vLLM's continuous_usage_stats), so the
+    # client had counts already; the continuation's final usage is added to them
+    first = chat_stream(["Once", " upon"])
+    with_usage = []
+    for number, event in enumerate(first[:3]):
+        value = json.loads(event.data) | {"usage": chat_usage(10, number)}
+        with_usage.append(ServerSentEvent(json.dumps(value)))
+    second = chat_stream([" a", " time"], usage=chat_usage(14, 2), **SECOND)
+
+    client, _ = spliced("openai", with_usage, 3, second, {"messages": []})
+
+    usage = chunks(client)[-1]["usage"]
+    assert usage == {
+        "prompt_tokens": 24,
+        "completion_tokens": 4,
+        "total_tokens": 28,
+        "prompt_tokens_details": {"cached_tokens": 0},
+    }
+    assert chat_sdk_message(client).usage.completion_tokens == 4
+
+
+def test_chat_usage_without_earlier_counts_is_the_continuations() -> None:
+    second = chat_stream([" a"], usage=chat_usage(14, 1), **SECOND)
+    client, _ = spliced("openai", chat_stream(["Once"]), 2, second, {"messages": []})
+    assert chunks(client)[-1]["usage"] == chat_usage(14, 1)
+
+
+def test_chat_an_error_event_of_the_continuation_passes_unchanged() -> None:
+    error = ServerSentEvent(json.dumps({"error": {"message": "overloaded", "type": "x"}}))
+    splice = Splice(get_dialect("openai"))
+    splice.delivered(chat_stream(["Once"])[1])
+    splice.continuation_body({"messages": []})
+    assert splice.rewrite(error) is error
+    assert splice.rewrite(DONE) is DONE
+
+
+def tool_call_chunk() -> ServerSentEvent:
+    call = {"index": 0, "id": "call_1", "type": "function"}
+    call["function"] = {"name": "get_weather", "arguments": '{"ci'}
+    choice = {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}
+    body = {"id": "chatcmpl-first", "object": "chat.completion.chunk", "created": 1}
+    return ServerSentEvent(json.dumps({**body, "model": "m", "choices": [choice]}))
+
+
+def two_choices() -> ServerSentEvent:
+    value = json.loads(chat_stream(["a"])[1].data)
+    value["choices"].append({**value["choices"][0], "index": 1})
+    return ServerSentEvent(json.dumps(value))
+
+
+@pytest.mark.parametrize(
+    ("name", "delivered"),
+    [
+        ("openai", []),  # nothing delivered: the failover before the commit point's job
+        ("openai", [*chat_stream(["a"])[:2], tool_call_chunk()]),  # a tool call in flight
+        ("openai", chat_stream(["a"])[:3]),  # the finish reason: the answer is complete
+        ("openai", chat_stream(["a"])),  # [DONE]
+        ("openai", [two_choices()]),  # n > 1
+        ("plain", [ServerSentEvent('{"text": "a"}')]),  # a dialect the splice does not know
+    ],
+)
+def test_what_cannot_be_continued(name: str, delivered: list[ServerSentEvent]) -> None:
+    splice = Splice(get_dialect(name))
+    for event in delivered:
+        splice.delivered(event)
+    assert not splice.can_continue
+    with pytest.raises(RuntimeError):
+        splice.continuation_body({"messages": []})
+
+
+def test_rewrite_before_the_continuation_body_is_an_error() -> None:
+    splice = Splice(get_dialect("openai"))
+    splice.delivered(chat_stream(["a"])[1])
+    with pytest.raises(RuntimeError):
+        splice.rewrite(chat_stream(["b"])[1])
+
+
+TOKENS = st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=6)
+
+
+@settings(max_examples=60, deadline=None)
+@given(first_tokens=TOKENS, second_tokens=TOKENS, data=st.data())
+def test_chat_cut_anywhere_and_continued_reads_as_one_answer(
+    first_tokens: list[str], second_tokens: list[str], data: st.DataObject
+) -> None:
+    first = chat_stream(first_tokens)
+    cut = data.draw(st.integers(0, len(first)), label="cut")
+    splice = Splice(get_dialect("openai"))
+    for event in first[:cut]:
+        splice.delivered(event)
+    # continuable from the role chunk up to the last token, not before, not once finished
+    assert splice.can_continue == (1 <= cut <= 1 + len(first_tokens))
+    if not splice.can_continue:
+        return
+    second = chat_stream(second_tokens, usage=chat_usage(9, len(second_tokens)), **SECOND)
+    client, _ = spliced("openai", first, cut, second, {"messages": [QUESTION]})
+
+    whole = "".join(first_tokens[: cut - 1] + second_tokens)
+    assert chat_text(client) == whole
+    assert roles(client) == 1
+    assert {c["id"] for c in chunks(client)} == {"chatcmpl-first"}
+    assert client[-1] == DONE
+    assert chat_sdk_message(client).choices[0].message.content == whole
