@@ -72,6 +72,13 @@ def _sum_usage(base: dict[str, Any], more: dict[str, Any]) -> dict[str, Any]:
     return summed
 
 
+def _counts(target: dict[str, Any], usage: Any) -> None:
+    """Update ``target`` with the usage object ``usage``'s values that are not null (a null
+    count in a later block does not unsay an earlier one)."""
+    if isinstance(usage, dict):
+        target.update((key, value) for key, value in usage.items() if value is not None)
+
+
 def _is_count(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
@@ -204,8 +211,156 @@ def _empty_choice(choice: Any) -> bool:
     return isinstance(delta, dict) and all(value in (None, "") for value in delta.values())
 
 
+_ANTHROPIC_USAGE = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
+
+
+def _typed(event: ServerSentEvent) -> tuple[str, dict[str, Any] | None]:
+    """(the event's type, its JSON object or None) for a dialect whose events are named by
+    their data's ``"type"``: the event name, or for an unnamed event the data's ``"type"``."""
+    value = _object(event.data)
+    kind = event.event
+    if kind == "message" and value is not None and isinstance(value.get("type"), str):
+        kind = value["type"]
+    return kind, value
+
+
+class _AnthropicSplicer(_Splicer):
+    """Anthropic Messages (API reference "Messages, streaming"; prefill: "Prefill Claude's
+    response"). Anthropic continues a final assistant message natively: no instruction.
+
+    Delivered: the text is the ``text_delta`` s of the text blocks; a block of another type
+    (``tool_use``, ``server_tool_use``, ``thinking``: a prefill cannot carry it, and extended
+    thinking refuses a prefill), a ``stop_reason`` or ``message_stop`` ends continuability.
+
+    The prefill must not end with white space (the API refuses it): it is sent stripped, and
+    the white space the client already has is taken off the start of the continuation's text
+    as far as the two agree (delivered ``"Hello "``, continuation ``" world"``: the client
+    gets ``"world"``), so the client's text reads as one.
+
+    Usage: ``message_delta.usage`` is cumulative per upstream; each count it carries becomes
+    the client's last count plus the continuation's, and ``input_tokens`` (and the cache
+    counts) of the dropped ``message_start`` are added to it, summed the same way, so the
+    client's final usage counts both requests (see :class:`_ChatSplicer` for why input tokens
+    are summed too). The first upstream's output count is the last one the client got, often
+    only ``message_start``'s placeholder (1).
+
+    A continuation whose first block is not text (it calls a tool at once) leaves the open
+    text block without its ``content_block_stop``: rewrite makes one event of one event, and
+    the SDKs need no stop to read the block.
+    """
+
+    def __init__(self, instruction: str | None) -> None:
+        super().__init__(None)
+        self.open: int | None = None  # the index of the text block delivered and not stopped
+        self.next = 0  # the index the next new block gets
+        self.usage: dict[str, Any] = {}  # the client's cumulative counts
+        self.base: dict[str, Any] = {}  # self.usage when the continuation began
+        self.more: dict[str, Any] = {}  # the continuation's cumulative counts
+        self.offset: int | None = None  # client index - continuation index
+        self.trim = ""  # delivered white space the continuation's text may repeat
+
+    def delivered(self, event: ServerSentEvent) -> None:
+        kind, value = _typed(event)
+        if value is None:
+            return
+        if kind == "message_start":
+            self.started = True
+            _counts(self.usage, (value.get("message") or {}).get("usage"))
+        elif kind == "content_block_start":
+            block, index = value.get("content_block") or {}, value.get("index")
+            if not isinstance(index, int) or block.get("type") != "text":
+                self.blocked = True
+                return
+            self.open, self.next = index, max(self.next, index + 1)
+            self.pieces.append(block.get("text") or "")
+        elif kind == "content_block_delta":
+            delta = value.get("delta") or {}
+            if delta.get("type") == "text_delta" and isinstance(delta.get("text"), str):
+                self.pieces.append(delta["text"])
+        elif kind == "content_block_stop":
+            self.open = None if value.get("index") == self.open else self.open
+        elif kind == "message_delta":
+            _counts(self.usage, value.get("usage"))
+            self.blocked |= bool((value.get("delta") or {}).get("stop_reason"))
+        elif kind == "message_stop":
+            self.blocked = True
+
+    def continuation_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with ``messages`` extended by the partial assistant message (its trailing
+        white space stripped; none when no text was delivered)."""
+        self.base, self.more, self.offset = dict(self.usage), {}, None
+        prefill = self.text.rstrip()
+        self.trim = self.text[len(prefill) :]
+        messages = list(body.get("messages") or [])
+        if prefill:
+            messages.append({"role": "assistant", "content": prefill})
+        return {**body, "messages": messages}
+
+    def rewrite(self, event: ServerSentEvent) -> ServerSentEvent | None:
+        kind, value = _typed(event)
+        if value is None:
+            return event
+        if kind == "message_start":
+            _counts(self.more, (value.get("message") or {}).get("usage"))
+            return None  # the client has its message_start: one message
+        if kind == "message_delta" and isinstance(value.get("usage"), dict):
+            value["usage"] = self._usage(value["usage"])
+            return _like(event, value)
+        index = value.get("index")
+        if not isinstance(index, int):
+            return event  # ping, error, message_stop
+        if kind == "content_block_start" and self.offset is None:
+            return self._first_block(event, value, index)
+        value["index"] = index + (self.offset or 0)
+        delta = value.get("delta") or {}
+        if kind == "content_block_delta" and delta.get("type") == "text_delta" and self.trim:
+            text = delta.get("text")
+            delta["text"] = self._trimmed(text) if isinstance(text, str) else text
+            if text and not delta["text"]:
+                return None  # white space the client has already
+        return _like(event, value)
+
+    def _first_block(
+        self, event: ServerSentEvent, value: dict[str, Any], index: int
+    ) -> ServerSentEvent | None:
+        """The continuation's first ``content_block_start``: a text block goes on in the
+        client's open one (dropped, or its text as a delta of it), anything else is a new
+        block numbered after the delivered ones."""
+        block = value.get("content_block") or {}
+        if self.open is None or block.get("type") != "text":
+            self.offset, value["index"] = self.next - index, self.next
+            if block.get("type") != "text":
+                self.trim = ""
+            elif isinstance(block.get("text"), str):
+                block["text"] = self._trimmed(block["text"])
+            return _like(event, value)
+        self.offset = self.open - index
+        text = self._trimmed(block.get("text") or "")
+        if not text:
+            return None
+        delta = {"type": "content_block_delta", "index": self.open}
+        delta["delta"] = {"type": "text_delta", "text": text}
+        return ServerSentEvent(_DUMPS(delta), event="content_block_delta")
+
+    def _trimmed(self, text: str) -> str:
+        """``text`` without the start it shares with :attr:`trim` (what is left of it)."""
+        same = 0
+        while same < min(len(text), len(self.trim)) and text[same] == self.trim[same]:
+            same += 1
+        self.trim = self.trim[same:] if same == len(text) else ""
+        return text[same:]
+
+    def _usage(self, usage: dict[str, Any]) -> dict[str, Any]:
+        """A continuation's ``message_delta`` usage, summed with the client's counts."""
+        _counts(self.more, usage)
+        keys = [*usage, *(key for key in _ANTHROPIC_USAGE if key not in usage)]
+        base = {key: self.base[key] for key in keys if key in self.base}
+        return _sum_usage(base, {key: self.more[key] for key in keys if key in self.more})
+
+
 _SPLICERS: dict[str, type[_Splicer]] = {
     "openai": _ChatSplicer,
+    "anthropic": _AnthropicSplicer,
 }
 
 

@@ -15,10 +15,13 @@ import json
 from typing import Any
 
 import pytest
+from anthropic.lib.streaming._messages import accumulate_event, build_events
+from anthropic.types import RawMessageStreamEvent
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from openai.lib.streaming.chat import ChatCompletionStreamState
 from openai.types.chat import ChatCompletionChunk
+from pydantic import TypeAdapter
 
 from sanic_streamplus.framing import get_dialect
 from sanic_streamplus.splice import CONTINUE_INSTRUCTION, Splice
@@ -261,7 +264,8 @@ def test_rewrite_before_the_continuation_body_is_an_error() -> None:
         splice.rewrite(chat_stream(["b"])[1])
 
 
-TOKENS = st.lists(st.text(min_size=1, max_size=4), min_size=1, max_size=6)
+CHARS = st.sampled_from(" \n\tab") | st.characters()  # white space often: it is the hard part
+TOKENS = st.lists(st.text(CHARS, min_size=1, max_size=4), min_size=1, max_size=6)
 
 
 @settings(max_examples=60, deadline=None)
@@ -287,3 +291,233 @@ def test_chat_cut_anywhere_and_continued_reads_as_one_answer(
     assert {c["id"] for c in chunks(client)} == {"chatcmpl-first"}
     assert client[-1] == DONE
     assert chat_sdk_message(client).choices[0].message.content == whole
+
+
+# ------------------------------------------------------------------------------ Anthropic Messages
+
+
+def named(kind: str, **data: Any) -> ServerSentEvent:
+    """An event named by its data's ``type``, as Anthropic and OpenAI's Responses API send."""
+    return ServerSentEvent(json.dumps({"type": kind, **data}), event=kind)
+
+
+def text_block(index: int, tokens: list[str]) -> list[ServerSentEvent]:
+    start = named("content_block_start", index=index, content_block={"type": "text", "text": ""})
+    deltas = [
+        named("content_block_delta", index=index, delta={"type": "text_delta", "text": token})
+        for token in tokens
+    ]
+    return [start, *deltas, named("content_block_stop", index=index)]
+
+
+def tool_block(index: int) -> list[ServerSentEvent]:
+    block = {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {}}
+    json_delta = {"type": "input_json_delta", "partial_json": '{"city": "Paris"}'}
+    return [
+        named("content_block_start", index=index, content_block=block),
+        named("content_block_delta", index=index, delta=json_delta),
+        named("content_block_stop", index=index),
+    ]
+
+
+def message_stream(
+    blocks: list[list[ServerSentEvent]],
+    *,
+    ident: str = "msg_first",
+    model: str = "claude-first",
+    input_tokens: int = 25,
+    output_tokens: int = 9,
+    stop: str = "end_turn",
+) -> list[ServerSentEvent]:
+    """A Messages API stream (API reference "Messages, streaming"), with pings as sent."""
+    message = {"id": ident, "type": "message", "role": "assistant", "content": [], "model": model}
+    message |= {"stop_reason": None, "stop_sequence": None}
+    message["usage"] = {"input_tokens": input_tokens, "output_tokens": 1}
+    events = [named("message_start", message=message), named("ping")]
+    events += [event for block in blocks for event in block]
+    delta = {"stop_reason": stop, "stop_sequence": None}
+    events.append(named("message_delta", delta=delta, usage={"output_tokens": output_tokens}))
+    return [*events, named("message_stop")]
+
+
+MESSAGE_EVENT: TypeAdapter[Any] = TypeAdapter(RawMessageStreamEvent)
+
+
+def anthropic_sdk_message(events: list[ServerSentEvent]) -> Any:
+    """The message anthropic-python's accumulator makes of ``events`` (each validated as its
+    ``RawMessageStreamEvent``; ``build_events`` looks each block up by its index)."""
+    snapshot = None
+    for event in events:
+        if event.event == "ping":
+            continue
+        raw = MESSAGE_EVENT.validate_json(event.data)
+        snapshot = accumulate_event(event=raw, current_snapshot=snapshot, json_bufs={})
+        build_events(event=raw, message_snapshot=snapshot)
+    return snapshot
+
+
+def anthropic_text(events: list[ServerSentEvent]) -> str:
+    return "".join(
+        value["delta"].get("text", "")
+        for value in map(json.loads, (e.data for e in events))
+        if value["type"] == "content_block_delta"
+    )
+
+
+def kinds(events: list[ServerSentEvent]) -> list[str]:
+    return [event.event for event in events]
+
+
+def indices(events: list[ServerSentEvent]) -> list[tuple[str, int]]:
+    values = [json.loads(event.data) for event in events]
+    return [(v["type"].split("_")[-1], v["index"]) for v in values if "index" in v]
+
+
+MESSAGES = {"model": "claude-x", "max_tokens": 100, "messages": [QUESTION], "stream": True}
+CONTINUATION = {"ident": "msg_second", "model": "claude-second", "input_tokens": 40}
+
+
+def test_anthropic_the_client_sees_one_message_from_two_upstreams() -> None:
+    first = message_stream([text_block(0, ["Once", " upon", " a", " time"])])
+    second = message_stream([text_block(0, [",", " a", " fox."])], output_tokens=3, **CONTINUATION)
+    client, body = spliced("anthropic", first, 5, second, MESSAGES)  # after " upon"
+
+    assert body == {
+        **MESSAGES,
+        "messages": [QUESTION, {"role": "assistant", "content": "Once upon"}],
+    }
+    assert anthropic_text(client) == "Once upon, a fox."
+    assert kinds(client).count("message_start") == 1
+    assert kinds(client).count("content_block_start") == 1
+    assert indices(client) == [("start", 0)] + [("delta", 0)] * 5 + [("stop", 0)]
+    assert kinds(client)[-2:] == ["message_delta", "message_stop"]
+    usage = json.loads(client[-2].data)["usage"]
+    assert usage == {"output_tokens": 1 + 3, "input_tokens": 25 + 40}
+    message = anthropic_sdk_message(client)
+    assert message.id == "msg_first" and message.model == "claude-first"
+    assert [block.text for block in message.content] == ["Once upon, a fox."]
+    assert message.stop_reason == "end_turn"
+    assert (message.usage.input_tokens, message.usage.output_tokens) == (65, 4)
+
+
+def test_anthropic_later_blocks_are_numbered_after_the_delivered_ones() -> None:
+    first = message_stream([text_block(0, ["Intro."]), text_block(1, ["Once", " upon"])])
+    second = message_stream([text_block(0, [" a time."]), tool_block(1)], stop="tool_use")
+    cut = 2 + 3 + 3  # message_start, ping, block 0 whole, block 1 started with "Once"
+    client, body = spliced("anthropic", first, cut, second, MESSAGES)
+
+    assert body["messages"][-1] == {"role": "assistant", "content": "Intro.Once upon"}
+    assert [i for kind, i in indices(client) if kind == "start"] == [0, 1, 2]
+    assert indices(client)[-4:] == [("stop", 1), ("start", 2), ("delta", 2), ("stop", 2)]
+    message = anthropic_sdk_message(client)
+    assert [block.type for block in message.content] == ["text", "text", "tool_use"]
+    assert message.content[1].text == "Once upon a time."
+    assert message.content[2].input == {"city": "Paris"}
+
+
+def test_anthropic_a_failure_between_blocks_continues_with_a_new_block() -> None:
+    first = message_stream([text_block(0, ["Once", " upon"])])
+    second = message_stream([text_block(0, [" a time."])])
+    client, _ = spliced("anthropic", first, 2 + 4, second, MESSAGES)  # block 0 stopped
+    assert [i for kind, i in indices(client) if kind == "start"] == [0, 1]
+    message = anthropic_sdk_message(client)
+    assert [block.text for block in message.content] == ["Once upon", " a time."]
+
+
+@pytest.mark.parametrize(
+    ("delivered", "continuation", "expected"),
+    [
+        (["Hello", " "], [" world"], "Hello world"),  # the repeated space is the client's
+        (["Hello", "\n"], ["\n\n", "World"], "Hello\n\nWorld"),  # only what it repeats
+        (["Hello", " \n", "\n"], [" ", "\n", "\nWorld"], "Hello \n\nWorld"),  # over deltas
+        (["Hello", "\n\n"], ["World"], "Hello\n\nWorld"),  # nothing repeated
+        (["Hello", " "], ["\tWorld"], "Hello \tWorld"),  # another white space: kept
+    ],
+)
+def test_anthropic_the_prefill_has_no_trailing_white_space_and_the_text_is_exact(
+    delivered: list[str], continuation: list[str], expected: str
+) -> None:
+    first = message_stream([text_block(0, [*delivered, "unsent"])])
+    second = message_stream([text_block(0, continuation)])
+    client, body = spliced("anthropic", first, 3 + len(delivered), second, MESSAGES)
+    assert body["messages"][-1] == {"role": "assistant", "content": "Hello"}
+    assert anthropic_text(client) == expected
+    assert anthropic_sdk_message(client).content[0].text == expected
+
+
+def test_anthropic_only_white_space_delivered_sends_no_prefill() -> None:
+    first = message_stream([text_block(0, ["\n", "Hi"])])
+    second = message_stream([text_block(0, ["\nHi there"])])
+    client, body = spliced("anthropic", first, 4, second, MESSAGES)
+    assert body == MESSAGES
+    assert anthropic_text(client) == "\nHi there"
+
+
+def test_anthropic_the_continuations_error_and_pings_pass_unchanged() -> None:
+    splice = Splice(get_dialect("anthropic"))
+    for event in message_stream([text_block(0, ["Once"])])[:4]:
+        splice.delivered(event)
+    splice.continuation_body(MESSAGES)
+    error = named("error", error={"type": "overloaded_error", "message": "Overloaded"})
+    ping = named("ping")
+    assert splice.rewrite(error) is error and splice.rewrite(ping) is ping
+
+
+@pytest.mark.parametrize(
+    "delivered",
+    [
+        [],
+        message_stream([tool_block(0)])[:3],  # a tool_use block started
+        message_stream([text_block(0, ["a"]), tool_block(1)])[:8],  # a tool_use delta
+        message_stream([text_block(0, ["a"])])[:-1],  # the stop_reason
+        message_stream([text_block(0, ["a"])]),  # message_stop
+        [
+            *message_stream([])[:2],
+            named("content_block_start", index=0, content_block={"type": "thinking"}),
+        ],
+    ],
+)
+def test_anthropic_what_cannot_be_continued(delivered: list[ServerSentEvent]) -> None:
+    splice = Splice(get_dialect("anthropic"))
+    for event in delivered:
+        splice.delivered(event)
+    assert not splice.can_continue
+
+
+def pieces_of(text: str, data: st.DataObject) -> list[str]:
+    """``text`` cut at points hypothesis draws (empty pieces included: a provider may send
+    one)."""
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(text)), max_size=4), label="cuts"))
+    return [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)], strict=True)]
+
+
+@settings(max_examples=80, deadline=None)
+@given(answer=TOKENS, data=st.data())
+def test_anthropic_cut_anywhere_and_continued_exactly_reads_as_the_answer(
+    answer: list[str], data: st.DataObject
+) -> None:
+    """The continuing model is perfect: it goes on exactly from the prefill it is sent (in
+    other tokens), so the client must get the whole answer back, white space included."""
+    first = message_stream([text_block(0, answer)])
+    cut = data.draw(st.integers(0, len(first)), label="cut")
+    splice = Splice(get_dialect("anthropic"))
+    for event in first[:cut]:
+        splice.delivered(event)
+    assert splice.can_continue == (1 <= cut <= 4 + len(answer))  # up to block 0's stop
+    if not splice.can_continue:
+        return
+    whole = "".join(answer)
+    rest = whole[len(splice.text.rstrip()) :]
+    second = message_stream([text_block(0, pieces_of(rest, data))], **CONTINUATION)
+
+    client, _ = spliced("anthropic", first, cut, second, MESSAGES)
+
+    assert anthropic_text(client) == whole
+    assert kinds(client).count("message_start") == 1
+    starts = [i for kind, i in indices(client) if kind == "start"]
+    assert starts == list(range(len(starts)))  # 0, and 1 when block 0 had stopped
+    stops = [i for kind, i in indices(client) if kind == "stop"]
+    assert stops == starts
+    message = anthropic_sdk_message(client)
+    assert message.id == "msg_first"
+    assert "".join(block.text for block in message.content) == whole
