@@ -36,7 +36,8 @@ dialect it does not know (``plain``).
 
 from __future__ import annotations
 
-from typing import Any
+import json
+from typing import Any, TypeGuard
 
 from .framing import _DUMPS, Dialect, _object
 from .sse import ServerSentEvent
@@ -53,6 +54,7 @@ completions and Responses), whose models do not continue a trailing assistant me
 themselves. Replace it with ``Splice(dialect, instruction=...)``; ``instruction=None`` sends
 none (a server that continues a prefilled assistant message natively)."""
 
+_ASCII_DUMPS = json.JSONEncoder(separators=(",", ":")).encode
 _CHAT_HEAD = ("id", "model", "created", "system_fingerprint")  # kept from the first chunk
 
 
@@ -79,13 +81,17 @@ def _counts(target: dict[str, Any], usage: Any) -> None:
         target.update((key, value) for key, value in usage.items() if value is not None)
 
 
-def _is_count(value: Any) -> bool:
+def _is_count(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _like(event: ServerSentEvent, value: dict[str, Any]) -> ServerSentEvent:
-    """``event`` with ``value`` (JSON) as its data: same event type, ``id`` and ``retry``."""
-    return ServerSentEvent(_DUMPS(value), event=event.event, id=event.id, retry=event.retry)
+    """``event`` with ``value`` (JSON) as its data: same event type, ``id`` and ``retry``.
+    Data whose JSON escaped a UTF-16 surrogate (``"\\ud83d"``: half an emoji, cut between two
+    deltas) is written escaped again, as a lone surrogate has no UTF-8."""
+    escaped = "\\ud" in event.data or "\\uD" in event.data
+    data = (_ASCII_DUMPS if escaped else _DUMPS)(value)
+    return ServerSentEvent(data, event=event.event, id=event.id, retry=event.retry)
 
 
 class _Splicer:
@@ -358,9 +364,202 @@ class _AnthropicSplicer(_Splicer):
         return _sum_usage(base, {key: self.more[key] for key in keys if key in self.more})
 
 
+_RESPONSE_STARTS = frozenset({"response.created", "response.in_progress", "response.queued"})
+_RESPONSE_ENDS = frozenset({"response.completed", "response.incomplete", "response.failed"})
+_RESPONSE_HEAD = ("id", "created_at", "model")  # kept from the first response announced
+
+
+class _ResponsesSplicer(_Splicer):
+    """OpenAI Responses API (API reference "Responses, streaming events"; input items: "Create
+    a model response", ``input``).
+
+    Delivered: the text is the ``response.output_text.delta`` s of the message items; the
+    first announced response's ``id``, ``created_at`` and ``model`` are kept; an output item
+    other than a message or a reasoning item (a ``function_call``, any ``*_call``), a
+    ``refusal`` part, or the response's end ends continuability.
+
+    Rewritten: each continuation output item gets the next client ``output_index``, except
+    its first message item, which goes on in the client's open message item (its
+    ``output_item.added`` dropped, its ``item_id`` and ``output_index`` the client's; the
+    same for its first ``output_text`` part and the open part's ``content_index``). Every
+    ``sequence_number`` is renumbered after the last one delivered. The done events of the
+    continued part and item (``output_text.done``, ``content_part.done``,
+    ``output_item.done``) carry the whole text the client got; the final ``response``'s
+    ``output`` is the items the client saw done, whole; its usage is summed with any the
+    client got (see :class:`_ChatSplicer`; the Responses API reports usage only at the end,
+    so it is usually the continuation's alone).
+    """
+
+    def __init__(self, instruction: str | None) -> None:
+        super().__init__(instruction)
+        self.head: dict[str, Any] | None = None
+        self.sequence = -1  # the last sequence_number the client got
+        self.next = 0  # the output_index the next new item gets
+        self.open: tuple[int, Any] | None = None  # (output_index, id) of an unfinished message
+        self.part: int | None = None  # the content_index of its unfinished output_text part
+        self.next_part = 0  # the content_index its next part gets
+        self.texts: dict[int, list[str]] = {}  # its parts' text delivered, by content_index
+        self.parts: dict[int, Any] = {}  # its parts delivered done, by content_index
+        self.done: dict[int, Any] = {}  # the items delivered done, by output_index
+        self.usage: dict[str, Any] | None = None
+        self.base: dict[str, Any] | None = None  # self.usage when the continuation began
+        self.items: dict[int, int] = {}  # the continuation's output_index -> the client's
+        self.continued: tuple[int, Any, Any] | None = None  # its (index, id, the client's id)
+        self.part_map: dict[int, int] = {}  # its content_index -> the client's
+
+    def delivered(self, event: ServerSentEvent) -> None:
+        kind, value = _typed(event)
+        if value is None:
+            return
+        number = value.get("sequence_number")
+        if _is_count(number):
+            self.sequence = max(self.sequence, number)
+        where, index = value.get("output_index"), value.get("content_index")
+        mine = self.open is not None and where == self.open[0]  # of the unfinished message
+        if kind in _RESPONSE_STARTS:
+            self.started = True
+            if self.head is None:
+                response = value.get("response") or {}
+                self.head = {key: response[key] for key in _RESPONSE_HEAD if key in response}
+        elif kind in _RESPONSE_ENDS:
+            self.blocked = True
+        elif kind == "response.output_item.added" and _is_count(where):
+            item = value.get("item") or {}
+            self.next = max(self.next, where + 1)
+            if item.get("type") == "message":
+                self.open, self.part, self.next_part = (where, item.get("id")), None, 0
+                self.texts, self.parts = {}, {}
+            self.blocked |= item.get("type") not in ("message", "reasoning")
+        elif kind == "response.content_part.added" and mine and _is_count(index):
+            part = value.get("part") or {}
+            self.part, self.next_part = index, max(self.next_part, index + 1)
+            self.texts[index] = [part.get("text") or ""]
+            self.blocked |= part.get("type") != "output_text"
+        elif kind == "response.output_text.delta" and isinstance(value.get("delta"), str):
+            self.pieces.append(value["delta"])
+            if mine and _is_count(index):
+                self.texts.setdefault(index, []).append(value["delta"])
+        elif kind == "response.content_part.done" and mine and _is_count(index):
+            self.parts[index] = value.get("part")
+            self.part = None if index == self.part else self.part
+        elif kind == "response.output_item.done" and _is_count(where):
+            self.done[where] = value.get("item")
+            self.open = None if mine else self.open
+        self.blocked |= kind == "response.refusal.delta"
+
+    def continuation_body(self, body: dict[str, Any]) -> dict[str, Any]:
+        """``body`` with ``input`` (a string becomes one user message) extended by the partial
+        assistant message and the instruction (none when no text was delivered)."""
+        self.base, self.items, self.continued, self.part_map = self.usage, {}, None, {}
+        given = body.get("input")
+        items = (
+            list(given or [])
+            if not isinstance(given, str)
+            else [{"role": "user", "content": given}]
+        )
+        if self.text:
+            items.append({"type": "message", "role": "assistant", "content": self.text})
+            items += self._instruction()
+        return {**body, "input": items}
+
+    def rewrite(self, event: ServerSentEvent) -> ServerSentEvent | None:
+        kind, value = _typed(event)
+        if value is None:
+            return event
+        if kind in _RESPONSE_STARTS:
+            return None  # the client's response was announced: one response
+        where = value.get("output_index")
+        if kind == "response.output_item.added" and _is_count(where):
+            if self._added(where, value.get("item") or {}) is None:
+                return None
+        ours = self.continued is not None and where == self.continued[0]
+        if kind == "response.content_part.added" and ours and self._part(value) is None:
+            return None
+        self._renumber(value, ours)
+        if ours:
+            self._whole(kind, value)
+        response = value.get("response")
+        if isinstance(response, dict):
+            self._response(kind, response)
+        return _like(event, value)
+
+    def _added(self, where: int, item: dict[str, Any]) -> int | None:
+        """Map a continuation item to the client's: its first message item to the unfinished
+        one (None: drop its ``output_item.added``), any other to the next new index."""
+        if self.continued is None and self.open is not None and item.get("type") == "message":
+            self.continued = (where, item.get("id"), self.open[1])
+            self.items[where] = self.open[0]
+            return None
+        self.items[where] = self.next
+        self.next += 1
+        return self.items[where]
+
+    def _part(self, value: dict[str, Any]) -> int | None:
+        """Map a continued item's part to the client's: its first ``output_text`` part to the
+        unfinished one (None: drop its ``content_part.added``), any other to the next."""
+        index, part = value.get("content_index"), value.get("part") or {}
+        if not _is_count(index):
+            return -1
+        if not self.part_map and self.part is not None and part.get("type") == "output_text":
+            self.part_map[index] = self.part
+            return None
+        self.part_map[index] = self.next_part
+        self.next_part += 1
+        return self.part_map[index]
+
+    def _renumber(self, value: dict[str, Any], ours: bool) -> None:
+        """The client's sequence_number, output_index, item_id and content_index."""
+        if "sequence_number" in value:
+            self.sequence += 1
+            value["sequence_number"] = self.sequence
+        where, index = value.get("output_index"), value.get("content_index")
+        if _is_count(where):
+            value["output_index"] = self.items.get(where, where)
+        if ours and self.continued is not None:
+            _, theirs, client = self.continued
+            if value.get("item_id") == theirs:
+                value["item_id"] = client
+            if _is_count(index):
+                value["content_index"] = self.part_map.get(index, index)
+            item = value.get("item")
+            if isinstance(item, dict) and item.get("id") == theirs:
+                item["id"] = client
+
+    def _whole(self, kind: str, value: dict[str, Any]) -> None:
+        """The continued item's done events with the whole text the client got."""
+        index = value.get("content_index")
+        text = "".join(self.texts.get(index, [])) if _is_count(index) else None
+        part = value.get("part")
+        if kind == "response.output_text.done" and text is not None:
+            value["text"] = text
+        elif kind == "response.content_part.done" and isinstance(part, dict) and text is not None:
+            part["text"] = text if part.get("type") == "output_text" else part.get("text")
+        elif kind == "response.output_item.done" and isinstance(value.get("item"), dict):
+            if self.parts:
+                value["item"]["content"] = [self.parts[key] for key in sorted(self.parts)]
+
+    def _response(self, kind: str, response: dict[str, Any]) -> None:
+        """The response object of a continuation event: the client's id (and created_at,
+        model); at the end, the client's done items as its output and the usage summed."""
+        response.update(self.head or {})
+        if kind not in _RESPONSE_ENDS:
+            return
+        output = [self.done[key] for key in sorted(self.done)]
+        known = {item.get("id") for item in output if isinstance(item, dict)}
+        theirs = self.continued[1] if self.continued is not None else None
+        for item in response.get("output") or []:
+            if not isinstance(item, dict) or item.get("id") not in {*known, theirs}:
+                output.append(item)  # an item the client was not sent done
+        response["output"] = output
+        usage = response.get("usage")
+        if isinstance(usage, dict) and self.base is not None:
+            response["usage"] = _sum_usage(self.base, usage)
+
+
 _SPLICERS: dict[str, type[_Splicer]] = {
     "openai": _ChatSplicer,
     "anthropic": _AnthropicSplicer,
+    "openai-responses": _ResponsesSplicer,
 }
 
 

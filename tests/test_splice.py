@@ -19,8 +19,11 @@ from anthropic.lib.streaming._messages import accumulate_event, build_events
 from anthropic.types import RawMessageStreamEvent
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from openai import omit
 from openai.lib.streaming.chat import ChatCompletionStreamState
+from openai.lib.streaming.responses import ResponseStreamState
 from openai.types.chat import ChatCompletionChunk
+from openai.types.responses import ResponseStreamEvent
 from pydantic import TypeAdapter
 
 from sanic_streamplus.framing import get_dialect
@@ -223,6 +226,17 @@ def test_chat_an_error_event_of_the_continuation_passes_unchanged() -> None:
     assert splice.rewrite(DONE) is DONE
 
 
+def test_chat_half_an_emoji_stays_escaped() -> None:
+    # a JSON escape of one UTF-16 surrogate (some upstreams cut an emoji between two deltas):
+    # decoded it has no UTF-8, so the rewritten chunk must escape it again
+    second = chat_stream(["\ud83d", "\ude00"], **SECOND)  # json.dumps escapes them
+    assert "\\ud83d" in second[1].data
+    client, _ = spliced("openai", chat_stream(["Hi"]), 2, second, {"messages": []})
+    for event in client:
+        event.data.encode("utf-8")  # strict: raises on a lone surrogate
+    assert chat_text(client) == "Hi\ud83d\ude00"
+
+
 def tool_call_chunk() -> ServerSentEvent:
     call = {"index": 0, "id": "call_1", "type": "function"}
     call["function"] = {"name": "get_weather", "arguments": '{"ci'}
@@ -264,7 +278,8 @@ def test_rewrite_before_the_continuation_body_is_an_error() -> None:
         splice.rewrite(chat_stream(["b"])[1])
 
 
-CHARS = st.sampled_from(" \n\tab") | st.characters()  # white space often: it is the hard part
+# white space often (it is the hard part); no lone surrogate: a decoded event stream has none
+CHARS = st.sampled_from(" \n\tab") | st.characters(codec="utf-8")
 TOKENS = st.lists(st.text(CHARS, min_size=1, max_size=4), min_size=1, max_size=6)
 
 
@@ -521,3 +536,233 @@ def test_anthropic_cut_anywhere_and_continued_exactly_reads_as_the_answer(
     message = anthropic_sdk_message(client)
     assert message.id == "msg_first"
     assert "".join(block.text for block in message.content) == whole
+
+
+# ---------------------------------------------------------------------------- OpenAI Responses API
+
+
+def response_stream(
+    tokens: list[str],
+    *,
+    ident: str = "resp_first",
+    item: str = "msg_first",
+    model: str = "gpt-first",
+    created: int = 1700000000,
+    reasoning: bool = False,
+    call: bool = False,
+    input_tokens: int = 10,
+) -> list[ServerSentEvent]:
+    """A Responses API stream (API reference "Responses, streaming events"): an optional
+    reasoning item, one message with one output_text part, an optional function call, then
+    ``response.completed``; every event valid for the openai SDK's strict validation."""
+    text = "".join(tokens)
+    response: dict[str, Any] = {"id": ident, "object": "response", "created_at": created}
+    response |= {"status": "in_progress", "model": model, "output": [], "error": None}
+    response |= {"parallel_tool_calls": True, "tool_choice": "auto", "tools": []}
+    response |= {"incomplete_details": None, "usage": None}
+    steps: list[tuple[str, dict[str, Any]]] = [
+        ("response.created", {"response": response}),
+        ("response.in_progress", {"response": response}),
+    ]
+    done: list[dict[str, Any]] = []
+    if reasoning:
+        thought = {"id": "rs_" + ident, "type": "reasoning", "summary": []}
+        steps.append(("response.output_item.added", {"output_index": 0, "item": thought}))
+        steps.append(("response.output_item.done", {"output_index": 0, "item": thought}))
+        done.append(thought)
+    where = {"item_id": item, "output_index": len(done), "content_index": 0}
+    message = {"id": item, "type": "message", "role": "assistant", "status": "in_progress"}
+    part = {"type": "output_text", "text": "", "annotations": []}
+    done_part = {**part, "text": text}
+    done_message = {**message, "status": "completed", "content": [done_part]}
+    steps += [
+        (
+            "response.output_item.added",
+            {"output_index": len(done), "item": {**message, "content": []}},
+        ),
+        ("response.content_part.added", {**where, "part": part}),
+        *(
+            ("response.output_text.delta", {**where, "delta": token, "logprobs": []})
+            for token in tokens
+        ),
+        ("response.output_text.done", {**where, "text": text, "logprobs": []}),
+        ("response.content_part.done", {**where, "part": done_part}),
+        ("response.output_item.done", {"output_index": len(done), "item": done_message}),
+    ]
+    done.append(done_message)
+    if call:
+        function = {"id": "fc_1", "type": "function_call", "call_id": "call_1", "name": "f"}
+        function |= {"arguments": "", "status": "in_progress"}
+        ids = {"item_id": "fc_1", "output_index": len(done)}
+        finished = {**function, "arguments": "{}", "status": "completed"}
+        steps += [
+            ("response.output_item.added", {"output_index": len(done), "item": function}),
+            ("response.function_call_arguments.delta", {**ids, "delta": "{}"}),
+            ("response.function_call_arguments.done", {**ids, "arguments": "{}"}),
+            ("response.output_item.done", {"output_index": len(done), "item": finished}),
+        ]
+        done.append(finished)
+    usage = {"input_tokens": input_tokens, "output_tokens": len(tokens)}
+    usage |= {"input_tokens_details": {"cached_tokens": 0, "cache_write_tokens": 0}}
+    usage |= {"output_tokens_details": {"reasoning_tokens": 0}}
+    usage["total_tokens"] = input_tokens + len(tokens)
+    completed = {**response, "status": "completed", "output": done, "usage": usage}
+    steps.append(("response.completed", {"response": completed}))
+    return [named(kind, sequence_number=n, **data) for n, (kind, data) in enumerate(steps)]
+
+
+RESPONSE_EVENT: TypeAdapter[Any] = TypeAdapter(ResponseStreamEvent)
+
+
+def responses_sdk_response(events: list[ServerSentEvent]) -> Any:
+    """The final response openai-python's ``responses.stream()`` accumulator makes of
+    ``events`` (each validated as its ``ResponseStreamEvent``; it refuses a lifecycle event of
+    another response id, a duplicate output index, an unfinished item at the end)."""
+    state: ResponseStreamState[Any] = ResponseStreamState(input_tools=omit, text_format=omit)
+    final = None
+    for event in events:
+        for out in state.handle_event(RESPONSE_EVENT.validate_json(event.data)):
+            if out.type == "response.completed":
+                final = out.response
+    return final
+
+
+def values(events: list[ServerSentEvent]) -> list[dict[str, Any]]:
+    return [json.loads(event.data) for event in events]
+
+
+def responses_text(events: list[ServerSentEvent]) -> str:
+    return "".join(v["delta"] for v in values(events) if v["type"] == "response.output_text.delta")
+
+
+RESPONSES = {"model": "gpt-x", "input": "Tell me a story.", "stream": True, "store": False}
+NEXT = {"ident": "resp_second", "item": "msg_second", "model": "gpt-second", "created": 1}
+
+
+def test_responses_the_client_sees_one_response_from_two_upstreams() -> None:
+    first = response_stream(["Once", " upon", " a", " time"])
+    second = response_stream([",", " a", " fox."], input_tokens=30, **NEXT)
+    client, body = spliced("openai-responses", first, 6, second, RESPONSES)  # after " upon"
+
+    assert body["input"] == [
+        {"role": "user", "content": "Tell me a story."},
+        {"type": "message", "role": "assistant", "content": "Once upon"},
+        {"role": "user", "content": CONTINUE_INSTRUCTION},
+    ]
+    assert {k: v for k, v in body.items() if k != "input"} == {
+        k: v for k, v in RESPONSES.items() if k != "input"
+    }
+    assert responses_text(client) == "Once upon, a fox."
+    types = [v["type"] for v in values(client)]
+    for once in ("response.created", "response.in_progress", "response.output_item.added"):
+        assert types.count(once) == 1, once
+    assert types.count("response.content_part.added") == 1
+    numbers = [v["sequence_number"] for v in values(client)]
+    assert numbers == list(range(len(client)))
+    ids = {v["response"]["id"] for v in values(client) if "response" in v}
+    assert ids == {"resp_first"}
+    assert {v["item_id"] for v in values(client) if "item_id" in v} == {"msg_first"}
+    assert {v["output_index"] for v in values(client) if "output_index" in v} == {0}
+    done = values(client)[-4]
+    assert done["type"] == "response.output_text.done" and done["text"] == "Once upon, a fox."
+    response = responses_sdk_response(client)
+    assert response.id == "resp_first" and response.model == "gpt-first"
+    assert response.output_text == "Once upon, a fox."
+    assert [item.id for item in response.output] == ["msg_first"]
+    assert response.usage.input_tokens == 30  # the first upstream reported none
+
+
+def test_responses_a_list_input_is_extended_and_not_mutated() -> None:
+    given = [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}]
+    body = {**RESPONSES, "input": given}
+    first = response_stream(["Hel", "lo"])
+    _, continued = spliced("openai-responses", first, 5, [], body, instruction=None)
+    assert body["input"] == [{"role": "user", "content": [{"type": "input_text", "text": "Hi"}]}]
+    assert continued["input"] == [
+        *given,
+        {"type": "message", "role": "assistant", "content": "Hel"},
+    ]
+
+
+def test_responses_reasoning_items_of_either_upstream_keep_their_own_indices() -> None:
+    # the first upstream reasoned (item 0) then wrote; the continuation reasons again before
+    # it writes: its reasoning is a new item (2), its message goes on in the client's (1)
+    first = response_stream(["Once", " upon"], reasoning=True)
+    second = response_stream([" a time."], reasoning=True, call=True, **NEXT)
+    client, _ = spliced("openai-responses", first, 7, second, RESPONSES)  # after "Once"
+
+    items = [(v["output_index"], v["item"]["type"]) for v in values(client) if "item" in v]
+    assert items == [
+        (0, "reasoning"),  # added
+        (0, "reasoning"),  # done
+        (1, "message"),  # added
+        (2, "reasoning"),
+        (2, "reasoning"),
+        (1, "message"),  # done: the continued one
+        (3, "function_call"),
+        (3, "function_call"),
+    ]
+    response = responses_sdk_response(client)
+    assert [item.type for item in response.output] == [
+        "reasoning",
+        "message",
+        "reasoning",
+        "function_call",
+    ]
+    assert response.output[1].id == "msg_first"
+    assert response.output_text == "Once a time."
+
+
+def test_responses_a_failure_after_the_message_was_done_adds_a_new_message() -> None:
+    first = response_stream(["Once", " upon"], call=False)
+    second = response_stream([" More."], **NEXT)
+    client, _ = spliced("openai-responses", first, 9, second, RESPONSES)  # item 0 done
+    response = responses_sdk_response(client)
+    assert [item.id for item in response.output] == ["msg_first", "msg_second"]
+    assert response.output_text == "Once upon More."
+
+
+@pytest.mark.parametrize(
+    "delivered",
+    [
+        [],
+        response_stream(["a"], call=True)[:-3],  # a function call in flight
+        response_stream(["a"], call=True)[:-1],  # a function call delivered
+        response_stream(["a"]),  # response.completed
+    ],
+)
+def test_responses_what_cannot_be_continued(delivered: list[ServerSentEvent]) -> None:
+    splice = Splice(get_dialect("openai-responses"))
+    for event in delivered:
+        splice.delivered(event)
+    assert not splice.can_continue
+
+
+@settings(max_examples=60, deadline=None)
+@given(first_tokens=TOKENS, second_tokens=TOKENS, reasoning=st.booleans(), data=st.data())
+def test_responses_cut_anywhere_and_continued_reads_as_one_response(
+    first_tokens: list[str], second_tokens: list[str], reasoning: bool, data: st.DataObject
+) -> None:
+    first = response_stream(first_tokens, reasoning=reasoning)
+    cut = data.draw(st.integers(0, len(first)), label="cut")
+    splice = Splice(get_dialect("openai-responses"))
+    for event in first[:cut]:
+        splice.delivered(event)
+    assert splice.can_continue == (1 <= cut < len(first))  # until response.completed
+    if not splice.can_continue:
+        return
+    second = response_stream(second_tokens, reasoning=data.draw(st.booleans()), **NEXT)
+    client, _ = spliced("openai-responses", first, cut, second, RESPONSES)
+
+    whole = splice.text + "".join(second_tokens)
+    assert responses_text(client) == whole
+    types = [v["type"] for v in values(client)]
+    assert types.count("response.created") == 1 and types[-1] == "response.completed"
+    numbers = [v["sequence_number"] for v in values(client)]
+    assert numbers == sorted(set(numbers))  # strictly increasing
+    assert {v["response"]["id"] for v in values(client) if "response" in v} == {"resp_first"}
+    added = [v["output_index"] for v in values(client) if v["type"].endswith("item.added")]
+    assert added == list(range(len(added)))
+    response = responses_sdk_response(client)
+    assert response.id == "resp_first"
+    assert response.output_text == whole
