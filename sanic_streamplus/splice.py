@@ -294,7 +294,10 @@ class _AnthropicSplicer(_Splicer):
     def continuation_body(self, body: dict[str, Any]) -> dict[str, Any]:
         """``body`` with ``messages`` extended by the partial assistant message (its trailing
         white space stripped; none when no text was delivered)."""
-        self.base, self.more, self.offset = dict(self.usage), {}, None
+        # the counts so far: the client's, or after a continuation the sum it was building
+        # (its message_start's counts, dropped, are not in the client's if it failed early)
+        self.base = _sum_usage(self.base, self.more) if self.more else dict(self.usage)
+        self.more, self.offset = {}, None
         prefill = self.text.rstrip()
         self.trim = self.text[len(prefill) :]
         messages = list(body.get("messages") or [])
@@ -346,7 +349,8 @@ class _AnthropicSplicer(_Splicer):
             return None
         delta = {"type": "content_block_delta", "index": self.open}
         delta["delta"] = {"type": "text_delta", "text": text}
-        return ServerSentEvent(_DUMPS(delta), event="content_block_delta")
+        name = "content_block_delta" if event.event == "content_block_start" else event.event
+        return ServerSentEvent(_DUMPS(delta), event=name)
 
     def _trimmed(self, text: str) -> str:
         """``text`` without the start it shares with :attr:`trim` (what is left of it)."""
@@ -470,10 +474,10 @@ class _ResponsesSplicer(_Splicer):
             return None  # the client's response was announced: one response
         where = value.get("output_index")
         if kind == "response.output_item.added" and _is_count(where):
-            if self._added(where, value.get("item") or {}) is None:
+            if not self._added(where, value.get("item") or {}):
                 return None
         ours = self.continued is not None and where == self.continued[0]
-        if kind == "response.content_part.added" and ours and self._part(value) is None:
+        if kind == "response.content_part.added" and ours and not self._part(value):
             return None
         self._renumber(value, ours)
         if ours:
@@ -483,29 +487,29 @@ class _ResponsesSplicer(_Splicer):
             self._response(kind, response)
         return _like(event, value)
 
-    def _added(self, where: int, item: dict[str, Any]) -> int | None:
+    def _added(self, where: int, item: dict[str, Any]) -> bool:
         """Map a continuation item to the client's: its first message item to the unfinished
-        one (None: drop its ``output_item.added``), any other to the next new index."""
+        one (False: drop its ``output_item.added``), any other to the next new index."""
         if self.continued is None and self.open is not None and item.get("type") == "message":
             self.continued = (where, item.get("id"), self.open[1])
             self.items[where] = self.open[0]
-            return None
+            return False
         self.items[where] = self.next
         self.next += 1
-        return self.items[where]
+        return True
 
-    def _part(self, value: dict[str, Any]) -> int | None:
+    def _part(self, value: dict[str, Any]) -> bool:
         """Map a continued item's part to the client's: its first ``output_text`` part to the
-        unfinished one (None: drop its ``content_part.added``), any other to the next."""
+        unfinished one (False: drop its ``content_part.added``), any other to the next."""
         index, part = value.get("content_index"), value.get("part") or {}
         if not _is_count(index):
-            return -1
+            return True
         if not self.part_map and self.part is not None and part.get("type") == "output_text":
             self.part_map[index] = self.part
-            return None
+            return False
         self.part_map[index] = self.next_part
         self.next_part += 1
-        return self.part_map[index]
+        return True
 
     def _renumber(self, value: dict[str, Any], ours: bool) -> None:
         """The client's sequence_number, output_index, item_id and content_index."""
@@ -567,9 +571,11 @@ class Splice:
     """The splice of one client stream: what it delivered, and how a continuation goes on.
 
     Call :meth:`delivered` with every event relayed to the client, in order (the rewritten
-    events of a continuation too). When the upstream fails and :attr:`can_continue` is True,
-    send the next upstream :meth:`continuation_body` (once per continuing upstream: it also
-    starts that upstream's rewriting), and pass each event it sends through :meth:`rewrite`.
+    events of a continuation too, each one before the next is rewritten: the done events of
+    the Responses API repeat the text delivered). When the upstream fails and
+    :attr:`can_continue` is True, send the next upstream :meth:`continuation_body` (once per
+    continuing upstream: it also starts that upstream's rewriting), and pass each event it
+    sends through :meth:`rewrite`.
     Several continuations in a row work the same way.
 
     Args:

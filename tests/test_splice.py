@@ -766,3 +766,71 @@ def test_responses_cut_anywhere_and_continued_reads_as_one_response(
     response = responses_sdk_response(client)
     assert response.id == "resp_first"
     assert response.output_text == whole
+
+
+# ------------------------------------------------------------------ several continuations in a row
+
+
+def chained(
+    dialect: str, parts: list[tuple[list[ServerSentEvent], int]], body: dict[str, Any]
+) -> tuple[list[ServerSentEvent], list[dict[str, Any]]]:
+    """Each upstream of ``parts`` sends its first ``cut`` events then fails, the next one
+    continues (the budget of several continuations): the client's events, the bodies sent."""
+    splice = Splice(get_dialect(dialect))
+    client, bodies = [], []
+    for number, (events, cut) in enumerate(parts):
+        if number:
+            assert splice.can_continue
+            bodies.append(splice.continuation_body(body))
+        for event in events[:cut]:
+            out = splice.rewrite(event) if number else event
+            if out is not None:
+                splice.delivered(out)
+                client.append(out)
+    return client, bodies
+
+
+def test_chat_a_continuation_can_itself_be_continued() -> None:
+    third = {"ident": "chatcmpl-third", "model": "gpt-third", "created": 3}
+    parts = [
+        (chat_stream(["Once", " upon"]), 3),
+        (chat_stream([" a", " time", " long"], **SECOND), 3),
+        (chat_stream([" ago."], usage=chat_usage(30, 1), **third), 99),
+    ]
+    client, bodies = chained("openai", parts, {"messages": [QUESTION]})
+    assert [b["messages"][1]["content"] for b in bodies] == ["Once upon", "Once upon a time"]
+    assert chat_text(client) == "Once upon a time ago." and roles(client) == 1
+    assert {c["id"] for c in chunks(client)} == {"chatcmpl-first"}
+    assert chat_sdk_message(client).choices[0].message.content == "Once upon a time ago."
+
+
+def test_anthropic_a_continuation_can_itself_be_continued() -> None:
+    parts = [
+        (message_stream([text_block(0, ["Once", " upon "])]), 5),
+        (message_stream([text_block(0, ["a", " time "])], **CONTINUATION), 5),
+        (message_stream([text_block(0, ["ago."])], ident="msg_third", input_tokens=50), 99),
+    ]
+    client, bodies = chained("anthropic", parts, MESSAGES)
+    assert [b["messages"][-1]["content"] for b in bodies] == ["Once upon", "Once upon a time"]
+    assert anthropic_text(client) == "Once upon a time ago."
+    assert kinds(client).count("message_start") == 1
+    assert {i for _, i in indices(client)} == {0}
+    message = anthropic_sdk_message(client)
+    assert [block.text for block in message.content] == ["Once upon a time ago."]
+    assert message.usage.input_tokens == 25 + 40 + 50  # each upstream's prompt counted
+
+
+def test_responses_a_continuation_can_itself_be_continued() -> None:
+    parts = [
+        (response_stream(["Once", " upon"]), 6),
+        (response_stream([" a", " time"], **NEXT), 6),
+        (response_stream([" ago."], ident="resp_third", item="msg_third"), 99),
+    ]
+    client, bodies = chained("openai-responses", parts, RESPONSES)
+    assert [b["input"][1]["content"] for b in bodies] == ["Once upon", "Once upon a time"]
+    assert responses_text(client) == "Once upon a time ago."
+    numbers = [v["sequence_number"] for v in values(client)]
+    assert numbers == list(range(len(client)))
+    response = responses_sdk_response(client)
+    assert response.id == "resp_first" and [item.id for item in response.output] == ["msg_first"]
+    assert response.output_text == "Once upon a time ago."
