@@ -102,6 +102,7 @@ class _Splicer:
         self.pieces: list[str] = []  # the text delivered, in pieces
         self.started = False  # an event of the answer was delivered
         self.blocked = False  # a tool call, a second choice, the end: not continuable
+        self.made: tuple[ServerSentEvent, dict[str, Any]] | None = None  # the last rewrite
 
     @property
     def text(self) -> str:
@@ -121,6 +122,18 @@ class _Splicer:
 
     def rewrite(self, event: ServerSentEvent) -> ServerSentEvent | None:
         raise NotImplementedError
+
+    def parse(self, event: ServerSentEvent) -> dict[str, Any] | None:
+        """The JSON object of a delivered ``event``: the one :meth:`like` made it from when
+        it is the last event rewritten (not parsed again), else its data parsed."""
+        made, self.made = self.made, None
+        return made[1] if made is not None and made[0] is event else _object(event.data)
+
+    def like(self, event: ServerSentEvent, value: dict[str, Any]) -> ServerSentEvent:
+        """:func:`_like`, remembered for :meth:`parse`."""
+        out = _like(event, value)
+        self.made = (out, value)
+        return out
 
     def _instruction(self) -> list[dict[str, Any]]:
         return [] if self.instruction is None else [{"role": "user", "content": self.instruction}]
@@ -150,7 +163,7 @@ class _ChatSplicer(_Splicer):
         self.base: dict[str, Any] | None = None  # self.usage when the continuation began
 
     def delivered(self, event: ServerSentEvent) -> None:
-        chunk = _object(event.data)
+        chunk = self.parse(event)
         choices = chunk.get("choices") if chunk is not None else None
         if chunk is None or not isinstance(choices, list):
             self.blocked |= event.data == "[DONE]"
@@ -206,7 +219,7 @@ class _ChatSplicer(_Splicer):
             chunk["usage"] = _sum_usage(self.base, usage)
         if dropped_role and usage is None and all(_empty_choice(c) for c in choices):
             return None  # the continuation's role chunk: the client has its role already
-        return _like(event, chunk)
+        return self.like(event, chunk)
 
 
 def _empty_choice(choice: Any) -> bool:
@@ -220,14 +233,13 @@ def _empty_choice(choice: Any) -> bool:
 _ANTHROPIC_USAGE = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
-def _typed(event: ServerSentEvent) -> tuple[str, dict[str, Any] | None]:
-    """(the event's type, its JSON object or None) for a dialect whose events are named by
-    their data's ``"type"``: the event name, or for an unnamed event the data's ``"type"``."""
-    value = _object(event.data)
+def _typed(event: ServerSentEvent, value: dict[str, Any] | None) -> str:
+    """The type of ``event`` (whose JSON object is ``value``) in a dialect whose events are
+    named by their data's ``"type"``: the event name, or for an unnamed event the data's."""
     kind = event.event
     if kind == "message" and value is not None and isinstance(value.get("type"), str):
         kind = value["type"]
-    return kind, value
+    return kind
 
 
 class _AnthropicSplicer(_Splicer):
@@ -266,7 +278,8 @@ class _AnthropicSplicer(_Splicer):
         self.trim = ""  # delivered white space the continuation's text may repeat
 
     def delivered(self, event: ServerSentEvent) -> None:
-        kind, value = _typed(event)
+        value = self.parse(event)
+        kind = _typed(event, value)
         if value is None:
             return
         if kind == "message_start":
@@ -306,7 +319,8 @@ class _AnthropicSplicer(_Splicer):
         return {**body, "messages": messages}
 
     def rewrite(self, event: ServerSentEvent) -> ServerSentEvent | None:
-        kind, value = _typed(event)
+        value = _object(event.data)
+        kind = _typed(event, value)
         if value is None:
             return event
         if kind == "message_start":
@@ -314,7 +328,7 @@ class _AnthropicSplicer(_Splicer):
             return None  # the client has its message_start: one message
         if kind == "message_delta" and isinstance(value.get("usage"), dict):
             value["usage"] = self._usage(value["usage"])
-            return _like(event, value)
+            return self.like(event, value)
         index = value.get("index")
         if not isinstance(index, int):
             return event  # ping, error, message_stop
@@ -327,7 +341,7 @@ class _AnthropicSplicer(_Splicer):
             delta["text"] = self._trimmed(text) if isinstance(text, str) else text
             if text and not delta["text"]:
                 return None  # white space the client has already
-        return _like(event, value)
+        return self.like(event, value)
 
     def _first_block(
         self, event: ServerSentEvent, value: dict[str, Any], index: int
@@ -342,7 +356,7 @@ class _AnthropicSplicer(_Splicer):
                 self.trim = ""
             elif isinstance(block.get("text"), str):
                 block["text"] = self._trimmed(block["text"])
-            return _like(event, value)
+            return self.like(event, value)
         self.offset = self.open - index
         text = self._trimmed(block.get("text") or "")
         if not text:
@@ -412,7 +426,8 @@ class _ResponsesSplicer(_Splicer):
         self.part_map: dict[int, int] = {}  # its content_index -> the client's
 
     def delivered(self, event: ServerSentEvent) -> None:
-        kind, value = _typed(event)
+        value = self.parse(event)
+        kind = _typed(event, value)
         if value is None:
             return
         number = value.get("sequence_number")
@@ -467,7 +482,8 @@ class _ResponsesSplicer(_Splicer):
         return {**body, "input": items}
 
     def rewrite(self, event: ServerSentEvent) -> ServerSentEvent | None:
-        kind, value = _typed(event)
+        value = _object(event.data)
+        kind = _typed(event, value)
         if value is None:
             return event
         if kind in _RESPONSE_STARTS:
@@ -480,12 +496,12 @@ class _ResponsesSplicer(_Splicer):
         if kind == "response.content_part.added" and ours and not self._part(value):
             return None
         self._renumber(value, ours)
-        if ours:
+        if ours and kind.endswith(".done"):
             self._whole(kind, value)
         response = value.get("response")
         if isinstance(response, dict):
             self._response(kind, response)
-        return _like(event, value)
+        return self.like(event, value)
 
     def _added(self, where: int, item: dict[str, Any]) -> bool:
         """Map a continuation item to the client's: its first message item to the unfinished
@@ -531,16 +547,14 @@ class _ResponsesSplicer(_Splicer):
 
     def _whole(self, kind: str, value: dict[str, Any]) -> None:
         """The continued item's done events with the whole text the client got."""
-        index = value.get("content_index")
-        text = "".join(self.texts.get(index, [])) if _is_count(index) else None
-        part = value.get("part")
-        if kind == "response.output_text.done" and text is not None:
-            value["text"] = text
-        elif kind == "response.content_part.done" and isinstance(part, dict) and text is not None:
-            part["text"] = text if part.get("type") == "output_text" else part.get("text")
-        elif kind == "response.output_item.done" and isinstance(value.get("item"), dict):
-            if self.parts:
-                value["item"]["content"] = [self.parts[key] for key in sorted(self.parts)]
+        index, part, item = value.get("content_index"), value.get("part"), value.get("item")
+        if kind == "response.output_text.done" and _is_count(index):
+            value["text"] = "".join(self.texts.get(index, []))
+        elif kind == "response.content_part.done" and _is_count(index) and isinstance(part, dict):
+            if part.get("type") == "output_text":
+                part["text"] = "".join(self.texts.get(index, []))
+        elif kind == "response.output_item.done" and isinstance(item, dict) and self.parts:
+            item["content"] = [self.parts[key] for key in sorted(self.parts)]
 
     def _response(self, kind: str, response: dict[str, Any]) -> None:
         """The response object of a continuation event: the client's id (and created_at,
