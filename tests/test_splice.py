@@ -28,7 +28,8 @@ from pydantic import TypeAdapter
 
 from sanic_streamplus.framing import get_dialect
 from sanic_streamplus.splice import CONTINUE_INSTRUCTION, Splice
-from sanic_streamplus.sse import ServerSentEvent
+from sanic_streamplus.sse import ServerSentEvent, SSEDecoder
+from sanic_streamplus.testing import FakeModel
 
 DONE = ServerSentEvent("[DONE]")
 QUESTION = {"role": "user", "content": "Tell me a story."}
@@ -141,6 +142,18 @@ def test_chat_the_client_sees_one_answer_from_two_upstreams() -> None:
     assert completion.choices[0].message.role == "assistant"
     assert completion.choices[0].message.content == "Once upon, a fox."
     assert completion.choices[0].finish_reason == "stop"
+
+
+def test_chat_the_test_kits_fake_upstream_streams_splice() -> None:
+    # the exact bytes FakeUpstream writes (the over-the-socket failover tests use it), decoded
+    first = SSEDecoder().feed(b"".join(FakeModel(tokens=6).frames()))
+    second = SSEDecoder().feed(b"".join(FakeModel(text="and more.", usage=True).frames()))
+    client, body = spliced("openai", first, 4, second, {"messages": [QUESTION]})
+    assert body["messages"][1] == {"role": "assistant", "content": "Hello from the"}
+    assert chat_text(client) == "Hello from theand more."
+    assert roles(client) == 1 and client[-1] == DONE
+    assert chunks(client)[-1]["usage"]["completion_tokens"] == 2  # the fake's own count
+    assert chat_sdk_message(client).choices[0].message.content == "Hello from theand more."
 
 
 def test_chat_continuation_body_is_the_original_plus_the_partial_answer() -> None:
