@@ -418,12 +418,16 @@ class _ResponsesSplicer(_Splicer):
         self.next_part = 0  # the content_index its next part gets
         self.texts: dict[int, list[str]] = {}  # its parts' text delivered, by content_index
         self.parts: dict[int, Any] = {}  # its parts delivered done, by content_index
+        self.added: dict[int, Any] = {}  # the items delivered, as added, by output_index
         self.done: dict[int, Any] = {}  # the items delivered done, by output_index
         self.usage: dict[str, Any] | None = None
         self.base: dict[str, Any] | None = None  # self.usage when the continuation began
         self.items: dict[int, int] = {}  # the continuation's output_index -> the client's
         self.continued: tuple[int, Any, Any] | None = None  # its (index, id, the client's id)
         self.part_map: dict[int, int] = {}  # its content_index -> the client's
+        # what the continuation numbers from: its events may be rewritten and never delivered
+        # (an upstream that failed before its first content), so not the delivered counts
+        self.number, self.fresh, self.fresh_part = -1, 0, 0
 
     def delivered(self, event: ServerSentEvent) -> None:
         value = self.parse(event)
@@ -444,7 +448,7 @@ class _ResponsesSplicer(_Splicer):
             self.blocked = True
         elif kind == "response.output_item.added" and _is_count(where):
             item = value.get("item") or {}
-            self.next = max(self.next, where + 1)
+            self.next, self.added[where] = max(self.next, where + 1), item
             if item.get("type") == "message":
                 self.open, self.part, self.next_part = (where, item.get("id")), None, 0
                 self.texts, self.parts = {}, {}
@@ -470,6 +474,7 @@ class _ResponsesSplicer(_Splicer):
         """``body`` with ``input`` (a string becomes one user message) extended by the partial
         assistant message and the instruction (none when no text was delivered)."""
         self.base, self.items, self.continued, self.part_map = self.usage, {}, None, {}
+        self.number, self.fresh, self.fresh_part = self.sequence, self.next, self.next_part
         given = body.get("input")
         items = (
             list(given or [])
@@ -510,8 +515,8 @@ class _ResponsesSplicer(_Splicer):
             self.continued = (where, item.get("id"), self.open[1])
             self.items[where] = self.open[0]
             return False
-        self.items[where] = self.next
-        self.next += 1
+        self.items[where] = self.fresh
+        self.fresh += 1
         return True
 
     def _part(self, value: dict[str, Any]) -> bool:
@@ -523,15 +528,15 @@ class _ResponsesSplicer(_Splicer):
         if not self.part_map and self.part is not None and part.get("type") == "output_text":
             self.part_map[index] = self.part
             return False
-        self.part_map[index] = self.next_part
-        self.next_part += 1
+        self.part_map[index] = self.fresh_part
+        self.fresh_part += 1
         return True
 
     def _renumber(self, value: dict[str, Any], ours: bool) -> None:
         """The client's sequence_number, output_index, item_id and content_index."""
         if "sequence_number" in value:
-            self.sequence += 1
-            value["sequence_number"] = self.sequence
+            self.number += 1
+            value["sequence_number"] = self.number
         where, index = value.get("output_index"), value.get("content_index")
         if _is_count(where):
             value["output_index"] = self.items.get(where, where)
@@ -558,11 +563,14 @@ class _ResponsesSplicer(_Splicer):
 
     def _response(self, kind: str, response: dict[str, Any]) -> None:
         """The response object of a continuation event: the client's id (and created_at,
-        model); at the end, the client's done items as its output and the usage summed."""
+        model); at the end, the client's items as its output (done, or as added when the
+        upstream that began one failed: a reasoning item cut short) and the usage summed."""
         response.update(self.head or {})
         if kind not in _RESPONSE_ENDS:
             return
-        output = [self.done[key] for key in sorted(self.done)]
+        output = [
+            self.done.get(key, self.added.get(key)) for key in sorted({*self.added, *self.done})
+        ]
         known = {item.get("id") for item in output if isinstance(item, dict)}
         theirs = self.continued[1] if self.continued is not None else None
         for item in response.get("output") or []:

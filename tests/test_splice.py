@@ -735,6 +735,29 @@ def test_responses_a_failure_after_the_message_was_done_adds_a_new_message() -> 
     assert response.output_text == "Once upon More."
 
 
+def test_responses_an_attempt_rewritten_but_never_delivered_leaves_no_gap() -> None:
+    # the next upstream failed before its first content: its preamble went through rewrite()
+    # (held, never delivered); the one after it numbers items and events from the client's
+    first = response_stream(["Once", " upon"])
+    splice = Splice(get_dialect("openai-responses"))
+    for event in first[:5]:
+        splice.delivered(event)
+    splice.continuation_body(RESPONSES)
+    for event in response_stream(["x"], reasoning=True, **NEXT)[:4]:  # reasoning added, done
+        splice.rewrite(event)
+    splice.continuation_body(RESPONSES)
+    client = first[:5]
+    for event in response_stream([" upon a time."], reasoning=True, **NEXT):
+        out = splice.rewrite(event)
+        if out is not None:
+            splice.delivered(out)
+            client.append(out)
+    assert [v["sequence_number"] for v in values(client)] == list(range(len(client)))
+    added = [v["output_index"] for v in values(client) if v["type"].endswith("item.added")]
+    assert added == [0, 1]
+    assert responses_sdk_response(client).output_text == "Once upon a time."
+
+
 @pytest.mark.parametrize(
     "delivered",
     [
