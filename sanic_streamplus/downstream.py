@@ -12,8 +12,9 @@ the JSON answer and the cut. Three of them:
   another send timeout). The ``coalesce`` slow-client policy merges text deltas here while the
   client is behind.
 - :class:`AsgiDownstream`: the same under an ASGI server, which owns the connection: no socket
-  tuning and no cut of ours; :func:`watch_disconnect` tells the pump when the client left
-  (Sanic never notices ``http.disconnect``).
+  tuning, and the cut's last word goes out once the client drains (within another send
+  timeout), after what the stuck send holds; :func:`watch_disconnect` tells the pump when the
+  client left (Sanic never notices ``http.disconnect``).
 - :class:`MemoryDownstream`: a list, for tests and benchmarks of the pump itself.
 
 The resumable producer's downstream, the event store, lives with the producer
@@ -286,20 +287,68 @@ class SanicDownstream:
 
 
 class AsgiDownstream(SanicDownstream):
-    """A Sanic response under an ASGI server: the server owns the connection, so no socket
-    options and no cut of ours (the send that waits returns when the client reads or leaves;
-    the source is closed at once either way)."""
+    """A Sanic response under an ASGI server, which owns the connection: no socket options, and
+    no buffer to put the last word into. Each :meth:`send` runs as a task of its own, so that
+    :meth:`unblock` can make the writer stop waiting for a client that does not drain without
+    cancelling the ASGI ``send()`` (whether a cancelled one wrote its bytes is the server's
+    business); the :meth:`cut` then waits, within the grace, for that send and the last word."""
 
-    __slots__ = ()
+    __slots__ = ("_sending", "_unblocked", "_waiting")
+
+    def __init__(self, request: Request, format: Format, dialect: Dialect, **options: Any) -> None:
+        super().__init__(request, format, dialect, **options)
+        self._sending: asyncio.Task[None] | None = None  # the ASGI send() under way
+        self._waiting: asyncio.Future[None] | None = None  # the writer's wait for it
+        self._unblocked = False  # unblock() ended that wait
 
     def _tune(self) -> None:
         pass
 
+    async def send(self, batch: bytes) -> int:
+        self._in_flight = len(batch)
+        self._sending = sending = asyncio.ensure_future(self.response.send(batch))
+        self._waiting = waiting = asyncio.shield(sending)
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            if not self._unblocked:
+                sending.cancel()  # the writer itself is cancelled: the send goes too
+                raise
+            return 0  # unblocked: the cut waits for the send
+        finally:
+            self._in_flight = 0
+            self._waiting = None
+        self._sending = None
+        return len(batch)
+
     def unblock(self) -> None:
-        pass
+        waiting = self._waiting
+        if waiting is not None and not waiting.done():
+            self._unblocked = True
+            waiting.cancel()  # the writer stops waiting; the ASGI send() goes on
 
     async def cut(self, cut: Cut) -> None:
-        pass
+        """What the stuck send holds, then the last word and the end of the body, once the
+        client drains, within another ``send_timeout`` seconds; past that both are abandoned
+        and the body is left unfinished (no terminating chunk: the client can tell), and the
+        ASGI server closes the connection (uvicorn logs ``ASGI callable returned without
+        completing response``)."""
+        if self.response is None:
+            return
+        sending, self._sending = self._sending, None
+        try:
+            await asyncio.wait_for(
+                self._last_word(sending, cut.data), self.send_timeout or _CUT_GRACE
+            )
+        except Exception:  # (TimeoutError) the body stays unfinished, so the client knows
+            stream: Any = self.response.stream  # Sanic's ASGIApp
+            if stream is not None:
+                stream.send = None  # Sanic's mark of an ended stream: no end of the body then
+
+    async def _last_word(self, sending: asyncio.Task[None] | None, data: bytes) -> None:
+        if sending is not None:
+            await sending
+        await self.response.send(data, end_stream=True)
 
 
 async def watch_disconnect(request: Request, left: Callable[[], None]) -> None:

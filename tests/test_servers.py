@@ -1,0 +1,226 @@
+"""The same disconnect, slow-client and shutdown cases on every server a stream can run on:
+Sanic's own, uvicorn and granian (the app as an ASGI app). Where a server does not let us do
+what the native server does, the test says what happens there instead; docs/deploying.md's
+table ("Servers") is filled from these tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import httpx
+import pytest
+from sanic import Request, Sanic
+
+from sanic_streamplus import stream_post, upstream_events
+from sanic_streamplus.testclient import SERVERS, StreamClient
+from sanic_streamplus.testing import FakeUpstream, stream_request
+
+BODY = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
+
+
+def relay_app(make: Callable[..., Sanic[Any, Any]], upstream: FakeUpstream, **config: Any) -> Any:
+    """``POST /s`` relays the fake upstream's chat completions (openai dialect)."""
+    app = make(
+        "servers",
+        STREAMPLUS_UPSTREAM_URL=upstream.url,
+        STREAMPLUS_HEARTBEAT=0,
+        STREAMPLUS_HIGH_WATER_MARK=16 * 1024,
+        **config,
+    )
+
+    @app.post("/s")
+    @stream_post(dialect="openai")
+    async def relay(request: Request) -> Any:
+        return upstream_events(request, "/chat/completions", json=request.json)
+
+    return app
+
+
+def outcomes(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """``<outcome> [error=<type>]`` of each stream's log line so far."""
+    return [
+        " ".join(part for part in r.getMessage().split() if part.startswith(("outcome=", "error=")))
+        for r in caplog.records
+        if r.name == "sanic_streamplus" and "outcome=" in r.getMessage()
+    ]
+
+
+async def logged(caplog: pytest.LogCaptureFixture, count: int) -> list[str]:
+    """:func:`outcomes` once ``count`` streams logged (the line follows the close), within 2 s."""
+    for _ in range(100):
+        if len(found := outcomes(caplog)) >= count:
+            return found
+        await asyncio.sleep(0.02)
+    return outcomes(caplog)
+
+
+def error_type(event: Any) -> str | None:
+    """The ``error.type`` of an openai error frame, else None."""
+    return (
+        (json.loads(event.data).get("error") or {}).get("type") if event.data[:1] == "{" else None
+    )
+
+
+# --- a client that goes away ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize("reset", [False, True], ids=["fin", "reset"])
+@pytest.mark.fake_upstream(tokens=1000, delay=0.01)
+async def test_a_client_that_leaves_closes_the_upstream(
+    server: str,
+    reset: bool,
+    fake_upstream: FakeUpstream,
+    stream_client: Callable[..., StreamClient],
+    streamplus_app: Callable[..., Sanic[Any, Any]],
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    client = await stream_client(relay_app(streamplus_app, fake_upstream), server=server)
+    result = await stream_request(
+        client.url, "/s", BODY, disconnect_after=3, reset_on_disconnect=reset, timeout=5
+    )
+    assert result.status == 200 and result.end == "disconnected"
+    record = fake_upstream.requests[-1]
+    assert await fake_upstream.wait_closed(record, 2.0) is not None, "upstream open 2 s later"
+    assert not record.completed
+    assert await logged(caplog, 1) == ["outcome=client_disconnected"]
+
+
+# --- a client that stops reading -----------------------------------------------------------
+
+TOKEN_SIZE = 2048
+TOKENS = 20_000  # about 40 MB: far more than loopback's socket buffers hold
+
+
+# what a client that comes back after the grace (another send timeout) gets: the native
+# server aborts the connection; under ASGI the body is left unfinished (no terminating chunk)
+LATE: dict[str, type[httpx.HTTPError]] = {
+    "sanic": httpx.ReadError,
+    "uvicorn": httpx.RemoteProtocolError,
+    "granian": httpx.RemoteProtocolError,
+}
+
+
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize("comes_back", ["in time", "late"])
+@pytest.mark.fake_upstream(tokens=TOKENS, token_size=TOKEN_SIZE, delay=0)
+async def test_a_client_that_stops_reading_is_cut_by_the_send_timeout(
+    server: str,
+    comes_back: str,
+    fake_upstream: FakeUpstream,
+    stream_client: Callable[..., StreamClient],
+    streamplus_app: Callable[..., Sanic[Any, Any]],
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The client stops reading, the send timeout (0.5 s) cuts the stream and closes the
+    upstream. A client that reads again within the grace (another send timeout) gets
+    everything up to the cut, the ``send_timeout`` frame, then a clean end; one that comes
+    back later cannot mistake what it gets for a whole stream."""
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    app = relay_app(streamplus_app, fake_upstream, STREAMPLUS_SEND_TIMEOUT=0.5)
+    client = await stream_client(app, server=server)
+    async with http.stream("POST", client.url + "/s", json=BODY) as response:
+        chunks = response.aiter_raw()
+        raw = await anext(chunks)  # then the client stops reading
+        record = await fake_upstream.wait_requests(1, 5)
+        assert await fake_upstream.wait_closed(record, 5) is not None, "the upstream stayed open"
+        assert not record.completed  # cut halfway, not finished
+        if comes_back == "late":
+            await asyncio.sleep(1.5)
+            with pytest.raises(LATE[server]):
+                async for chunk in chunks:
+                    raw += chunk
+        else:
+            async for chunk in chunks:  # the client reads again, within the grace
+                raw += chunk
+    assert await logged(caplog, 1) == ["outcome=timeout error=send_timeout"]
+    events = decode(raw)
+    assert all(error_type(event) is None for event in events[:-2])
+    if comes_back == "in time":
+        assert error_type(events[-2]) == "send_timeout"
+        assert events[-1].data == "[DONE]"
+
+
+def decode(raw: bytes) -> list[Any]:
+    from sanic_streamplus import SSEDecoder
+
+    return SSEDecoder().feed(raw)
+
+
+# --- the server stops ----------------------------------------------------------------------
+
+
+async def read_all(response: httpx.Response) -> list[Any]:
+    from sanic_streamplus import SSEDecoder
+
+    decoder, events = SSEDecoder(), []
+    async for chunk in response.aiter_raw():
+        events += decoder.feed(chunk)
+    return events
+
+
+async def open_streams(url: str, http: httpx.AsyncClient, count: int) -> list[httpx.Response]:
+    return [
+        await http.send(http.build_request("POST", url + "/s", json=BODY), stream=True)
+        for _ in range(count)
+    ]
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
+
+
+# how each server stops: its options, and what an open stream gets
+STOPPING: dict[str, tuple[dict[str, Any], str]] = {
+    "sanic": ({}, "shutdown"),  # before_server_stop: every open stream ends with its frame
+    # uvicorn waits for open responses, then its graceful-shutdown timeout cancels them: the
+    # relay answers that cancellation with the shutdown frame
+    "uvicorn": ({"timeout_graceful_shutdown": 0.3}, "shutdown"),
+    # granian finishes open responses before its lifespan shutdown, and tells the app nothing
+    # (its worker is killed at --workers-kill-timeout): a stream runs to its end
+    "granian": ({}, "completed"),
+}
+
+
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.fake_upstream(tokens=150, delay=0.01)
+async def test_the_server_stopping_ends_every_open_stream(
+    server: str,
+    fake_upstream: FakeUpstream,
+    streamplus_app: Callable[..., Sanic[Any, Any]],
+    http: httpx.AsyncClient,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    caplog.set_level(logging.INFO, "sanic_streamplus")
+    options, outcome = STOPPING[server]
+    app = relay_app(streamplus_app, fake_upstream)
+    stopped: list[int] = []  # open streams when the app's before_server_stop ran
+    app.before_server_stop(lambda app: stopped.append(len(fake_upstream.connections)))
+    serving = await StreamClient(app, server=server, **options)
+    responses = await open_streams(serving.url, http, 2)
+    readers = [asyncio.ensure_future(read_all(response)) for response in responses]
+    await fake_upstream.wait_requests(2, 5)
+    await asyncio.sleep(0.2)  # a few tokens flow; then the server stops
+    await serving.aclose()
+    ends = [await asyncio.wait_for(reader, 5) for reader in readers]
+    for events in ends:
+        assert len(events) > 5, "it was mid-stream"
+        assert events[-1].data == "[DONE]"
+        assert error_type(events[-2]) == (outcome if outcome == "shutdown" else None)
+    for record in fake_upstream.requests:
+        assert record.completed == (outcome == "completed")
+        if not record.completed:
+            assert await fake_upstream.wait_closed(record, 2) is not None
+    assert (
+        await logged(caplog, 2)
+        == [f"outcome={outcome}" + (" error=shutdown" if outcome == "shutdown" else "")] * 2
+    )
