@@ -6,11 +6,11 @@ batch the writer takes and sends in one write (``take``, ``send``), the commit, 
 the JSON answer and the cut. Three of them:
 
 - :class:`SanicDownstream`: Sanic's native server. The commit tunes the client socket
-  (write-buffer high-water mark, ``TCP_USER_TIMEOUT`` and keepalive); ``send()`` returns once the
-  transport has drained below its high-water mark (backpressure); the cut puts the last word
-  into the transport's buffer and closes the connection (aborted if it does not drain within
-  another send timeout). The ``coalesce`` slow-client policy merges text deltas here while the
-  client is behind.
+  (write-buffer high-water mark, ``TCP_NODELAY``, ``TCP_USER_TIMEOUT`` and keepalive);
+  ``send()`` returns once the transport has drained below its high-water mark (backpressure);
+  the cut puts the last word into the transport's buffer and closes the connection (aborted
+  if it does not drain within another send timeout). The ``coalesce`` slow-client policy
+  merges text deltas here while the client is behind.
 - :class:`AsgiDownstream`: the same under an ASGI server, which owns the connection: no socket
   tuning, and the cut's last word goes out once the client drains (within another send
   timeout), after what the stuck send holds; :func:`watch_disconnect` tells the pump when the
@@ -92,11 +92,14 @@ def tune_socket(request: Request, send_timeout: float | None, send_buffer: int |
     that is alive but not reading meets the send timeout first (and its error frame), and the
     kernel does not drop the connection during the cut's grace period. ``send_buffer`` (bytes)
     caps the kernel send buffer, so that a backlog waits where it can still be coalesced.
+    And ``TCP_NODELAY``, whoever made the socket: with Nagle's algorithm a small write waits
+    until the client acknowledged the previous one (up to its delayed-ACK time, 40 ms on
+    Linux), and asyncio turns it off only for sockets made with ``IPPROTO_TCP``.
     No-op without a TCP socket."""
     sock = request.transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
-    options = []
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
     if send_buffer:
         options.append((socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer))
     if send_timeout:

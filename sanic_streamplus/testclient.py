@@ -86,7 +86,9 @@ async def serve_uvicorn(app: Any, **config: Any) -> AsyncIterator[str]:
     import uvicorn
 
     app = _genuine_asgi(app)
-    sock = socket.socket()
+    # made as uvicorn's own (loop.create_server(host, port)): asyncio sets TCP_NODELAY only on
+    # the connections of a socket made with IPPROTO_TCP
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]

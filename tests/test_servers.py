@@ -9,6 +9,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
+import socket
+import sys
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
@@ -90,6 +93,72 @@ async def test_a_client_that_leaves_closes_the_upstream(
     assert await fake_upstream.wait_closed(record, 2.0) is not None, "upstream open 2 s later"
     assert not record.completed
     assert await logged(caplog, 1) == ["outcome=client_disconnected"]
+
+
+# --- the client socket's options -----------------------------------------------------------
+
+# what the server-side socket of a stream's connection has, once the stream is committed
+# (STREAMPLUS_SEND_TIMEOUT 7.5 s): ours on the native server, the ASGI server's otherwise
+SOCKET_OPTIONS: dict[str, dict[str, int]] = {
+    "sanic": {"TCP_NODELAY": 1, "SO_KEEPALIVE": 1, "TCP_USER_TIMEOUT": 15000, "TCP_KEEPIDLE": 2},
+    "uvicorn": {"TCP_NODELAY": 1, "SO_KEEPALIVE": 0, "TCP_USER_TIMEOUT": 0, "TCP_KEEPIDLE": 7200},
+    "granian": {"TCP_NODELAY": 1, "SO_KEEPALIVE": 0, "TCP_USER_TIMEOUT": 0, "TCP_KEEPIDLE": 7200},
+}
+
+
+def accepted_socket(port: int, peer_port: int) -> socket.socket:
+    """A duplicate of this process's socket connected 127.0.0.1:``port`` <- ``peer_port``: the
+    server's side of a connection (every server here runs in the test's process)."""
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            sock = socket.socket(fileno=os.dup(int(name)))
+        except OSError:  # not a socket
+            continue
+        with sock:
+            try:
+                ends = sock.getsockname()[1], sock.getpeername()[1]
+            except (OSError, IndexError, TypeError):
+                continue
+            if sock.type == socket.SOCK_STREAM and ends == (port, peer_port):
+                return sock.dup()
+    raise LookupError(f"no socket 127.0.0.1:{port} <- {peer_port} in this process")
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/fd and TCP_USER_TIMEOUT")
+@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.fake_upstream(tokens=1000, delay=0.01)
+async def test_the_client_socket_options(
+    server: str,
+    fake_upstream: FakeUpstream,
+    stream_client: Callable[..., StreamClient],
+    streamplus_app: Callable[..., Sanic[Any, Any]],
+) -> None:
+    app = relay_app(streamplus_app, fake_upstream, STREAMPLUS_SEND_TIMEOUT=7.5)
+    client = await stream_client(app, server=server)
+    port = int(client.url.rsplit(":", 1)[1])
+    body = json.dumps(BODY).encode()
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(
+            b"POST /s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Content-Length: %d\r\n\r\n%b" % (len(body), body)
+        )
+        seen = b""
+        while b"data:" not in seen:  # committed: the native server tuned the socket by now
+            chunk = await asyncio.wait_for(reader.read(4096), 5)
+            assert chunk, "the server closed early"
+            seen += chunk
+        with accepted_socket(port, writer.get_extra_info("sockname")[1]) as sock:
+            options = {
+                name: sock.getsockopt(
+                    socket.SOL_SOCKET if name.startswith("SO_") else socket.IPPROTO_TCP,
+                    getattr(socket, name),
+                )
+                for name in SOCKET_OPTIONS[server]
+            }
+    finally:
+        writer.close()
+    assert options == SOCKET_OPTIONS[server]
 
 
 # --- a client that stops reading -----------------------------------------------------------
