@@ -124,7 +124,9 @@ async def relay(
 
     Raises:
         asyncio.CancelledError: the client disconnected (native server); the source is closed
-            first. Under ASGI the relay ends quietly instead.
+            first. Under ASGI the relay ends quietly instead, and a cancellation of the request
+            (uvicorn's, at its ``timeout_graceful_shutdown``) ends the stream with its
+            ``shutdown`` frame, as a native server's stop does.
     """
     all_headers = {**STREAM_HEADERS, **headers} if headers else STREAM_HEADERS
     machine = StreamMachine(options.dialect, options.format, all_headers)
