@@ -1,7 +1,9 @@
 """The same disconnect, slow-client and shutdown cases on every server a stream can run on:
 Sanic's own, uvicorn and granian (the app as an ASGI app). Where a server does not let us do
-what the native server does, the test says what happens there instead; docs/deploying.md's
-table ("Servers") is filled from these tests.
+what the native server does, the test says what happens there instead; the table of
+docs/deploying.md ("ASGI servers") is filled from these tests. Every server runs in the test's
+process on 127.0.0.1 (the kit's ``stream_client``: ``serve_app``, ``serve_uvicorn``,
+``serve_granian``).
 """
 
 from __future__ import annotations
@@ -19,9 +21,9 @@ import httpx
 import pytest
 from sanic import Request, Sanic
 
-from sanic_streamplus import stream_post, upstream_events
+from sanic_streamplus import ServerSentEvent, SSEDecoder, stream_post, upstream_events
 from sanic_streamplus.testclient import SERVERS, StreamClient
-from sanic_streamplus.testing import FakeUpstream, stream_request
+from sanic_streamplus.testing import FakeUpstream, fake_tokens, stream_request
 
 BODY = {"model": "fake", "stream": True, "messages": [{"role": "user", "content": "hi"}]}
 
@@ -62,11 +64,18 @@ async def logged(caplog: pytest.LogCaptureFixture, count: int) -> list[str]:
     return outcomes(caplog)
 
 
-def error_type(event: Any) -> str | None:
+def error_type(event: ServerSentEvent) -> str | None:
     """The ``error.type`` of an openai error frame, else None."""
     return (
         (json.loads(event.data).get("error") or {}).get("type") if event.data[:1] == "{" else None
     )
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[httpx.AsyncClient]:
+    """A plain httpx client (the server under test is the kit's; the client is ours)."""
+    async with httpx.AsyncClient(timeout=10) as client:
+        yield client
 
 
 # --- a client that goes away ---------------------------------------------------------------
@@ -210,86 +219,82 @@ async def test_a_client_that_stops_reading_is_cut_by_the_send_timeout(
             async for chunk in chunks:  # the client reads again, within the grace
                 raw += chunk
     assert await logged(caplog, 1) == ["outcome=timeout error=send_timeout"]
-    events = decode(raw)
-    assert all(error_type(event) is None for event in events[:-2])
+    events = SSEDecoder().feed(raw)
     if comes_back == "in time":
         assert error_type(events[-2]) == "send_timeout"
         assert events[-1].data == "[DONE]"
-
-
-def decode(raw: bytes) -> list[Any]:
-    from sanic_streamplus import SSEDecoder
-
-    return SSEDecoder().feed(raw)
+        events = events[:-2]
+    assert all(error_type(event) is None for event in events)
+    text = "".join(
+        json.loads(event.data)["choices"][0]["delta"].get("content") or "" for event in events
+    )
+    assert text and "".join(fake_tokens(TOKENS, TOKEN_SIZE)).startswith(text)  # no gap, no repeat
 
 
 # --- the server stops ----------------------------------------------------------------------
 
 
-async def read_all(response: httpx.Response) -> list[Any]:
-    from sanic_streamplus import SSEDecoder
-
+async def read_all(response: httpx.Response) -> list[ServerSentEvent]:
     decoder, events = SSEDecoder(), []
     async for chunk in response.aiter_raw():
         events += decoder.feed(chunk)
     return events
 
 
-async def open_streams(url: str, http: httpx.AsyncClient, count: int) -> list[httpx.Response]:
-    return [
-        await http.send(http.build_request("POST", url + "/s", json=BODY), stream=True)
-        for _ in range(count)
-    ]
+# how each server stops (its options): what every open stream gets, and how many streams were
+# still open when the app's before_server_stop listeners ran (None: not asserted, a race)
+STOPPING = [
+    # before_server_stop ends every open stream with its frame
+    pytest.param("sanic", {}, "shutdown", None, id="sanic"),
+    # uvicorn runs the lifespan shutdown only once open responses ended, and at its
+    # graceful-shutdown timeout cancels them: the relay answers that with the shutdown frame
+    pytest.param("uvicorn", {"timeout_graceful_shutdown": 0.3}, "shutdown", None, id="uvicorn"),
+    # without that timeout uvicorn waits for every stream to end by itself
+    pytest.param("uvicorn", {}, "completed", 0, id="uvicorn-no-graceful-timeout"),
+    # granian finishes open responses before its lifespan shutdown and tells the app nothing (at
+    # --workers-kill-timeout its worker is killed): a stream runs to its end
+    pytest.param("granian", {}, "completed", 0, id="granian"),
+]
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(timeout=10) as client:
-        yield client
-
-
-# how each server stops: its options, and what an open stream gets
-STOPPING: dict[str, tuple[dict[str, Any], str]] = {
-    "sanic": ({}, "shutdown"),  # before_server_stop: every open stream ends with its frame
-    # uvicorn waits for open responses, then its graceful-shutdown timeout cancels them: the
-    # relay answers that cancellation with the shutdown frame
-    "uvicorn": ({"timeout_graceful_shutdown": 0.3}, "shutdown"),
-    # granian finishes open responses before its lifespan shutdown, and tells the app nothing
-    # (its worker is killed at --workers-kill-timeout): a stream runs to its end
-    "granian": ({}, "completed"),
-}
-
-
-@pytest.mark.parametrize("server", SERVERS)
+@pytest.mark.parametrize(("server", "options", "outcome", "open_at_stop"), STOPPING)
 @pytest.mark.fake_upstream(tokens=150, delay=0.01)
 async def test_the_server_stopping_ends_every_open_stream(
     server: str,
+    options: dict[str, Any],
+    outcome: str,
+    open_at_stop: int | None,
     fake_upstream: FakeUpstream,
     streamplus_app: Callable[..., Sanic[Any, Any]],
     http: httpx.AsyncClient,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
+    """Two streams are open (1.5 s each) when the server stops, 0.2 s in."""
     caplog.set_level(logging.INFO, "sanic_streamplus")
-    options, outcome = STOPPING[server]
     app = relay_app(streamplus_app, fake_upstream)
-    stopped: list[int] = []  # open streams when the app's before_server_stop ran
-    app.before_server_stop(lambda app: stopped.append(len(fake_upstream.connections)))
+    at_stop: list[int] = []
+    app.before_server_stop(lambda app: at_stop.append(len(app.ctx.streamplus.streams)))
     serving = await StreamClient(app, server=server, **options)
-    responses = await open_streams(serving.url, http, 2)
+    responses = [
+        await http.send(http.build_request("POST", serving.url + "/s", json=BODY), stream=True)
+        for _ in range(2)
+    ]
     readers = [asyncio.ensure_future(read_all(response)) for response in responses]
     await fake_upstream.wait_requests(2, 5)
     await asyncio.sleep(0.2)  # a few tokens flow; then the server stops
     await serving.aclose()
     ends = [await asyncio.wait_for(reader, 5) for reader in readers]
+    frame = "shutdown" if outcome == "shutdown" else None
     for events in ends:
         assert len(events) > 5, "it was mid-stream"
+        assert error_type(events[-2]) == frame
         assert events[-1].data == "[DONE]"
-        assert error_type(events[-2]) == (outcome if outcome == "shutdown" else None)
     for record in fake_upstream.requests:
         assert record.completed == (outcome == "completed")
         if not record.completed:
-            assert await fake_upstream.wait_closed(record, 2) is not None
-    assert (
-        await logged(caplog, 2)
-        == [f"outcome={outcome}" + (" error=shutdown" if outcome == "shutdown" else "")] * 2
-    )
+            assert await fake_upstream.wait_closed(record, 2) is not None, "upstream left open"
+    line = f"outcome={outcome}" + (" error=shutdown" if frame else "")
+    assert await logged(caplog, 2) == [line, line]
+    assert not [r for r in caplog.records if r.exc_info], "a traceback was logged"
+    if open_at_stop is not None:
+        assert at_stop == [open_at_stop]
