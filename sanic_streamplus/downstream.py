@@ -26,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from sanic import Request
@@ -291,10 +291,11 @@ class SanicDownstream:
 
 class AsgiDownstream(SanicDownstream):
     """A Sanic response under an ASGI server, which owns the connection: no socket options, and
-    no buffer to put the last word into. Each :meth:`send` runs as a task of its own, so that
-    :meth:`unblock` can make the writer stop waiting for a client that does not drain without
-    cancelling the ASGI ``send()`` (whether a cancelled one wrote its bytes is the server's
-    business); the :meth:`cut` then waits, within the grace, for that send and the last word."""
+    no buffer to put the last word into. Each write (:meth:`send`, :meth:`finish`) runs as a
+    task of its own, so that :meth:`unblock` can make the writer stop waiting for a client that
+    does not drain without cancelling the ASGI ``send()`` (whether a cancelled one wrote its
+    bytes is the server's business); the :meth:`cut` then waits, within the grace, for that
+    write and the last word."""
 
     __slots__ = ("_sending", "_unblocked", "_waiting")
 
@@ -309,20 +310,31 @@ class AsgiDownstream(SanicDownstream):
 
     async def send(self, batch: bytes) -> int:
         self._in_flight = len(batch)
-        self._sending = sending = asyncio.ensure_future(self.response.send(batch))
-        self._waiting = waiting = asyncio.shield(sending)
+        try:
+            return len(batch) if await self._detachable(self.response.send(batch)) else 0
+        finally:
+            self._in_flight = 0
+
+    async def finish(self, frame: FinalFrame, ending: Ending) -> int:
+        sent = await self._detachable(self.response.send(frame.data, end_stream=True))
+        return len(frame.data) if sent else 0
+
+    async def _detachable(self, sending: Coroutine[Any, Any, None]) -> bool:
+        """Await ``sending`` (an ASGI write) as a task of its own; False if :meth:`unblock`
+        made the wait end first (the write goes on: the cut awaits it)."""
+        self._sending = task = asyncio.ensure_future(sending)
+        self._waiting = waiting = asyncio.shield(task)
         try:
             await waiting
         except asyncio.CancelledError:
             if not self._unblocked:
-                sending.cancel()  # the writer itself is cancelled: the send goes too
+                task.cancel()  # the writer itself is cancelled: the write goes too
                 raise
-            return 0  # unblocked: the cut waits for the send
+            return False
         finally:
-            self._in_flight = 0
             self._waiting = None
         self._sending = None
-        return len(batch)
+        return True
 
     def unblock(self) -> None:
         waiting = self._waiting
@@ -331,7 +343,7 @@ class AsgiDownstream(SanicDownstream):
             waiting.cancel()  # the writer stops waiting; the ASGI send() goes on
 
     async def cut(self, cut: Cut) -> None:
-        """What the stuck send holds, then the last word and the end of the body, once the
+        """What the stuck write holds, then the last word and the end of the body, once the
         client drains, within another ``send_timeout`` seconds; past that both are abandoned
         and the body is left unfinished (no terminating chunk: the client can tell), and the
         ASGI server closes the connection (uvicorn logs ``ASGI callable returned without

@@ -252,8 +252,9 @@ STOPPING = [
     # without that timeout uvicorn waits for every stream to end by itself
     pytest.param("uvicorn", {}, "completed", 0, id="uvicorn-no-graceful-timeout"),
     # granian finishes open responses before its lifespan shutdown and tells the app nothing (at
-    # --workers-kill-timeout its worker is killed): a stream runs to its end
-    pytest.param("granian", {}, "completed", 0, id="granian"),
+    # --workers-kill-timeout its worker is killed): a stream runs to its end (granian waits
+    # for the connections, not for the app's tasks: a relay may still be logging at the stop)
+    pytest.param("granian", {}, "completed", None, id="granian"),
 ]
 
 
