@@ -6,14 +6,15 @@ batch the writer takes and sends in one write (``take``, ``send``), the commit, 
 the JSON answer and the cut. Three of them:
 
 - :class:`SanicDownstream`: Sanic's native server. The commit tunes the client socket
-  (write-buffer high-water mark, ``TCP_USER_TIMEOUT`` and keepalive); ``send()`` returns once the
-  transport has drained below its high-water mark (backpressure); the cut puts the last word
-  into the transport's buffer and closes the connection (aborted if it does not drain within
-  another send timeout). The ``coalesce`` slow-client policy merges text deltas here while the
-  client is behind.
+  (write-buffer high-water mark, ``TCP_NODELAY``, ``TCP_USER_TIMEOUT`` and keepalive);
+  ``send()`` returns once the transport has drained below its high-water mark (backpressure);
+  the cut puts the last word into the transport's buffer and closes the connection (aborted
+  if it does not drain within another send timeout). The ``coalesce`` slow-client policy
+  merges text deltas here while the client is behind.
 - :class:`AsgiDownstream`: the same under an ASGI server, which owns the connection: no socket
-  tuning and no cut of ours; :func:`watch_disconnect` tells the pump when the client left
-  (Sanic never notices ``http.disconnect``).
+  tuning, and the cut's last word goes out once the client drains (within another send
+  timeout), after what the stuck send holds; :func:`watch_disconnect` tells the pump when the
+  client left (Sanic never notices ``http.disconnect``).
 - :class:`MemoryDownstream`: a list, for tests and benchmarks of the pump itself.
 
 The resumable producer's downstream, the event store, lives with the producer
@@ -25,7 +26,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import socket
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, Protocol
 
 from sanic import Request
@@ -91,11 +92,14 @@ def tune_socket(request: Request, send_timeout: float | None, send_buffer: int |
     that is alive but not reading meets the send timeout first (and its error frame), and the
     kernel does not drop the connection during the cut's grace period. ``send_buffer`` (bytes)
     caps the kernel send buffer, so that a backlog waits where it can still be coalesced.
+    And ``TCP_NODELAY``, whoever made the socket: with Nagle's algorithm a small write waits
+    until the client acknowledged the previous one (up to its delayed-ACK time, 40 ms on
+    Linux), and asyncio turns it off only for sockets made with ``IPPROTO_TCP``.
     No-op without a TCP socket."""
     sock = request.transport.get_extra_info("socket")
     if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
         return
-    options = []
+    options = [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]
     if send_buffer:
         options.append((socket.SOL_SOCKET, socket.SO_SNDBUF, send_buffer))
     if send_timeout:
@@ -286,20 +290,80 @@ class SanicDownstream:
 
 
 class AsgiDownstream(SanicDownstream):
-    """A Sanic response under an ASGI server: the server owns the connection, so no socket
-    options and no cut of ours (the send that waits returns when the client reads or leaves;
-    the source is closed at once either way)."""
+    """A Sanic response under an ASGI server, which owns the connection: no socket options, and
+    no buffer to put the last word into. Each write (:meth:`send`, :meth:`finish`) runs as a
+    task of its own, so that :meth:`unblock` can make the writer stop waiting for a client that
+    does not drain without cancelling the ASGI ``send()`` (whether a cancelled one wrote its
+    bytes is the server's business); the :meth:`cut` then waits, within the grace, for that
+    write and the last word."""
 
-    __slots__ = ()
+    __slots__ = ("_sending", "_unblocked", "_waiting")
+
+    def __init__(self, request: Request, format: Format, dialect: Dialect, **options: Any) -> None:
+        super().__init__(request, format, dialect, **options)
+        self._sending: asyncio.Task[None] | None = None  # the ASGI send() under way
+        self._waiting: asyncio.Future[None] | None = None  # the writer's wait for it
+        self._unblocked = False  # unblock() ended that wait
 
     def _tune(self) -> None:
         pass
 
+    async def send(self, batch: bytes) -> int:
+        self._in_flight = len(batch)
+        try:
+            return len(batch) if await self._detachable(self.response.send(batch)) else 0
+        finally:
+            self._in_flight = 0
+
+    async def finish(self, frame: FinalFrame, ending: Ending) -> int:
+        sent = await self._detachable(self.response.send(frame.data, end_stream=True))
+        return len(frame.data) if sent else 0
+
+    async def _detachable(self, sending: Coroutine[Any, Any, None]) -> bool:
+        """Await ``sending`` (an ASGI write) as a task of its own; False if :meth:`unblock`
+        made the wait end first (the write goes on: the cut awaits it)."""
+        self._sending = task = asyncio.ensure_future(sending)
+        self._waiting = waiting = asyncio.shield(task)
+        try:
+            await waiting
+        except asyncio.CancelledError:
+            if not self._unblocked:
+                task.cancel()  # the writer itself is cancelled: the write goes too
+                raise
+            return False
+        finally:
+            self._waiting = None
+        self._sending = None
+        return True
+
     def unblock(self) -> None:
-        pass
+        waiting = self._waiting
+        if waiting is not None and not waiting.done():
+            self._unblocked = True
+            waiting.cancel()  # the writer stops waiting; the ASGI send() goes on
 
     async def cut(self, cut: Cut) -> None:
-        pass
+        """What the stuck write holds, then the last word and the end of the body, once the
+        client drains, within another ``send_timeout`` seconds; past that both are abandoned
+        and the body is left unfinished (no terminating chunk: the client can tell), and the
+        ASGI server closes the connection (uvicorn logs ``ASGI callable returned without
+        completing response``)."""
+        if self.response is None:
+            return
+        sending, self._sending = self._sending, None
+        try:
+            await asyncio.wait_for(
+                self._last_word(sending, cut.data), self.send_timeout or _CUT_GRACE
+            )
+        except Exception:  # (TimeoutError) the body stays unfinished, so the client knows
+            stream: Any = self.response.stream  # Sanic's ASGIApp
+            if stream is not None:
+                stream.send = None  # Sanic's mark of an ended stream: no end of the body then
+
+    async def _last_word(self, sending: asyncio.Task[None] | None, data: bytes) -> None:
+        if sending is not None:
+            await sending
+        await self.response.send(data, end_stream=True)
 
 
 async def watch_disconnect(request: Request, left: Callable[[], None]) -> None:

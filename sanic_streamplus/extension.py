@@ -68,8 +68,8 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
     ``<STREAMPLUS_RESUME_PATH>/<stream_id>``) and opens their event store with the client.
     When the server stops (``before_server_stop``), every open stream ends with a ``shutdown``
     error frame in its dialect and its upstream closed, within half of Sanic's
-    ``GRACEFUL_SHUTDOWN_TIMEOUT`` (native server; an ASGI server closes connections before its
-    lifespan shutdown runs).
+    ``GRACEFUL_SHUTDOWN_TIMEOUT`` (native server; ASGI servers run the lifespan shutdown only
+    once their open responses ended: see :func:`~sanic_streamplus.relay.relay` for uvicorn).
 
     Raises:
         ValueError: at server start, for a malformed ``STREAMPLUS_*`` value.

@@ -11,9 +11,10 @@ say), ``-p no:streamplus`` turns it off. Fixtures:
     with a dict (``@pytest.mark.parametrize("fake_upstream", [{...}], indirect=True)``), which
     wins over the marker.
 ``stream_client``
-    a factory: ``client = await stream_client(app)`` (or ``server="uvicorn"``) serves the app on
-    127.0.0.1 and gives a :class:`~sanic_streamplus.testclient.StreamClient`; ``async with
-    stream_client(app) as client:`` works too. Every client it made is closed after the test.
+    a factory: ``client = await stream_client(app)`` (or ``server="uvicorn"``, ``"granian"``)
+    serves the app on 127.0.0.1 and gives a
+    :class:`~sanic_streamplus.testclient.StreamClient`; ``async with stream_client(app) as
+    client:`` works too. Every client it made is closed after the test.
 ``streamplus_app``
     a factory: ``streamplus_app(STREAMPLUS_UPSTREAM_URL=..., **config)`` gives a new Sanic app
     of a unique name, ``config`` set on ``app.config``, ``StreamPlus`` extended.
@@ -57,6 +58,7 @@ def _async_fixture(function: _F) -> _F:
     except ImportError:  # pragma: no cover - the testing extra installs pytest-asyncio
         return cast(_F, pytest.fixture(function))
     return cast(_F, pytest_asyncio.fixture(function))
+
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(

@@ -124,7 +124,9 @@ async def relay(
 
     Raises:
         asyncio.CancelledError: the client disconnected (native server); the source is closed
-            first. Under ASGI the relay ends quietly instead.
+            first. Under ASGI the relay ends quietly instead, and a cancellation of the request
+            (uvicorn's, at its ``timeout_graceful_shutdown``) ends the stream with its
+            ``shutdown`` frame, as a native server's stop does.
     """
     all_headers = {**STREAM_HEADERS, **headers} if headers else STREAM_HEADERS
     machine = StreamMachine(options.dialect, options.format, all_headers)
@@ -151,13 +153,32 @@ async def relay(
     if registry is not None:
         registry.add(pump)
     try:
-        await pump.run(source)
+        await (_run_asgi(pump, source) if asgi else pump.run(source))
     finally:
         if registry is not None:
             registry.discard(pump)
         if watcher is not None:
             watcher.cancel()
     return downstream.refusal
+
+
+async def _run_asgi(pump: Pump, source: AsyncIterable[Any]) -> None:
+    """``pump.run(source)`` under an ASGI server, which tells an app nothing when it stops but
+    cancels the requests it will not wait for any more (uvicorn, at its
+    ``timeout_graceful_shutdown``): that cancellation ends the stream as a server stop does,
+    with its ``shutdown`` frame, and the request then ends normally (a second cancellation
+    ends it at once, as a disconnect)."""
+    running = asyncio.ensure_future(pump.run(source))
+    try:
+        await asyncio.shield(running)
+    except asyncio.CancelledError:
+        if running.done():
+            raise
+        pump.shutdown()
+        await running
+        task: Any = asyncio.current_task()
+        if hasattr(task, "uncancel"):  # Python 3.11+: the cancellation is answered
+            task.uncancel()
 
 
 async def shutdown_streams(registry: set[Any], timeout: float) -> None:

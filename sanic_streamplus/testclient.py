@@ -11,10 +11,10 @@ shape and reads as the bytes arrive::
             async for event in response.aiter_events():           # ServerSentEvent objects
                 ...
 
-The app runs in the running event loop on 127.0.0.1 port 0, on Sanic's own server
+The app runs in the running event loop on 127.0.0.1, on Sanic's own server
 (:func:`~sanic_streamplus.testing.serve_app`) or as an ASGI app under uvicorn
-(:func:`serve_uvicorn`); a real ``httpx.AsyncClient`` talks to it, and events are decoded by the
-package's own :class:`~sanic_streamplus.sse.SSEDecoder`.
+(:func:`serve_uvicorn`) or granian (:func:`serve_granian`); a real ``httpx.AsyncClient`` talks to
+it, and events are decoded by the package's own :class:`~sanic_streamplus.sse.SSEDecoder`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,18 @@ import httpx
 from .sse import ServerSentEvent, SSEDecoder
 from .testing import serve_app
 
-__all__ = ["StreamClient", "StreamResponse", "serve_uvicorn", "stream_client", "streamplus_app"]
+__all__ = [
+    "SERVERS",
+    "StreamClient",
+    "StreamResponse",
+    "serve_granian",
+    "serve_uvicorn",
+    "stream_client",
+    "streamplus_app",
+]
 
-Server = Literal["sanic", "uvicorn"]
-SERVERS: tuple[Server, ...] = ("sanic", "uvicorn")
+Server = Literal["sanic", "uvicorn", "granian"]
+SERVERS: tuple[Server, ...] = ("sanic", "uvicorn", "granian")
 _app_names = itertools.count()
 
 
@@ -78,7 +86,9 @@ async def serve_uvicorn(app: Any, **config: Any) -> AsyncIterator[str]:
     import uvicorn
 
     app = _genuine_asgi(app)
-    sock = socket.socket()
+    # made as uvicorn's own (loop.create_server(host, port)): asyncio sets TCP_NODELAY only on
+    # the connections of a socket made with IPPROTO_TCP
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.bind(("127.0.0.1", 0))
     sock.listen(128)
     port = sock.getsockname()[1]
@@ -97,6 +107,72 @@ async def serve_uvicorn(app: Any, **config: Any) -> AsyncIterator[str]:
         if not task.done():
             await asyncio.wait_for(task, 10)
         sock.close()
+
+
+@contextlib.asynccontextmanager
+async def serve_granian(app: Any, **config: Any) -> AsyncIterator[str]:
+    """Run the Sanic ``app`` as an ASGI app under granian's embedded server
+    (``granian.server.embed``: its Rust workers in threads, the app in the running loop) on a
+    free port of 127.0.0.1, with the ASGI lifespan protocol on (``Interfaces.ASGI``: Sanic's
+    server listeners run from it).
+
+    Args:
+        app: the Sanic app (any ASGI app works).
+        config: more ``granian.server.embed.Server`` options (``log_level`` is ``"warning"``
+            unless given; granian's own log records propagate to the root logger).
+
+    Yields:
+        the base URL (str), e.g. ``http://127.0.0.1:PORT``, once a connection is accepted
+        (within 10 s).
+
+    Raises:
+        ImportError: granian is not installed (it comes with the ``testing`` extra).
+        RuntimeError: granian stopped, or accepted no connection within 10 s.
+    """
+    from granian.constants import Interfaces
+    from granian.server.embed import Server as Granian
+
+    with socket.socket() as probe:  # granian binds the port itself: take a free one
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    options: dict[str, Any] = {
+        "log_level": "warning",
+        "log_dictconfig": {"loggers": {"_granian": {"propagate": True}}},
+    }
+    options.update(config)
+    server: Any = Granian(
+        _genuine_asgi(app), address="127.0.0.1", port=port, interface=Interfaces.ASGI, **options
+    )
+    task = asyncio.ensure_future(server.serve())
+    try:
+        await _accepting(port, task, "granian")
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.stop()
+        if not task.done():
+            await asyncio.wait_for(task, 10)
+
+
+async def _accepting(port: int, task: asyncio.Future[Any], name: str) -> None:
+    """Wait until 127.0.0.1:``port`` accepts a connection (at most 10 s).
+
+    Raises:
+        RuntimeError: ``task`` (the server) ended first, or 10 s passed.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + 10
+    while loop.time() < deadline:
+        if task.done():
+            await task  # its own error first, if it has one
+            raise RuntimeError(f"{name} stopped before it started serving the app")
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+        except OSError:
+            await asyncio.sleep(0.02)
+            continue
+        writer.close()
+        return
+    raise RuntimeError(f"{name} accepted no connection on port {port} within 10 s")
 
 
 def _genuine_asgi(app: Any) -> Any:
@@ -209,10 +285,12 @@ class StreamClient:
 
     Args:
         app: the Sanic app.
-        server: ``"sanic"`` (Sanic's own server, :func:`~sanic_streamplus.testing.serve_app`)
-            or ``"uvicorn"`` (the app as an ASGI app, :func:`serve_uvicorn`).
+        server: ``"sanic"`` (Sanic's own server, :func:`~sanic_streamplus.testing.serve_app`),
+            ``"uvicorn"`` or ``"granian"`` (the app as an ASGI app, :func:`serve_uvicorn`,
+            :func:`serve_granian`).
         timeout: the httpx client's timeout, in seconds (connect, each read, each write).
-        server_options: more options for ``app.create_server`` or ``uvicorn.Config``.
+        server_options: more options for ``app.create_server``, ``uvicorn.Config`` or granian's
+            embedded ``Server``.
 
     Raises:
         ValueError: an unknown ``server``.
@@ -257,7 +335,9 @@ class StreamClient:
             return self
         stack = contextlib.AsyncExitStack()
         try:
-            serve = serve_app if self.server == "sanic" else serve_uvicorn
+            serve = {"sanic": serve_app, "uvicorn": serve_uvicorn, "granian": serve_granian}[
+                self.server
+            ]
             self.url = await stack.enter_async_context(serve(self.app, **self.server_options))
             self._http = await stack.enter_async_context(
                 httpx.AsyncClient(base_url=self.url, timeout=self.timeout)
