@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from sanic.exceptions import SanicException
 
-from ._aio import aclose_iterator, close_completely
+from ._aio import Wake, aclose_iterator, close_completely
 from .errors import InvalidRequest, SendTimeout, SlowClient, StreamPlusError, UpstreamErrorEvent
 from .framing import EventKind, to_event
 from .machine import (
@@ -177,7 +177,7 @@ class Pump:
         self.first_byte: float | None = None
         self.sending_since: float | None = None  # loop time the current write began
         self.reader: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()  # the writer has something to do
+        self._wake = Wake()  # the writer has something to do
         self._backlog: asyncio.Future[None] | None = None  # the reader waits for the writer
         self._commit: Commit | None = None  # a commit the writer makes before it writes
         self._cut: Cut | None = None  # the cut the writer makes instead of an end
@@ -345,7 +345,6 @@ class Pump:
         assert reader is not None
         while True:
             await wake.wait()
-            wake.clear()
             if machine.phase is Phase.ENDED:
                 return
             if self._commit is not None:
