@@ -1,5 +1,5 @@
 """Asyncio tools the relay, the producer and the upstream client share: a close that survives
-cancellation, closing an async iterator, and a cheap resettable deadline."""
+cancellation, closing an async iterator, a cheap resettable deadline and a cheap wake-up."""
 
 from __future__ import annotations
 
@@ -116,3 +116,38 @@ class Deadline:
         if self._handle is not None:
             self._handle.cancel()
             self._handle = None
+
+
+class Wake:
+    """A wake-up for one waiting task: :meth:`set` from anywhere (a task, a callback);
+    :meth:`wait` returns at once if it was set since the last wait, else when it is set, and
+    clears it. ``asyncio.Event`` without its waiter deque (memory per stream) and its loop
+    look-ups (time per event): a future exists only while the task waits."""
+
+    __slots__ = ("_loop", "_set", "_waiter")
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._set = False
+        self._waiter: asyncio.Future[None] | None = None
+
+    def set(self) -> None:
+        """Wake the waiting task, or the next :meth:`wait`."""
+        self._set = True
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    async def wait(self) -> None:
+        """Wait until set (return at once if set already), then clear.
+
+        Raises:
+            asyncio.CancelledError: the task was cancelled while it waited.
+        """
+        if not self._set:
+            self._waiter = waiter = self._loop.create_future()
+            try:
+                await waiter
+            finally:
+                self._waiter = None
+        self._set = False

@@ -264,6 +264,24 @@ class StreamMachine:
         bytes: bytes the adapter reported written (:meth:`written`).
     """
 
+    __slots__ = (
+        "_beat",
+        "_encode",
+        "_finished",
+        "_headers",
+        "_last",
+        "_last_word",
+        "_refusal",
+        "_started",
+        "bytes",
+        "dialect",
+        "ending",
+        "events",
+        "format",
+        "phase",
+        "status",
+    )
+
     def __init__(
         self, dialect: Dialect, format: Format, headers: Mapping[str, str] | None = None
     ) -> None:

@@ -29,12 +29,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterable
+from collections.abc import AsyncIterable, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 from sanic.exceptions import SanicException
 
-from ._aio import aclose_iterator, close_completely
+from ._aio import Wake, aclose_iterator, close_completely
 from .errors import InvalidRequest, SendTimeout, SlowClient, StreamPlusError, UpstreamErrorEvent
 from .framing import EventKind, to_event
 from .machine import (
@@ -87,6 +87,19 @@ def stream_error(exc: BaseException) -> StreamPlusError:
     if outcome_for(error) is Outcome.INTERNAL_ERROR:
         logger.exception("stream handler failed", exc_info=exc)
     return error
+
+
+def _events(source: AsyncIterable[Any], dialect: str) -> tuple[AsyncIterator[Any], bool]:
+    """The iterator to read ``source`` with, and whether it yields ``(event, kind)`` pairs: a
+    source that classifies its events in the stream's dialect already (its
+    ``classified(dialect)`` gives the pairs, e.g.
+    :class:`~sanic_streamplus.upstream.UpstreamEvents`) is not classified twice."""
+    classified = getattr(source, "classified", None)
+    if callable(classified):
+        pairs = classified(dialect)
+        if pairs is not None:
+            return pairs, True
+    return source.__aiter__(), False
 
 
 class Pump:
@@ -164,7 +177,7 @@ class Pump:
         self.first_byte: float | None = None
         self.sending_since: float | None = None  # loop time the current write began
         self.reader: asyncio.Task[None] | None = None
-        self._wake = asyncio.Event()  # the writer has something to do
+        self._wake = Wake()  # the writer has something to do
         self._backlog: asyncio.Future[None] | None = None  # the reader waits for the writer
         self._commit: Commit | None = None  # a commit the writer makes before it writes
         self._cut: Cut | None = None  # the cut the writer makes instead of an end
@@ -253,14 +266,17 @@ class Pump:
         put, wake, feed, event_in = downstream.put, self._wake, machine.feed, machine.event
         kind_of, usage = machine.dialect.end_kind, machine.dialect.usage
         dialect = machine.dialect.name
-        iterator = source.__aiter__()
+        iterator, pairs = _events(source, dialect)
         try:
             try:
                 async for item in iterator:
-                    event = item if type(item) is ServerSentEvent else to_event(item)
+                    if pairs:  # classified by the source, in this dialect
+                        event, kind = item
+                    else:
+                        event = item if type(item) is ServerSentEvent else to_event(item)
+                        kind = kind_of(event)
                     if watch is not None:
                         watch.event(usage(event))
-                    kind = kind_of(event)
                     data = feed(event, kind)
                     if data is not None:  # the hot path: one more write
                         if not downstream.queued:  # (else the writer knows already)
@@ -329,7 +345,6 @@ class Pump:
         assert reader is not None
         while True:
             await wake.wait()
-            wake.clear()
             if machine.phase is Phase.ENDED:
                 return
             if self._commit is not None:

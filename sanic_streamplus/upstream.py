@@ -10,15 +10,22 @@ completes even if a second cancellation lands while it runs.
 from __future__ import annotations
 
 import asyncio
+import functools
 import json
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
 
 import aiohttp
 import httpx
 from httpx_aiohttp import AiohttpTransport
+from httpx_aiohttp.transport import AiohttpResponseStream
+
+try:
+    from httpx_aiohttp.transport import map_aiohttp_exceptions
+except ImportError:  # pragma: no cover - a version without it: the aiohttp error's own name
+    map_aiohttp_exceptions = None  # type: ignore[assignment]
 
 from ._aio import Deadline, close_completely
 from .config import Settings, display_url
@@ -41,7 +48,7 @@ from .errors import (
 from .framing import Dialect, EventKind, get_dialect
 from .sse import ServerSentEvent, SSEDecoder
 
-__all__ = ["create_client", "stream_events", "upstream_events"]
+__all__ = ["UpstreamEvents", "create_client", "stream_events", "upstream_events"]
 
 logger = logging.getLogger("sanic_streamplus")
 _ERROR_BODY_LIMIT = 2048  # bytes of a non-2xx upstream body read, for the log and its error
@@ -121,7 +128,7 @@ def _later(now: float, limit: float | None, total_at: float | None) -> float | N
     return at
 
 
-async def stream_events(
+def stream_events(
     client: httpx.AsyncClient,
     method: str,
     url: str,
@@ -131,8 +138,13 @@ async def stream_events(
     content: bytes | None = None,
     headers: Mapping[str, str] | None = None,
     dialect: Dialect | None = None,
-) -> AsyncIterator[ServerSentEvent]:
+) -> UpstreamEvents:
     """Open a streaming request on ``client`` and yield the events of its answer.
+
+    The request is built and sent with httpx (the client's auth, headers, limits and
+    transport). The body is read from the aiohttp response underneath when the client's
+    transport is httpx-aiohttp's and the body is not content-encoded (one layer of iterators
+    fewer per read); else through httpx's own iterators. Both behave the same.
 
     Args:
         client: the shared ``httpx.AsyncClient``.
@@ -150,10 +162,12 @@ async def stream_events(
             read), and an end without one raises unless the dialect accepts it
             (:meth:`~sanic_streamplus.framing.Dialect.complete_without_end`). None: no check.
 
-    Yields:
-        :class:`ServerSentEvent`, in stream order.
+    Returns:
+        an :class:`UpstreamEvents`: an async iterator of :class:`ServerSentEvent`, in stream
+        order (nothing is sent before the first ``__anext__``); ``aclose()`` closes the
+        upstream response.
 
-    Raises:
+    Raises (while iterating):
         UpstreamUnreachable: the connection could not be made.
         UpstreamTimeout: one subclass per phase: :class:`ConnectTimeout`,
             :class:`FirstEventTimeout`, :class:`IdleTimeout` (upstream comments, keep-alives
@@ -166,39 +180,164 @@ async def stream_events(
         UpstreamErrorEvent: (with ``dialect``) the upstream sent its error event.
         UpstreamTruncated: (with ``dialect``) the stream ended without its terminal event.
     """
+    request = client.build_request(method, url, json=json, content=content, headers=headers)
+    return UpstreamEvents(client, request, settings, dialect)
+
+
+class UpstreamEvents(AsyncIterator[ServerSentEvent]):
+    """The events of one upstream answer (what :func:`stream_events` returns): an async
+    iterator of :class:`ServerSentEvent` with ``aclose()``.
+
+    A relay that drives the stream in the same dialect may take the events already
+    classified instead (:meth:`classified`), so that each event is classified once.
+
+    Attributes:
+        dialect: the name of the dialect the stream is checked in, or None (no check).
+    """
+
+    __slots__ = ("_client", "_dialect", "_events", "_request", "_settings", "dialect")
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        request: httpx.Request,
+        settings: Settings,
+        dialect: Dialect | None,
+    ) -> None:
+        self._client, self._request, self._settings = client, request, settings
+        self._dialect = dialect
+        self.dialect = None if dialect is None else dialect.name
+        self._events: AsyncGenerator[Any, None] | None = None
+
+    def _open(self, pairs: bool) -> AsyncGenerator[Any, None]:
+        if self._events is not None:
+            raise RuntimeError("the upstream stream is being read already")
+        self._events = _events(self._client, self._request, self._settings, self._dialect, pairs)
+        return self._events
+
+    def __aiter__(self) -> UpstreamEvents:
+        return self
+
+    def __anext__(self) -> Awaitable[ServerSentEvent]:
+        events = self._events if self._events is not None else self._open(False)
+        return events.__anext__()
+
+    async def aclose(self) -> None:
+        """Stop reading: the upstream response is closed, completely."""
+        if self._events is not None:
+            await self._events.aclose()
+
+    def classified(self, dialect: str) -> AsyncIterator[tuple[ServerSentEvent, EventKind]] | None:
+        """``(event, kind)`` pairs instead of events, where ``kind`` is
+        :meth:`~sanic_streamplus.framing.Dialect.end_kind`'s, when the stream is checked in the
+        dialect named ``dialect`` and its iteration has not started (the same rules; closing
+        the pairs closes the upstream); else None."""
+        if dialect != self.dialect or self._events is not None:
+            return None
+        return self._open(True)
+
+
+async def _events(
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    settings: Settings,
+    dialect: Dialect | None,
+    pairs: bool,
+) -> AsyncGenerator[Any, None]:
+    """:func:`stream_events`' events, or ``(event, kind)`` pairs (``pairs``, with a
+    ``dialect``), classified and checked with the dialect's
+    :meth:`~sanic_streamplus.framing.Dialect.end_kind`; the idle deadline moves with each
+    read that completes an event. The response is closed, completely, whatever happens."""
     loop = asyncio.get_running_loop()
     deadline = Deadline()
-    start = loop.time()
-    total_at = None if settings.total_timeout is None else start + settings.total_timeout
-
-    def timeout(first: bool) -> UpstreamTimeout:
-        if total_at is not None and loop.time() >= total_at:
-            return TotalTimeout(settings.total_timeout or 0.0)
-        if first:
-            return FirstEventTimeout(settings.first_event_timeout or 0.0)
-        return IdleTimeout(settings.idle_timeout or 0.0)
-
-    request = client.build_request(method, url, json=json, content=content, headers=headers)
-    deadline.set(_later(start, settings.first_event_timeout, total_at))
+    idle, total = settings.idle_timeout, settings.total_timeout
+    total_at = None if total is None else loop.time() + total
+    classify = dialect.end_kind if dialect is not None else None
     response: httpx.Response | None = None
-    chunks: AsyncIterator[bytes] | None = None
+    body: _Body | None = None
     try:
-        try:
-            response = await deadline.guard(client.send(request, stream=True))
-        except TimeoutError:
-            raise timeout(True) from None
-        except httpx.TimeoutException as exc:  # connect, pool or write: read timeout is off
-            if not _timed_out(exc):
-                _log_unreachable(request, exc.__cause__ or exc)
-                raise UpstreamUnreachable(
-                    f"upstream unreachable ({type(exc.__cause__).__name__})"
+        response = await _send(client, request, deadline, settings, total_at)
+        body = _Body(response)
+        read, broken, guard = body.read, body.errors, deadline.guard
+        feed = SSEDecoder(settings.max_event_size, settings.max_line_length).feed
+        first = True
+        finished = False  # a FINISH event went by (OpenAI chat: complete without [DONE])
+        while True:
+            try:
+                chunk = await guard(read())
+            except broken as exc:  # the transport's errors first: some are TimeoutErrors
+                raise UpstreamDisconnected(
+                    f"upstream connection broke mid-stream ({_httpx_name(exc)})",
+                    upstream_status=response.status_code,
                 ) from None
-            _log_unreachable(request, exc, settings.connect_timeout)
-            raise ConnectTimeout(settings.connect_timeout or 0.0) from None
-        except httpx.TransportError as exc:
-            _log_unreachable(request, exc)
-            raise UpstreamUnreachable(f"upstream unreachable ({type(exc).__name__})") from None
-        assert response is not None
+            except TimeoutError:
+                raise _timeout(settings, total_at, first) from None
+            if not chunk:  # the end of the body
+                if dialect is not None and not dialect.complete_without_end(finished):
+                    raise UpstreamTruncated(dialect.name)
+                return
+            try:
+                events = feed(chunk)
+            except EventTooLarge as exc:
+                for event in exc.events:  # what came before it, unchecked; then the error
+                    yield (event, dialect.end_kind(event)) if pairs and dialect else event
+                raise
+            if events:
+                first = False
+                for event in events:
+                    if classify is None:
+                        yield event
+                        continue
+                    kind = classify(event)
+                    if kind is EventKind.UPSTREAM_ERROR:
+                        assert dialect is not None
+                        raise UpstreamErrorEvent.from_event(event, dialect.name)
+                    finished = finished or kind is EventKind.FINISH
+                    yield (event, kind) if pairs else event
+                    if kind is EventKind.TERMINAL:
+                        return
+                deadline.set(_later(loop.time(), idle, total_at))
+    finally:
+        deadline.close()
+        if response is not None:
+            await close_completely(_close(body, response))
+
+
+def _timeout(settings: Settings, total_at: float | None, first: bool) -> UpstreamTimeout:
+    """The timeout that passed: the total one, else the first-event or the idle one."""
+    if total_at is not None and asyncio.get_running_loop().time() >= total_at:
+        return TotalTimeout(settings.total_timeout or 0.0)
+    if first:
+        return FirstEventTimeout(settings.first_event_timeout or 0.0)
+    return IdleTimeout(settings.idle_timeout or 0.0)
+
+
+async def _send(
+    client: httpx.AsyncClient,
+    request: httpx.Request,
+    deadline: Deadline,
+    settings: Settings,
+    total_at: float | None,
+) -> httpx.Response:
+    """Send ``request`` within the first-event deadline and check the answer: a 2xx event
+    stream (see :func:`stream_events` for the errors)."""
+    deadline.set(_later(asyncio.get_running_loop().time(), settings.first_event_timeout, total_at))
+    try:
+        response: httpx.Response = await deadline.guard(client.send(request, stream=True))
+    except TimeoutError:
+        raise _timeout(settings, total_at, True) from None
+    except httpx.TimeoutException as exc:  # connect, pool or write: read timeout is off
+        if not _timed_out(exc):
+            _log_unreachable(request, exc.__cause__ or exc)
+            raise UpstreamUnreachable(
+                f"upstream unreachable ({type(exc.__cause__).__name__})"
+            ) from None
+        _log_unreachable(request, exc, settings.connect_timeout)
+        raise ConnectTimeout(settings.connect_timeout or 0.0) from None
+    except httpx.TransportError as exc:
+        _log_unreachable(request, exc)
+        raise UpstreamUnreachable(f"upstream unreachable ({type(exc).__name__})") from None
+    try:
         if not response.is_success:
             raise await _refusal(response, deadline, settings.upstream_api_key)
         content_type = response.headers.get("content-type", "")
@@ -207,51 +346,85 @@ async def stream_events(
                 f"upstream answered {content_type or 'no content type'}, not text/event-stream",
                 upstream_status=response.status_code,
             )
-        decoder = SSEDecoder(settings.max_event_size, settings.max_line_length)
+    except BaseException:
+        await close_completely(response.aclose())
+        raise
+    return response
+
+
+class _Body:
+    """How to read an upstream response's body: ``read()`` returns the next bytes (b"" at the
+    end), and raises one of ``errors`` when the connection breaks.
+
+    httpx-aiohttp (0.1.9 .. 0.2.x) wraps the aiohttp ``ClientResponse`` in its
+    ``AiohttpResponseStream`` (``_aiohttp_response``), itself in httpx's ``BoundAsyncStream``
+    (``_stream``); it asks aiohttp not to decompress. So for a body without content encoding,
+    ``read`` is the aiohttp ``StreamReader.readany`` (what is buffered, as it came) and
+    ``errors`` aiohttp's payload and connection errors, which httpx-aiohttp maps to
+    ``httpx.TransportError``; for any other transport or encoding, httpx's iterators
+    (``aiter_raw``, or ``aiter_bytes`` to decode) and ``httpx.TransportError``.
+    """
+
+    __slots__ = ("chunks", "errors", "native", "read")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self.chunks: AsyncIterator[bytes] | None = None
+        self.native = _aiohttp_body(response)
+        self.read: Callable[[], Awaitable[bytes]]
+        self.errors: tuple[type[BaseException], ...]
+        if self.native is not None:
+            self.read = self.native.readany
+            self.errors = _AIOHTTP_ERRORS
+            return
         encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
-        chunks = response.aiter_bytes() if encoded else response.aiter_raw()  # one layer less
-        next_chunk = chunks.__anext__
-        first = True
-        classify = dialect.end_kind if dialect is not None else None
-        finished = False  # a FINISH event went by (OpenAI chat: complete without [DONE])
-        while True:
-            try:
-                chunk = await deadline.guard(next_chunk())
-            except StopAsyncIteration:
-                if dialect is not None and not dialect.complete_without_end(finished):
-                    raise UpstreamTruncated(dialect.name) from None
-                return
-            except TimeoutError:
-                raise timeout(first) from None
-            except httpx.TransportError as exc:
-                raise UpstreamDisconnected(
-                    f"upstream connection broke mid-stream ({type(exc).__name__})",
-                    upstream_status=response.status_code,
-                ) from None
-            try:
-                events = decoder.feed(chunk)
-            except EventTooLarge as exc:
-                for event in exc.events:
-                    yield event
-                raise
-            if events:
-                first = False
-                for event in events:
-                    if classify is not None:
-                        kind = classify(event)
-                        if kind is EventKind.UPSTREAM_ERROR:
-                            assert dialect is not None
-                            raise UpstreamErrorEvent.from_event(event, dialect.name)
-                        if kind is EventKind.TERMINAL:
-                            yield event
-                            return
-                        finished = finished or kind is EventKind.FINISH
-                    yield event
-                deadline.set(_later(loop.time(), settings.idle_timeout, total_at))
-    finally:
-        deadline.close()
-        if response is not None:
-            await close_completely(_close(chunks, response))
+        self.chunks = response.aiter_bytes() if encoded else response.aiter_raw()
+        self.read = functools.partial(_next_or_empty, self.chunks.__anext__)
+        self.errors = (httpx.TransportError,)
+
+
+async def _next_or_empty(next_chunk: Callable[[], Awaitable[bytes]]) -> bytes:
+    """The next chunk of an httpx byte iterator, or b"" at its end (it yields no empty chunk)."""
+    try:
+        return await next_chunk()
+    except StopAsyncIteration:
+        return b""
+
+
+# what httpx-aiohttp maps to httpx.TransportError (ServerTimeoutError and every connection
+# error are ClientConnectionError)
+_AIOHTTP_ERRORS: tuple[type[BaseException], ...] = (
+    aiohttp.ClientPayloadError,
+    aiohttp.ClientConnectionError,
+)
+
+
+def _aiohttp_body(response: httpx.Response) -> aiohttp.StreamReader | None:
+    """The aiohttp ``StreamReader`` of an httpx-aiohttp response whose body is not content
+    encoded (see :class:`_Body`); None for any other."""
+    if response.headers.get("content-encoding", "identity").lower() != "identity":
+        return None
+    stream = getattr(response.stream, "_stream", None)  # httpx's BoundAsyncStream
+    if not isinstance(stream, AiohttpResponseStream):
+        return None
+    native = getattr(stream, "_aiohttp_response", None)
+    if not isinstance(native, aiohttp.ClientResponse):
+        return None
+    content = getattr(native, "content", None)
+    return content if isinstance(content, aiohttp.StreamReader) else None
+
+
+def _httpx_name(exc: BaseException) -> str:
+    """The name of the httpx error httpx-aiohttp makes of an aiohttp one (``ReadError`` for a
+    body cut short), so that both paths report alike; an httpx error's own name."""
+    if isinstance(exc, httpx.HTTPError) or map_aiohttp_exceptions is None:
+        return type(exc).__name__
+    try:
+        with map_aiohttp_exceptions():
+            raise exc
+    except httpx.HTTPError as mapped:
+        return type(mapped).__name__
+    except BaseException:
+        return type(exc).__name__
 
 
 def _log_unreachable(
@@ -331,10 +504,11 @@ def _error_fields(text: str) -> dict[str, Any]:
     return error_fields(value)
 
 
-async def _close(chunks: AsyncIterator[bytes] | None, response: httpx.Response) -> None:
-    if chunks is not None:
-        await chunks.aclose()  # type: ignore[attr-defined]
-    await response.aclose()
+async def _close(body: _Body | None, response: httpx.Response) -> None:
+    if body is not None and body.chunks is not None:
+        await body.chunks.aclose()  # type: ignore[attr-defined]
+    await response.aclose()  # (httpx-aiohttp: releases the aiohttp response, closing its
+    # connection unless the body was read to its end)
 
 
 def upstream_events(
@@ -346,7 +520,7 @@ def upstream_events(
     content: bytes | None = None,
     headers: Mapping[str, str] | None = None,
     dialect: str | None = None,
-) -> AsyncIterator[ServerSentEvent]:
+) -> UpstreamEvents:
     """Stream the events of an upstream request on the app's shared client.
 
     The usual body of a ``@stream_post`` handler: ``return upstream_events(request, "/chat",

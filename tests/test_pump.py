@@ -16,10 +16,10 @@ import pytest
 
 from sanic_streamplus.downstream import MemoryDownstream
 from sanic_streamplus.errors import StreamCancelled
-from sanic_streamplus.framing import get_dialect, get_format
+from sanic_streamplus.framing import EventKind, get_dialect, get_format
 from sanic_streamplus.machine import Commit, Cut, FinalFrame, Outcome, Phase, StreamMachine
 from sanic_streamplus.pump import Pump
-from sanic_streamplus.sse import SSEDecoder
+from sanic_streamplus.sse import ServerSentEvent, SSEDecoder
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -181,3 +181,42 @@ def test_feed_is_events_write_for_a_plain_event_of_a_committed_stream_and_none_e
     for kind in (EventKind.TERMINAL, EventKind.UPSTREAM_ERROR, EventKind.START, EventKind.FINISH):
         assert fed.feed(ServerSentEvent("x"), kind) is None
     assert fed.events == 4 and fed.phase is Phase.COMMITTED
+
+
+class Classified(Source):
+    """A source that classifies its own events in one dialect (as ``UpstreamEvents`` does)."""
+
+    def __init__(self, items: list[Any], dialect: str, kinds: list[EventKind]) -> None:
+        super().__init__(items)
+        self.dialect, self.kinds = dialect, kinds
+
+    def classified(self, dialect: str) -> AsyncIterator[tuple[ServerSentEvent, EventKind]] | None:
+        if dialect != self.dialect:
+            return None
+        return self._pairs()
+
+    async def _pairs(self) -> AsyncIterator[tuple[ServerSentEvent, EventKind]]:
+        try:
+            for item, kind in zip(self.items, self.kinds, strict=True):
+                self.pulled += 1
+                yield ServerSentEvent(item), kind
+        finally:
+            self.closed += 1
+
+
+async def test_a_source_that_classifies_in_the_stream_dialect_is_not_classified_again() -> None:
+    # "b" would be OTHER to the openai dialect: the source's own TERMINAL kind ends the stream
+    items = ["a", "b", "c"]
+    kinds = [EventKind.OTHER, EventKind.TERMINAL, EventKind.OTHER]
+    the_pump, downstream = pump()
+    source = Classified(items, "openai", kinds)
+    await the_pump.run(source)
+    assert the_pump.machine.ending is not None
+    assert the_pump.machine.ending.outcome is Outcome.COMPLETED
+    assert source.pulled == 2 and source.closed == 1
+    assert [event.data for event in SSEDecoder().feed(bytes(downstream.body))] == ["a", "b"]
+    # in another dialect its kinds are not the stream's: the pump classifies (plain: all OTHER)
+    the_pump, downstream = pump("plain")
+    other = Classified(items, "openai", kinds)
+    await the_pump.run(other)
+    assert [event.data for event in SSEDecoder().feed(bytes(downstream.body))] == items
