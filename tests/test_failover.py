@@ -1,0 +1,310 @@
+"""Failover: several upstreams per route, tried in order (``docs/failover.md``).
+
+Every test runs real servers on 127.0.0.1: two or three ``FakeUpstream``s (or the scripted
+Anthropic upstream of ``test_dialects``), the proxy app, and the official SDK as the client.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import anthropic
+import httpx
+import openai
+import pytest
+from conftest import app_name, free_port
+from sanic import Request, Sanic
+
+from sanic_streamplus import StreamInfo, StreamPlus, stream_post, upstream_events
+from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app, text_tokens
+
+WAIT = 10.0  # seconds: the bound of every client call
+MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
+PRIMARY_TEXT = "the primary answers in five words"
+BACKUP_TEXT = "the backup answers this one"
+
+
+def answering(text: str) -> Any:
+    return lambda body: text
+
+
+@contextlib.asynccontextmanager
+async def proxy(
+    upstreams: list[tuple[str, str]], infos: list[StreamInfo] | None = None, **config: Any
+) -> AsyncIterator[str]:
+    """A proxy whose ``/v1/chat/completions`` (dialect openai) relays to ``upstreams``
+    (``(name, base URL)``, in order); ``STREAMPLUS_*`` ``config`` on top of no heartbeat.
+    Each stream's :class:`StreamInfo` goes to ``infos``. Yields the proxy's base URL."""
+    app: Sanic[Any, Any] = Sanic(app_name("failover"))
+    app.config.STREAMPLUS_UPSTREAMS = [{"name": name, "url": url} for name, url in upstreams]
+    app.config.STREAMPLUS_HEARTBEAT = 0
+    for key, value in config.items():
+        app.config[key] = value
+    app.extend(extensions=[StreamPlus])
+    hooks = [] if infos is None else [infos.append]
+
+    @app.post("/v1/chat/completions")
+    @stream_post(dialect="openai", on_finish=hooks)
+    async def chat(request: Request) -> Any:
+        return upstream_events(request, "/chat/completions", json=request.json)
+
+    async with serve_app(app) as url:
+        yield url
+
+
+def openai_sdk(url: str) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(
+        base_url=url + "/v1",
+        api_key="client-key",
+        max_retries=0,
+        timeout=WAIT,
+        _strict_response_validation=True,
+    )
+
+
+async def chat(url: str) -> tuple[str, list[Any]]:
+    """One streamed chat completion through the openai SDK: its text and its chunks."""
+    async with openai_sdk(url) as sdk:
+        stream = await sdk.chat.completions.create(
+            model="fake-model", messages=MESSAGES, stream=True
+        )
+        chunks = [chunk async for chunk in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    return text, chunks
+
+
+def dead_url() -> str:
+    """The base URL of a port nothing listens on: connecting is refused."""
+    return f"http://127.0.0.1:{free_port()}/v1"
+
+
+def outcomes(info: StreamInfo) -> list[tuple[str, str]]:
+    return [(attempt.upstream, attempt.outcome) for attempt in info.attempts]
+
+
+@pytest.mark.usefixtures("transport")
+async def test_a_dead_primary_is_replaced_by_the_backup() -> None:
+    infos: list[StreamInfo] = []
+    async with FakeUpstream(answer=answering(BACKUP_TEXT)) as backup:
+        async with proxy([("primary", dead_url()), ("backup", backup.url)], infos) as url:
+            text, chunks = await chat(url)
+    assert text == BACKUP_TEXT
+    assert len(backup.requests) == 1
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
+    assert outcomes(infos[0]) == [("primary", "upstream_unreachable"), ("backup", "completed")]
+    assert infos[0].outcome == "completed"
+    assert infos[0].attempts[1].time_to_first_event is not None
+
+
+@pytest.mark.parametrize("status", [500, 503, 529])
+async def test_a_5xx_primary_is_replaced_by_the_backup(status: int) -> None:
+    infos: list[StreamInfo] = []
+    async with (
+        FakeUpstream(error_status=status) as primary,
+        FakeUpstream(answer=answering(BACKUP_TEXT)) as backup,
+    ):
+        async with proxy([("primary", primary.url), ("backup", backup.url)], infos) as url:
+            text, _ = await chat(url)
+    assert text == BACKUP_TEXT
+    assert len(primary.requests) == 1 and len(backup.requests) == 1
+    assert outcomes(infos[0]) == [("primary", "upstream_status"), ("backup", "completed")]
+
+
+async def test_a_429_fails_over_and_its_retry_after_keeps_the_primary_out() -> None:
+    infos: list[StreamInfo] = []
+    async with (
+        FakeUpstream(error_status=429, retry_after="30") as primary,
+        FakeUpstream(answer=answering(BACKUP_TEXT)) as backup,
+    ):
+        async with proxy([("primary", primary.url), ("backup", backup.url)], infos) as url:
+            first, _ = await chat(url)
+            second, _ = await chat(url)  # within the 30 s: the primary is not asked
+    assert first == second == BACKUP_TEXT
+    assert len(primary.requests) == 1 and len(backup.requests) == 2
+    assert outcomes(infos[0]) == [("primary", "rate_limited"), ("backup", "completed")]
+    assert outcomes(infos[1]) == [("primary", "circuit_open"), ("backup", "completed")]
+
+
+async def test_a_400_does_not_fail_over_and_keeps_its_status() -> None:
+    infos: list[StreamInfo] = []
+    async with (
+        FakeUpstream(error_status=400) as primary,
+        FakeUpstream(answer=answering(BACKUP_TEXT)) as backup,
+    ):
+        async with proxy([("primary", primary.url), ("backup", backup.url)], infos) as url:
+            with pytest.raises(openai.BadRequestError) as raised:
+                await chat(url)
+    assert raised.value.status_code == 400
+    assert len(primary.requests) == 1 and backup.requests == []
+    assert outcomes(infos[0]) == [("primary", "refused")]
+
+
+async def test_every_upstream_refusing_is_the_last_refusal() -> None:
+    async with (
+        FakeUpstream(error_status=503) as primary,
+        FakeUpstream(error_status=429, retry_after="7") as backup,
+    ):
+        async with proxy([("primary", primary.url), ("backup", backup.url)]) as url:
+            with pytest.raises(openai.RateLimitError) as raised:
+                await chat(url)
+    assert raised.value.response.headers["retry-after"] == "7"
+    assert len(primary.requests) == 1 and len(backup.requests) == 1
+
+
+async def test_the_breaker_opens_after_failures_and_then_every_upstream_cooling_is_a_503() -> None:
+    infos: list[StreamInfo] = []
+    config = {"STREAMPLUS_BREAKER_FAILURES": 2, "STREAMPLUS_BREAKER_COOLDOWN": 60}
+    async with (
+        FakeUpstream(error_status=502) as primary,
+        FakeUpstream(answer=answering(BACKUP_TEXT)) as backup,
+    ):
+        upstreams = [("primary", primary.url), ("backup", backup.url)]
+        async with proxy(upstreams, infos, **config) as url:
+            for _ in range(3):
+                text, _ = await chat(url)
+                assert text == BACKUP_TEXT
+            assert len(primary.requests) == 2  # the third request skipped it
+            assert outcomes(infos[2])[0] == ("primary", "circuit_open")
+            backup.model = backup.model.override({"error_status": 500})
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                for _ in range(2):  # the backup fails twice: its breaker opens too
+                    answer = await client.post(url + "/v1/chat/completions", json={"a": 1})
+                    assert answer.status_code == 502
+                answer = await client.post(url + "/v1/chat/completions", json={"a": 1})
+    assert len(backup.requests) == 5 and len(primary.requests) == 2
+    assert answer.status_code == 503
+    assert answer.json()["error"]["type"] == "upstreams_unavailable"
+    assert 1 <= int(answer.headers["retry-after"]) <= 60
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"fail_after": 1},  # reset after the role delta
+        {"tokens": 0, "finish_reason": False, "done": False},  # the role delta, then the end
+        {"error_event_after": 1},  # the role delta, then its in-band error
+        {"stall": 10},  # no first event within the first-event timeout
+    ],
+    ids=["reset", "truncated", "error_event", "stall"],
+)
+async def test_a_primary_that_fails_before_its_first_content_is_replaced(
+    knobs: dict[str, Any],
+) -> None:
+    """The primary's role delta is held until it streams content: the client gets one role
+    delta, the backup's, and the backup's answer alone."""
+    infos: list[StreamInfo] = []
+    async with (
+        FakeUpstream(
+            answer=None if "tokens" in knobs else answering(PRIMARY_TEXT), **knobs
+        ) as primary,
+        FakeUpstream(answer=answering(BACKUP_TEXT)) as backup,
+    ):
+        upstreams = [("primary", primary.url), ("backup", backup.url)]
+        async with proxy(upstreams, infos, STREAMPLUS_FIRST_EVENT_TIMEOUT=0.3) as url:
+            text, chunks = await chat(url)
+    assert text == BACKUP_TEXT
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
+    assert len({c.id for c in chunks}) == 1
+    assert [a.upstream for a in infos[0].attempts] == ["primary", "backup"]
+    assert infos[0].attempts[0].events == 0  # nothing of the primary reached the client
+
+
+async def test_after_the_first_content_a_failure_is_the_error_frame_without_continue() -> None:
+    """``failover="fallback"`` (the default): once the primary streamed, its failure ends the
+    stream with the error frame, and the backup is not asked."""
+    infos: list[StreamInfo] = []
+    async with (
+        FakeUpstream(answer=answering(PRIMARY_TEXT), fail_after=3) as primary,
+        FakeUpstream(answer=answering(BACKUP_TEXT)) as backup,
+    ):
+        async with proxy([("primary", primary.url), ("backup", backup.url)], infos) as url:
+            with pytest.raises(openai.APIError):
+                await chat(url)
+    assert backup.requests == []
+    assert outcomes(infos[0]) == [("primary", "upstream_disconnected")]
+    assert infos[0].attempts[0].events == 3
+    assert infos[0].outcome == "upstream_error"
+
+
+async def test_the_upstreams_argument_picks_and_orders_them() -> None:
+    async with (
+        FakeUpstream(answer=answering(PRIMARY_TEXT)) as primary,
+        FakeUpstream(answer=answering(BACKUP_TEXT)) as backup,
+    ):
+        app: Sanic[Any, Any] = Sanic(app_name("failover_pick"))
+        app.config.STREAMPLUS_UPSTREAMS = f"primary={primary.url},backup={backup.url}"
+        app.extend(extensions=[StreamPlus])
+
+        @app.post("/v1/chat/completions")
+        @stream_post(dialect="openai")
+        async def reversed_order(request: Request) -> Any:
+            names = ["backup", "primary"]
+            return upstream_events(request, "/chat/completions", json=request.json, upstreams=names)
+
+        async with serve_app(app) as url:
+            text, _ = await chat(url)
+    assert text == BACKUP_TEXT
+    assert primary.requests == []
+
+
+async def test_each_upstream_gets_its_own_key_from_config_never_the_clients() -> None:
+    async with (
+        FakeUpstream(error_status=503) as primary,
+        FakeUpstream(answer=answering(BACKUP_TEXT)) as backup,
+    ):
+        app: Sanic[Any, Any] = Sanic(app_name("failover_keys"))
+        app.config.STREAMPLUS_UPSTREAMS = f"primary={primary.url}, backup={backup.url}"
+        app.config.STREAMPLUS_UPSTREAM_PRIMARY_API_KEY = "sk-primary"
+        app.config.STREAMPLUS_UPSTREAM_BACKUP_API_KEY = "sk-backup"
+        app.extend(extensions=[StreamPlus])
+
+        @app.post("/v1/chat/completions")
+        @stream_post(dialect="openai")
+        async def relay(request: Request) -> Any:
+            return upstream_events(request, "/chat/completions", json=request.json)
+
+        async with serve_app(app) as url:
+            await chat(url)
+    assert primary.requests[0].headers["authorization"] == "Bearer sk-primary"
+    assert backup.requests[0].headers["authorization"] == "Bearer sk-backup"
+
+
+async def test_failovers_are_counted_by_route_and_reason() -> None:
+    async with FakeUpstream(answer=answering(BACKUP_TEXT)) as backup:
+        upstreams = [("primary", dead_url()), ("backup", backup.url)]
+        async with proxy(upstreams, STREAMPLUS_METRICS=True) as url:
+            await chat(url)
+            async with httpx.AsyncClient(timeout=WAIT) as client:
+                metrics = (await client.get(url + "/metrics")).text
+    counted = {
+        line.split(" ")[0]: float(line.split(" ")[1])
+        for line in metrics.splitlines()
+        if line.startswith("streamplus_failovers_total{")
+    }
+    route = next(name for name in counted if 'reason="upstream_unreachable"' in name)
+    assert 'route="' in route and "chat" in route
+    assert counted[route] >= 1  # the registry is the process', shared with other tests
+
+
+def test_several_upstreams_in_config_are_checked_at_startup() -> None:
+    from sanic_streamplus.config import Settings
+
+    with pytest.raises(ValueError, match=r"upstream 'b'.*http://"):
+        Settings.from_config({"STREAMPLUS_UPSTREAMS": "a=http://x/v1,b=localhost:1"})
+    with pytest.raises(ValueError, match="'a' twice"):
+        Settings.from_config({"STREAMPLUS_UPSTREAMS": "a=http://x,a=http://y"})
+    with pytest.raises(ValueError, match="STREAMPLUS_UPSTREAMS: unknown key") as raised:
+        Settings.from_config(
+            {"STREAMPLUS_UPSTREAMS": [{"name": "a", "url": "http://x", "key": "sk-s"}]}
+        )
+    assert "sk-s" not in str(raised.value)
+    settings = Settings.from_config(
+        {"STREAMPLUS_UPSTREAMS": "a=http://x/v1", "STREAMPLUS_UPSTREAM_A_API_KEY": "sk-a"}
+    )
+    assert settings.upstreams[0].api_key == "sk-a" and "sk-a" not in repr(settings)
+
+
+_ = (json, anthropic, fake_tokens, text_tokens)
