@@ -7,7 +7,6 @@ Anthropic upstream of ``test_dialects``), the proxy app, and the official SDK as
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,9 +16,11 @@ import openai
 import pytest
 from conftest import app_name, free_port
 from sanic import Request, Sanic
+from test_dialects import ROUTES, SCRIPTS, TOKENS, script_app
 
 from sanic_streamplus import StreamInfo, StreamPlus, stream_post, upstream_events
-from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app, text_tokens
+from sanic_streamplus.sse import encode
+from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app
 
 WAIT = 10.0  # seconds: the bound of every client call
 MESSAGES: list[Any] = [{"role": "user", "content": "hi"}]
@@ -307,4 +308,74 @@ def test_several_upstreams_in_config_are_checked_at_startup() -> None:
     assert settings.upstreams[0].api_key == "sk-a" and "sk-a" not in repr(settings)
 
 
-_ = (json, anthropic, fake_tokens, text_tokens)
+# ------------------------------------------------------- Anthropic and the Responses API
+
+PREAMBLE = {"anthropic": 2, "openai-responses": 4}  # events before the first text delta
+
+
+def cutting_app(events: int) -> Sanic[Any, Any]:
+    """An upstream that sends the first ``events`` events of each dialect's script (the
+    scripted upstream's, of ``test_dialects``), then resets the connection."""
+    app: Sanic[Any, Any] = Sanic(app_name("cutting"))
+    dialects = {path: dialect for dialect, path in ROUTES.items()}
+
+    @app.post("/v1/<name:path>")
+    async def cut(request: Request, name: str) -> None:
+        script = SCRIPTS[dialects["/v1/" + name]](fake_tokens(TOKENS), True)
+        response = await request.respond(content_type="text/event-stream")
+        for event in script[:events]:
+            await response.send(encode(event))
+        request.transport.abort()
+
+    return app
+
+
+@contextlib.asynccontextmanager
+async def dialect_proxy(primary: str, backup: str, **config: Any) -> AsyncIterator[str]:
+    """A proxy with the ``anthropic`` and ``openai-responses`` routes of ``test_dialects``,
+    relaying to ``primary`` then ``backup``."""
+    app: Sanic[Any, Any] = Sanic(app_name("failover_dialects"))
+    app.config.STREAMPLUS_UPSTREAMS = f"primary={primary},backup={backup}"
+    app.config.STREAMPLUS_HEARTBEAT = 0
+    for key, value in config.items():
+        app.config[key] = value
+    app.extend(extensions=[StreamPlus])
+    for dialect in PREAMBLE:
+        path = ROUTES[dialect]
+
+        async def relay(request: Request, path: str = path) -> Any:
+            return upstream_events(request, path.removeprefix("/v1"), json=request.json)
+
+        name = f"relay_{dialect}".replace("-", "_")
+        app.post(path, name=name)(stream_post(dialect=dialect)(relay))
+    async with serve_app(app) as url:
+        yield url
+
+
+@pytest.mark.parametrize("primary", ["dead", "cut_in_preamble"])
+async def test_anthropic_sdk_gets_one_message_from_the_backup(primary: str) -> None:
+    ask: Any = {"model": "claude-fake", "max_tokens": 100, "messages": MESSAGES}
+    async with serve_app(script_app()) as backup, serve_app(cutting_app(2)) as cutting:
+        first = dead_url() if primary == "dead" else cutting + "/v1"
+        async with dialect_proxy(first, backup + "/v1") as url:
+            sdk = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0, timeout=WAIT)
+            async with sdk, sdk.messages.stream(**ask) as stream:
+                kinds = [event.type async for event in stream]
+                message = await stream.get_final_message()
+    assert kinds.count("message_start") == 1 and kinds[-1] == "message_stop"
+    assert message.content[0].type == "text"
+    assert message.content[0].text == "".join(fake_tokens(TOKENS))
+
+
+@pytest.mark.parametrize("primary", ["dead", "cut_in_preamble"])
+async def test_openai_sdk_gets_one_response_from_the_backup(primary: str) -> None:
+    async with serve_app(script_app()) as backup, serve_app(cutting_app(4)) as cutting:
+        first = dead_url() if primary == "dead" else cutting + "/v1"
+        async with dialect_proxy(first, backup + "/v1") as url, openai_sdk(url) as sdk:
+            async with sdk.responses.stream(model="gpt-fake", input="hi") as stream:
+                events = [event async for event in stream]
+                final = await stream.get_final_response()
+    kinds = [event.type for event in events]
+    assert kinds.count("response.created") == 1 and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.output_text == "".join(fake_tokens(TOKENS))
