@@ -46,16 +46,21 @@ import httpx
 
 from .config import Settings, UpstreamConfig
 from .errors import (
+    IdleTimeout,
+    UpstreamDisconnected,
     UpstreamError,
+    UpstreamErrorEvent,
     UpstreamStatusError,
     UpstreamsUnavailable,
+    UpstreamTruncated,
 )
 from .framing import Dialect, EventKind, get_dialect
 from .observe import Attempt
+from .splice import Splice
 from .sse import ServerSentEvent
 from .upstream import create_client, stream_events
 
-__all__ = ["Breaker", "Member", "UpstreamPool", "failover_events", "is_content"]
+__all__ = ["CONTINUED", "Breaker", "Member", "UpstreamPool", "failover_events", "is_content"]
 
 logger = logging.getLogger("sanic_streamplus")
 MAX_HELD = 64  # events held before the first content event; past it, the upstream has begun
@@ -287,13 +292,13 @@ async def _first_content(
     members: Sequence[Member],
     skip: set[str],
     open_stream: Open,
-    body: Any,
+    body: Callable[[], Any],
     dialect: Dialect,
     attempts: list[Attempt],
     continuation: bool,
 ) -> _Opened:
-    """Ask ``members`` (but ``skip``) in order for ``body`` until one gets to its first content
-    event.
+    """Ask ``members`` (but ``skip``) in order for ``body()`` (called once per upstream asked)
+    until one gets to its first content event.
 
     Raises:
         UpstreamError: a 4xx other than 429 (no failover), or the last upstream's failure.
@@ -310,7 +315,7 @@ async def _first_content(
             continue
         attempt = Attempt(member.name, continuation=continuation)
         attempts.append(attempt)
-        events = open_stream(member, body)
+        events = open_stream(member, body())
         held: list[ServerSentEvent] = []
         try:
             async for event in events:
@@ -351,6 +356,8 @@ async def failover_events(
     json: Any = None,
     content: bytes | None = None,
     headers: Mapping[str, str] | None = None,
+    failover: str = "fallback",
+    max_continuations: int = 0,
 ) -> AsyncIterator[ServerSentEvent]:
     """Yield the events of the first of ``members`` that streams (see the module docstring).
 
@@ -360,17 +367,24 @@ async def failover_events(
             :func:`~sanic_streamplus.upstream.stream_events` (``url`` joined to each upstream's
             base URL unless absolute).
         settings: timeouts and limits, and the breaker's settings.
-        dialect: the upstreams' dialect name, by which their streams are checked and their
-            first content event found.
+        dialect: the upstreams' dialect name, by which their streams are checked, their first
+            content event found and a continuation spliced.
         attempts: the list the attempts are appended to (``StreamInfo.attempts``).
+        failover: ``"fallback"`` or ``"continue"``: after the first content event, an
+            upstream that is cut (:data:`CONTINUED`) is continued by the next one, the text so
+            far as a prefill (:class:`~sanic_streamplus.splice.Splice`), if ``json`` is a JSON
+            object and no tool call is in flight.
+        max_continuations: how many times the stream may be continued.
 
     Yields:
-        :class:`ServerSentEvent`, in stream order: one upstream's.
+        :class:`ServerSentEvent`, in stream order: one upstream's, or one upstream's then its
+        continuations', rewritten to read as one answer.
 
     Raises:
         UpstreamError: a 4xx other than 429 (no failover); the last upstream's failure before
-            its first content event; a failure after it (as
-            :func:`~sanic_streamplus.upstream.stream_events` raises it).
+            its first content event; a failure after it that is not continued (as
+            :func:`~sanic_streamplus.upstream.stream_events` raises it: the error that cut
+            the answer, also when no upstream could continue it).
         UpstreamsUnavailable: every upstream's breaker is open.
     """
     checker = get_dialect(dialect)
@@ -384,28 +398,116 @@ async def failover_events(
             json=body,
             content=content,
             headers=headers,
-            dialect=get_dialect(dialect),
+            dialect=checker,
         )
 
-    loop = asyncio.get_running_loop()
-    opened = await _first_content(members, set(), open_stream, json, checker, attempts, False)
-    attempt, events = opened.attempt, opened.events
-    end_kind = checker.end_kind
-    try:
-        for event in opened.held:
-            attempt.events += 1
-            if end_kind(event) is EventKind.TERMINAL:  # the consumer stops at it
-                attempt.outcome = "completed"
-            yield event
-        async for event in events:
-            attempt.events += 1
-            if end_kind(event) is EventKind.TERMINAL:
-                attempt.outcome = "completed"
-            yield event
-        attempt.outcome = "completed"
-    except UpstreamError as error:
-        attempt.outcome = error.type
-        opened.member.breaker.failed(loop.time())
-        raise
-    finally:
-        await events.aclose()  # type: ignore[attr-defined]
+    continuing = failover == "continue" and max_continuations > 0 and isinstance(json, dict)
+    relay = _Relay(checker, Splice(checker) if continuing else None)
+    skip: set[str] = set()
+    opened = await _first_content(
+        members, skip, open_stream, lambda: json, checker, attempts, False
+    )
+    while True:
+        events = opened.events
+        relay.attempt = opened.attempt
+        try:
+            for event in opened.held:
+                passed = relay.passed(event)
+                if passed is not None:
+                    yield passed
+            async for event in events:
+                passed = relay.passed(event)
+                if passed is not None:
+                    yield passed
+            opened.attempt.outcome = "completed"
+            return
+        except UpstreamError as error:
+            opened.attempt.outcome = error.type
+            opened.member.breaker.failed(asyncio.get_running_loop().time())
+            if not relay.may_continue(error, max_continuations):
+                raise
+            await events.aclose()  # type: ignore[attr-defined]
+            skip.add(opened.member.name)
+            opened = await relay.continuation(members, skip, open_stream, json, attempts, error)
+        finally:
+            await events.aclose()  # type: ignore[attr-defined]
+
+
+CONTINUED = (UpstreamDisconnected, IdleTimeout, UpstreamTruncated, UpstreamErrorEvent)
+"""The failures after the first content event that ``failover="continue"`` continues: the
+connection broke, no event for the idle timeout, the end without the terminal event, the
+upstream's in-band error. Not a total timeout (the bound is the stream's), not an event too
+large."""
+
+
+class _Relay:
+    """What :func:`failover_events` does with each event it passes on: the splice's rewrite
+    (in a continuation) and record, the attempt's count and end."""
+
+    __slots__ = ("attempt", "continuations", "dialect", "end_kind", "splice")
+
+    def __init__(self, dialect: Dialect, splice: Splice | None) -> None:
+        self.dialect = dialect
+        self.end_kind = dialect.end_kind
+        self.splice = splice
+        self.continuations = 0
+        self.attempt = Attempt("")
+
+    def passed(self, event: ServerSentEvent) -> ServerSentEvent | None:
+        """``event`` as the client gets it (None: dropped, a continuation's repeated start)."""
+        splice = self.splice
+        if splice is not None:
+            if self.continuations:
+                rewritten = splice.rewrite(event)
+                if rewritten is None:
+                    return None
+                event = rewritten
+            splice.delivered(event)
+        self.attempt.events += 1
+        if self.end_kind(event) is EventKind.TERMINAL:  # the consumer stops at it
+            self.attempt.outcome = "completed"
+        return event
+
+    def may_continue(self, error: UpstreamError, budget: int) -> bool:
+        """Whether the stream cut by ``error`` goes on on another upstream."""
+        splice = self.splice
+        return (
+            splice is not None
+            and isinstance(error, CONTINUED)
+            and self.continuations < budget
+            and splice.can_continue
+        )
+
+    async def continuation(
+        self,
+        members: Sequence[Member],
+        skip: set[str],
+        open_stream: Open,
+        body: dict[str, Any],
+        attempts: list[Attempt],
+        error: UpstreamError,
+    ) -> _Opened:
+        """The next upstream that streams the rest of the answer, asked for the original
+        ``body`` plus the text so far.
+
+        Raises:
+            UpstreamError: ``error`` (what cut the answer), when no upstream continues it.
+        """
+        splice = self.splice
+        assert splice is not None
+        self.continuations += 1
+        logger.warning(
+            "upstream %s cut the stream (%s): continuing", self.attempt.upstream, error.type
+        )
+        try:
+            return await _first_content(
+                members,
+                skip,
+                open_stream,
+                lambda: splice.continuation_body(body),
+                self.dialect,
+                attempts,
+                True,
+            )
+        except UpstreamError:
+            raise error from None

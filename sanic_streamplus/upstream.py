@@ -405,6 +405,8 @@ def upstream_events(
         from .failover import failover_events  # it builds on this module
 
         attempts = getattr(request.ctx, "streamplus_attempts", None)
+        default = (settings.failover, settings.max_continuations)
+        mode, budget = getattr(request.ctx, "streamplus_failover", default)
         return failover_events(
             members,
             method,
@@ -415,6 +417,8 @@ def upstream_events(
             json=json,
             content=content,
             headers=headers,
+            failover=mode,
+            max_continuations=budget,
         )
     return stream_events(
         members[0].client,

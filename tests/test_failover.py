@@ -7,6 +7,7 @@ Anthropic upstream of ``test_dialects``), the proxy app, and the official SDK as
 from __future__ import annotations
 
 import contextlib
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -19,7 +20,7 @@ from sanic import Request, Sanic
 from test_dialects import ROUTES, SCRIPTS, TOKENS, script_app
 
 from sanic_streamplus import StreamInfo, StreamPlus, stream_post, upstream_events
-from sanic_streamplus.sse import encode
+from sanic_streamplus.sse import ServerSentEvent, encode
 from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app
 
 WAIT = 10.0  # seconds: the bound of every client call
@@ -313,9 +314,10 @@ def test_several_upstreams_in_config_are_checked_at_startup() -> None:
 PREAMBLE = {"anthropic": 2, "openai-responses": 4}  # events before the first text delta
 
 
-def cutting_app(events: int) -> Sanic[Any, Any]:
+def cutting_app(events: int, extra: ServerSentEvent | None = None) -> Sanic[Any, Any]:
     """An upstream that sends the first ``events`` events of each dialect's script (the
-    scripted upstream's, of ``test_dialects``), then resets the connection."""
+    scripted upstream's, of ``test_dialects``), then ``extra`` if given, then resets the
+    connection."""
     app: Sanic[Any, Any] = Sanic(app_name("cutting"))
     dialects = {path: dialect for dialect, path in ROUTES.items()}
 
@@ -323,9 +325,33 @@ def cutting_app(events: int) -> Sanic[Any, Any]:
     async def cut(request: Request, name: str) -> None:
         script = SCRIPTS[dialects["/v1/" + name]](fake_tokens(TOKENS), True)
         response = await request.respond(content_type="text/event-stream")
-        for event in script[:events]:
+        for event in [*script[:events], *([extra] if extra else [])]:
             await response.send(encode(event))
         request.transport.abort()
+
+    return app
+
+
+BACKUP_IDS = {"chatcmpl-fake": "chatcmpl-backup", "msg_fake": "msg_backup", "resp_fake": "resp_b"}
+
+
+def backup_app(bodies: list[Any]) -> Sanic[Any, Any]:
+    """The scripted upstream, with ids of its own (``BACKUP_IDS``), a model and a ``created``
+    of its own; each request's JSON body goes to ``bodies``."""
+    app: Sanic[Any, Any] = Sanic(app_name("backup"))
+    dialects = {path: dialect for dialect, path in ROUTES.items()}
+
+    @app.post("/v1/<name:path>")
+    async def answer(request: Request, name: str) -> None:
+        bodies.append(request.json)
+        response = await request.respond(content_type="text/event-stream")
+        for event in SCRIPTS[dialects["/v1/" + name]](fake_tokens(TOKENS), True):
+            data = event.data.replace('"created": 0', '"created": 99')
+            data = data.replace('"model": "fake"', '"model": "backup-model"')
+            for ours, theirs in BACKUP_IDS.items():
+                data = data.replace(ours, theirs)
+            await response.send(encode(ServerSentEvent(data, event=event.event)))
+        await response.eof()
 
     return app
 
@@ -340,7 +366,7 @@ async def dialect_proxy(primary: str, backup: str, **config: Any) -> AsyncIterat
     for key, value in config.items():
         app.config[key] = value
     app.extend(extensions=[StreamPlus])
-    for dialect in PREAMBLE:
+    for dialect in ("openai", *PREAMBLE):
         path = ROUTES[dialect]
 
         async def relay(request: Request, path: str = path) -> Any:
@@ -379,3 +405,148 @@ async def test_openai_sdk_gets_one_response_from_the_backup(primary: str) -> Non
     assert kinds.count("response.created") == 1 and kinds[-1] == "response.completed"
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert final.output_text == "".join(fake_tokens(TOKENS))
+
+
+# ------------------------------------------------------------ continuation after the commit
+
+
+CUT = 3  # tokens the primary streams before it is cut
+SO_FAR = "".join(fake_tokens(TOKENS)[:CUT])
+WHOLE = "".join(fake_tokens(TOKENS))  # what the backup streams, as a continuation
+
+
+def continuing(**config: Any) -> dict[str, Any]:
+    return {"STREAMPLUS_FAILOVER": "continue", **config}
+
+
+@pytest.mark.usefixtures("transport")
+async def test_a_chat_stream_cut_mid_answer_is_continued_by_the_backup_with_no_seam() -> None:
+    bodies: list[Any] = []
+    async with serve_app(cutting_app(1 + CUT)) as primary, serve_app(backup_app(bodies)) as backup:
+        async with dialect_proxy(primary + "/v1", backup + "/v1", **continuing()) as url:
+            text, chunks = await chat(url)  # the SDK raises nothing
+    assert text == SO_FAR + WHOLE
+    assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
+    assert {c.id for c in chunks} == {"chatcmpl-fake"}
+    assert {(c.model, c.created) for c in chunks} == {("fake", 0)}
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    messages = bodies[0]["messages"]
+    assert messages[: len(MESSAGES)] == MESSAGES
+    assert {"role": "assistant", "content": SO_FAR} in messages
+
+
+@pytest.mark.parametrize(
+    "knobs",
+    [
+        {"fail_after": 1 + CUT},
+        {"tokens": CUT, "finish_reason": False, "done": False},
+        {"error_event_after": 1 + CUT},
+    ],
+    ids=["reset", "truncated", "error_event"],
+)
+async def test_a_continuation_follows_a_reset_a_truncation_or_an_in_band_error(
+    knobs: dict[str, Any],
+) -> None:
+    """Through ``@stream_post(failover="continue")`` (the route's option, the config's default
+    being ``fallback``); the attempts and the failover metric say what happened."""
+    infos: list[StreamInfo] = []
+    bodies: list[Any] = []
+    async with (
+        FakeUpstream(**{"tokens": TOKENS, "delay": 0, **knobs}) as primary,
+        serve_app(backup_app(bodies)) as backup,
+    ):
+        app: Sanic[Any, Any] = Sanic(app_name("failover_route"))
+        app.config.STREAMPLUS_UPSTREAMS = f"primary={primary.url},backup={backup}/v1"
+        app.extend(extensions=[StreamPlus])
+
+        @app.post("/v1/chat/completions")
+        @stream_post(dialect="openai", failover="continue", on_finish=infos.append)
+        async def relay(request: Request) -> Any:
+            return upstream_events(request, "/chat/completions", json=request.json)
+
+        async with serve_app(app) as url:
+            text, chunks = await chat(url)
+    assert text == SO_FAR + WHOLE
+    assert {c.id for c in chunks} == {"chatcmpl-fake"}
+    reason = {"fail_after": "upstream_disconnected", "tokens": "upstream_truncated"}
+    first = reason.get(next(iter(knobs)), "upstream_error")
+    assert outcomes(infos[0]) == [("primary", first), ("backup", "completed")]
+    assert [a.continuation for a in infos[0].attempts] == [False, True]
+    assert infos[0].attempts[0].events == 1 + CUT  # the role delta and the tokens
+    assert infos[0].outcome == "completed"
+
+
+async def test_the_budget_spent_is_the_error_frame() -> None:
+    """``max_continuations`` 1: the backup is cut too, and the third upstream is not asked."""
+    async with (
+        serve_app(cutting_app(1 + CUT)) as primary,
+        serve_app(cutting_app(1 + CUT)) as backup,
+        FakeUpstream() as third,
+    ):
+        app: Sanic[Any, Any] = Sanic(app_name("failover_budget"))
+        app.config.STREAMPLUS_UPSTREAMS = (
+            f"primary={primary}/v1,backup={backup}/v1,third={third.url}"
+        )
+        app.config.STREAMPLUS_FAILOVER = "continue"
+        app.extend(extensions=[StreamPlus])
+
+        @app.post("/v1/chat/completions")
+        @stream_post(dialect="openai")
+        async def relay(request: Request) -> Any:
+            return upstream_events(request, "/chat/completions", json=request.json)
+
+        async with serve_app(app) as url, openai_sdk(url) as sdk:
+            stream = await sdk.chat.completions.create(
+                model="fake-model", messages=MESSAGES, stream=True
+            )
+            text = ""
+            with pytest.raises(openai.APIError, match="broke mid-stream"):
+                async for chunk in stream:
+                    text += chunk.choices[0].delta.content or "" if chunk.choices else ""
+    assert text == SO_FAR + SO_FAR  # the primary's, then the backup's continuation
+    assert third.requests == []
+
+
+async def test_a_tool_call_in_flight_is_not_continued() -> None:
+    tool = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}}
+    choice = {"index": 0, "delta": {"tool_calls": [tool]}, "finish_reason": None}
+    chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0}
+    call = ServerSentEvent(json.dumps({**chunk, "model": "fake", "choices": [choice]}))
+    bodies: list[Any] = []
+    async with serve_app(cutting_app(1, call)) as primary, serve_app(backup_app(bodies)) as backup:
+        async with dialect_proxy(primary + "/v1", backup + "/v1", **continuing()) as url:
+            with pytest.raises(openai.APIError, match="broke mid-stream"):
+                await chat(url)
+    assert bodies == []
+
+
+async def test_an_anthropic_stream_cut_mid_answer_is_continued() -> None:
+    ask: Any = {"model": "claude-fake", "max_tokens": 100, "messages": MESSAGES}
+    bodies: list[Any] = []
+    async with serve_app(cutting_app(2 + CUT)) as primary, serve_app(backup_app(bodies)) as backup:
+        async with dialect_proxy(primary + "/v1", backup + "/v1", **continuing()) as url:
+            sdk = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0, timeout=WAIT)
+            async with sdk, sdk.messages.stream(**ask) as stream:
+                kinds = [event.type async for event in stream]
+                message = await stream.get_final_message()
+    assert kinds.count("message_start") == 1 and kinds[-1] == "message_stop"
+    assert message.id == "msg_fake" and len(message.content) == 1
+    assert message.content[0].type == "text" and message.content[0].text == SO_FAR + WHOLE
+    assert bodies[0]["messages"][-1]["role"] == "assistant"  # the prefill, continued natively
+
+
+async def test_a_responses_stream_cut_mid_answer_is_continued() -> None:
+    bodies: list[Any] = []
+    async with serve_app(cutting_app(4 + CUT)) as primary, serve_app(backup_app(bodies)) as backup:
+        async with dialect_proxy(primary + "/v1", backup + "/v1", **continuing()) as url:
+            async with (
+                openai_sdk(url) as sdk,
+                sdk.responses.stream(model="gpt-fake", input="hi") as stream,
+            ):
+                events = [event async for event in stream]
+                final = await stream.get_final_response()
+    kinds = [event.type for event in events]
+    assert kinds.count("response.created") == 1 and kinds[-1] == "response.completed"
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    assert final.id == "resp_fake" and final.output_text == SO_FAR + WHOLE
+    assert len(bodies) == 1
