@@ -15,7 +15,7 @@ import anthropic
 import httpx
 import openai
 import pytest
-from conftest import app_name, free_port
+from conftest import app_name, free_port, run_example
 from sanic import Request, Sanic
 from test_dialects import ROUTES, SCRIPTS, TOKENS, script_app
 
@@ -357,9 +357,11 @@ def backup_app(bodies: list[Any]) -> Sanic[Any, Any]:
 
 
 @contextlib.asynccontextmanager
-async def dialect_proxy(primary: str, backup: str, **config: Any) -> AsyncIterator[str]:
-    """A proxy with the ``anthropic`` and ``openai-responses`` routes of ``test_dialects``,
-    relaying to ``primary`` then ``backup``."""
+async def dialect_proxy(
+    primary: str, backup: str, resumable: bool = False, **config: Any
+) -> AsyncIterator[str]:
+    """A proxy with the ``openai``, ``anthropic`` and ``openai-responses`` routes of
+    ``test_dialects`` (``resumable`` or not), relaying to ``primary`` then ``backup``."""
     app: Sanic[Any, Any] = Sanic(app_name("failover_dialects"))
     app.config.STREAMPLUS_UPSTREAMS = f"primary={primary},backup={backup}"
     app.config.STREAMPLUS_HEARTBEAT = 0
@@ -373,7 +375,7 @@ async def dialect_proxy(primary: str, backup: str, **config: Any) -> AsyncIterat
             return upstream_events(request, path.removeprefix("/v1"), json=request.json)
 
         name = f"relay_{dialect}".replace("-", "_")
-        app.post(path, name=name)(stream_post(dialect=dialect)(relay))
+        app.post(path, name=name)(stream_post(dialect=dialect, resumable=resumable)(relay))
     async with serve_app(app) as url:
         yield url
 
@@ -420,11 +422,26 @@ def continuing(**config: Any) -> dict[str, Any]:
 
 
 @pytest.mark.usefixtures("transport")
-async def test_a_chat_stream_cut_mid_answer_is_continued_by_the_backup_with_no_seam() -> None:
+@pytest.mark.parametrize("resumable", [False, True], ids=["live", "resumable"])
+async def test_a_chat_stream_cut_mid_answer_is_continued_by_the_backup_with_no_seam(
+    resumable: bool,
+) -> None:
+    """Resumable: the continuation happens in the producer, so the stored stream (what every
+    reader replays) is the one answer too."""
     bodies: list[Any] = []
     async with serve_app(cutting_app(1 + CUT)) as primary, serve_app(backup_app(bodies)) as backup:
-        async with dialect_proxy(primary + "/v1", backup + "/v1", **continuing()) as url:
+        proxied = dialect_proxy(primary + "/v1", backup + "/v1", resumable, **continuing())
+        async with proxied as url:
             text, chunks = await chat(url)  # the SDK raises nothing
+            if resumable:  # a second reader, from the store: the same answer
+                async with openai_sdk(url) as sdk:
+                    raw = await sdk.chat.completions.with_raw_response.create(
+                        model="fake-model", messages=MESSAGES, stream=True
+                    )
+                    stream_id = raw.headers["x-stream-id"]
+                async with httpx.AsyncClient(timeout=WAIT) as client:
+                    replay = (await client.get(f"{url}/streams/{stream_id}")).text
+                assert replay.count('"role"') == 1 and replay.endswith("data: [DONE]\n\n")
     assert text == SO_FAR + WHOLE
     assert sum(1 for c in chunks if c.choices and c.choices[0].delta.role) == 1
     assert {c.id for c in chunks} == {"chatcmpl-fake"}
@@ -441,8 +458,9 @@ async def test_a_chat_stream_cut_mid_answer_is_continued_by_the_backup_with_no_s
         {"fail_after": 1 + CUT},
         {"tokens": CUT, "finish_reason": False, "done": False},
         {"error_event_after": 1 + CUT},
+        {"stall_after": 1 + CUT, "stall": 10},
     ],
-    ids=["reset", "truncated", "error_event"],
+    ids=["reset", "truncated", "error_event", "idle_timeout"],
 )
 async def test_a_continuation_follows_a_reset_a_truncation_or_an_in_band_error(
     knobs: dict[str, Any],
@@ -457,6 +475,7 @@ async def test_a_continuation_follows_a_reset_a_truncation_or_an_in_band_error(
     ):
         app: Sanic[Any, Any] = Sanic(app_name("failover_route"))
         app.config.STREAMPLUS_UPSTREAMS = f"primary={primary.url},backup={backup}/v1"
+        app.config.STREAMPLUS_IDLE_TIMEOUT = 0.3
         app.extend(extensions=[StreamPlus])
 
         @app.post("/v1/chat/completions")
@@ -468,7 +487,11 @@ async def test_a_continuation_follows_a_reset_a_truncation_or_an_in_band_error(
             text, chunks = await chat(url)
     assert text == SO_FAR + WHOLE
     assert {c.id for c in chunks} == {"chatcmpl-fake"}
-    reason = {"fail_after": "upstream_disconnected", "tokens": "upstream_truncated"}
+    reason = {
+        "fail_after": "upstream_disconnected",
+        "tokens": "upstream_truncated",
+        "stall_after": "idle_timeout",
+    }
     first = reason.get(next(iter(knobs)), "upstream_error")
     assert outcomes(infos[0]) == [("primary", first), ("backup", "completed")]
     assert [a.continuation for a in infos[0].attempts] == [False, True]
@@ -550,3 +573,22 @@ async def test_a_responses_stream_cut_mid_answer_is_continued() -> None:
     assert [e.sequence_number for e in events] == list(range(len(events)))
     assert final.id == "resp_fake" and final.output_text == SO_FAR + WHOLE
     assert len(bodies) == 1
+
+
+async def test_the_example_with_two_upstreams_continues_an_answer_cut_midway() -> None:
+    """The black-box demo: ``chat_proxy.py --upstream A --upstream B``; A dies after three
+    tokens; the page's ``/chat`` route shows one answer, then ``done``."""
+    async with (
+        FakeUpstream(tokens=TOKENS, delay=0, fail_after=1 + CUT) as primary,
+        FakeUpstream(tokens=TOKENS, delay=0) as backup,
+        run_example("--upstream", primary.url, "--upstream", backup.url) as (_, url),
+    ):
+        body = {"messages": MESSAGES}
+        async with httpx.AsyncClient(timeout=WAIT) as client:
+            answer = await client.post(url + "/chat", json=body)
+    events = [block for block in answer.text.split("\n\n") if block.strip()]
+    tokens = [json.loads(e.split("data: ", 1)[1])["text"] for e in events if "event: token" in e]
+    assert "".join(tokens) == SO_FAR + WHOLE
+    assert events[-1].startswith("event: done") and "event: error" not in answer.text
+    prefill = backup.requests[0].json["messages"]
+    assert {"role": "assistant", "content": SO_FAR} in prefill
