@@ -104,6 +104,7 @@ async def main(requests: int, continuation: bool) -> None:
                 {"STREAMPLUS_BREAKER_COOLDOWN": 0},
             ),
             ("dead primary, breaker (default: 5 in 30 s)", [dead_url(), live.url], {}),
+            ("live primary (again: the drift of the run)", [live.url], {}),
         ]
         for n, (label, upstreams, config) in enumerate(cases):
             async with serve_app(proxy_app(f"bench_failover_{n}", upstreams, **config)) as url:
