@@ -20,6 +20,7 @@ from sanic import Request, Sanic
 from test_dialects import ROUTES, SCRIPTS, TOKENS, script_app
 
 from sanic_streamplus import StreamInfo, StreamPlus, stream_post, upstream_events
+from sanic_streamplus.failover import Breaker
 from sanic_streamplus.sse import ServerSentEvent, encode
 from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app
 
@@ -592,3 +593,32 @@ async def test_the_example_with_two_upstreams_continues_an_answer_cut_midway() -
     assert events[-1].startswith("event: done") and "event: error" not in answer.text
     prefill = backup.requests[0].json["messages"]
     assert {"role": "assistant", "content": SO_FAR} in prefill
+
+
+# ------------------------------------------------------------------- the breaker, sans-IO
+
+
+def test_the_breaker_counts_failures_in_its_window_and_reopens_on_a_failed_trial() -> None:
+    breaker = Breaker(failures=3, window=10.0, cooldown=30.0)
+    for at in (0.0, 5.0, 11.0):  # the first is out of the window by the third
+        breaker.failed(at)
+    assert not breaker.is_open(11.0)
+    breaker.failed(12.0)  # three within 10 s: open for 30 s
+    assert breaker.is_open(41.9) and breaker.remaining(12.0) == 30.0
+    assert not breaker.is_open(42.0)  # half-open: one trial
+    breaker.failed(43.0)  # the trial failed: open again at once
+    assert breaker.is_open(72.9) and not breaker.is_open(73.0)
+    breaker.succeeded()
+    breaker.failed(80.0)
+    assert not breaker.is_open(80.0)  # closed again: counting from zero
+
+
+def test_a_retry_after_opens_the_breaker_at_once_for_that_long_and_no_longer_than_an_hour() -> None:
+    breaker = Breaker(failures=5, window=30.0, cooldown=None)  # no cooldown: only Retry-After
+    for at in range(10):
+        breaker.failed(float(at))
+    assert not breaker.is_open(10.0)
+    breaker.failed(10.0, retry_after=7.0)
+    assert breaker.is_open(16.9) and not breaker.is_open(17.0)
+    breaker.failed(20.0, retry_after=1e9)
+    assert breaker.remaining(20.0) == 3600.0
