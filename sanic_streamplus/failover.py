@@ -143,9 +143,11 @@ class Breaker:
 
 @dataclass(eq=False)
 class Member:
-    """One upstream of a pool: its config, its shared client and its breaker."""
+    """One upstream of a pool: its config, its settings (the app's, with its URL and key: the
+    key is masked in what its error bodies say), its shared client and its breaker."""
 
     config: UpstreamConfig
+    settings: Settings
     client: httpx.AsyncClient
     breaker: Breaker
 
@@ -168,20 +170,15 @@ class UpstreamPool:
         configs = settings.upstreams or (
             UpstreamConfig("default", settings.upstream_url or "", settings.upstream_api_key),
         )
-        self.members = [
-            Member(
-                config,
-                create_client(
-                    replace(
-                        settings, upstream_url=config.url or None, upstream_api_key=config.api_key
-                    )
-                ),
-                Breaker(
-                    settings.breaker_failures, settings.breaker_window, settings.breaker_cooldown
-                ),
+        self.members = []
+        for config in configs:
+            own = replace(
+                settings, upstream_url=config.url or None, upstream_api_key=config.api_key
             )
-            for config in configs
-        ]
+            breaker = Breaker(
+                settings.breaker_failures, settings.breaker_window, settings.breaker_cooldown
+            )
+            self.members.append(Member(config, own, create_client(own), breaker))
 
     def select(self, names: Sequence[str] | None = None) -> list[Member]:
         """The members called ``names``, in that order (None: all, in config order).
@@ -350,7 +347,6 @@ async def failover_events(
     method: str,
     url: str,
     *,
-    settings: Settings,
     dialect: str,
     attempts: list[Attempt],
     json: Any = None,
@@ -365,8 +361,8 @@ async def failover_events(
         members: the upstreams to try, in order.
         method, url, json, content, headers: the request, as for
             :func:`~sanic_streamplus.upstream.stream_events` (``url`` joined to each upstream's
-            base URL unless absolute).
-        settings: timeouts and limits, and the breaker's settings.
+            base URL unless absolute), with each member's settings (timeouts, limits; its key
+            masked in its error bodies).
         dialect: the upstreams' dialect name, by which their streams are checked, their first
             content event found and a continuation spliced.
         attempts: the list the attempts are appended to (``StreamInfo.attempts``).
@@ -394,7 +390,7 @@ async def failover_events(
             member.client,
             method,
             url,
-            settings=settings,
+            settings=member.settings,
             json=body,
             content=content,
             headers=headers,

@@ -411,7 +411,6 @@ def upstream_events(
             members,
             method,
             url,
-            settings=settings,
             dialect=get_dialect(name).name,
             attempts=[] if attempts is None else attempts,
             json=json,

@@ -275,6 +275,30 @@ async def test_each_upstream_gets_its_own_key_from_config_never_the_clients() ->
     assert backup.requests[0].headers["authorization"] == "Bearer sk-backup"
 
 
+async def test_an_upstream_that_echoes_its_key_gives_it_to_no_one() -> None:
+    echo = {"error": {"message": "key sk-backup-secret is not valid", "type": "auth"}}
+    async with (
+        FakeUpstream(error_status=503) as primary,
+        FakeUpstream(error_status=401, error_body=echo) as backup,
+    ):
+        app: Sanic[Any, Any] = Sanic(app_name("failover_echo"))
+        app.config.STREAMPLUS_UPSTREAMS = [
+            {"name": "primary", "url": primary.url, "api_key": "sk-primary-secret"},
+            {"name": "backup", "url": backup.url, "api_key": "sk-backup-secret"},
+        ]
+        app.extend(extensions=[StreamPlus])
+
+        @app.post("/v1/chat/completions")
+        @stream_post(dialect="openai")
+        async def relay(request: Request) -> Any:
+            return upstream_events(request, "/chat/completions", json=request.json)
+
+        async with serve_app(app) as url, httpx.AsyncClient(timeout=WAIT) as client:
+            answer = await client.post(url + "/v1/chat/completions", json={"stream": True})
+    assert answer.status_code == 401
+    assert answer.json()["error"]["message"] == "key *** is not valid"
+
+
 async def test_failovers_are_counted_by_route_and_reason() -> None:
     async with FakeUpstream(answer=answering(BACKUP_TEXT)) as backup:
         upstreams = [("primary", dead_url()), ("backup", backup.url)]
