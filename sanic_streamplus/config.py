@@ -219,8 +219,10 @@ class Settings:
         breaker_failures: failures of one upstream within ``breaker_window`` seconds that open
             its circuit breaker: it is not tried for ``breaker_cooldown`` seconds (a 429's or
             503's ``Retry-After`` opens it at once, for that long). Only with several upstreams.
-        breaker_window: seconds over which ``breaker_failures`` are counted.
-        breaker_cooldown: seconds an open breaker keeps its upstream out.
+        breaker_window: seconds over which ``breaker_failures`` are counted (None or 0: since
+            the upstream's last success).
+        breaker_cooldown: seconds an open breaker keeps its upstream out (None or 0: the
+            breaker opens only for a ``Retry-After``).
         connect_timeout: connecting to the upstream.
         first_event_timeout: from sending the upstream request to its first event.
         idle_timeout: from asking for the next upstream event to receiving it.
