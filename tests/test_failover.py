@@ -334,6 +334,26 @@ def test_several_upstreams_in_config_are_checked_at_startup() -> None:
     assert settings.upstreams[0].api_key == "sk-a" and "sk-a" not in repr(settings)
 
 
+def test_the_upstreams_and_their_keys_come_from_the_environment(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """As Sanic reads ``SANIC_*`` variables into ``app.config``."""
+    from sanic_streamplus.config import Settings
+
+    monkeypatch.setenv(
+        "SANIC_STREAMPLUS_UPSTREAMS", "main=https://a.example/v1,spare-1=http://b:8/v1"
+    )
+    monkeypatch.setenv("SANIC_STREAMPLUS_UPSTREAM_SPARE_1_API_KEY", "sk-spare")
+    monkeypatch.setenv("SANIC_STREAMPLUS_FAILOVER", "continue")
+    app: Sanic[Any, Any] = Sanic(app_name("failover_env"))
+    settings = Settings.from_config(app.config)
+    assert [(u.name, u.url, u.api_key) for u in settings.upstreams] == [
+        ("main", "https://a.example/v1", None),
+        ("spare-1", "http://b:8/v1", "sk-spare"),
+    ]
+    assert settings.failover == "continue" and settings.max_continuations == 1
+
+
 # ------------------------------------------------------- Anthropic and the Responses API
 
 PREAMBLE = {"anthropic": 2, "openai-responses": 4}  # events before the first text delta
