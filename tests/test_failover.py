@@ -544,12 +544,15 @@ async def test_a_continuation_follows_a_reset_a_truncation_or_an_in_band_error(
     assert infos[0].outcome == "completed"
 
 
-async def test_the_budget_spent_is_the_error_frame() -> None:
-    """``max_continuations`` 1: the backup is cut too, and the third upstream is not asked."""
+@pytest.mark.parametrize("budget", [None, 2])
+async def test_the_budget_spent_is_the_error_frame(budget: int | None) -> None:
+    """``max_continuations`` 1 (the default): the backup is cut too, and the third upstream is
+    not asked; 2 (the route's option): the third continues the backup's continuation."""
+    infos: list[StreamInfo] = []
     async with (
         serve_app(cutting_app(1 + CUT)) as primary,
         serve_app(cutting_app(1 + CUT)) as backup,
-        FakeUpstream() as third,
+        FakeUpstream(tokens=TOKENS, delay=0) as third,
     ):
         app: Sanic[Any, Any] = Sanic(app_name("failover_budget"))
         app.config.STREAMPLUS_UPSTREAMS = (
@@ -559,7 +562,7 @@ async def test_the_budget_spent_is_the_error_frame() -> None:
         app.extend(extensions=[StreamPlus])
 
         @app.post("/v1/chat/completions")
-        @stream_post(dialect="openai")
+        @stream_post(dialect="openai", max_continuations=budget, on_finish=infos.append)
         async def relay(request: Request) -> Any:
             return upstream_events(request, "/chat/completions", json=request.json)
 
@@ -568,11 +571,20 @@ async def test_the_budget_spent_is_the_error_frame() -> None:
                 model="fake-model", messages=MESSAGES, stream=True
             )
             text = ""
-            with pytest.raises(openai.APIError, match="broke mid-stream"):
+            with (
+                pytest.raises(openai.APIError, match="broke mid-stream")
+                if not budget
+                else (contextlib.nullcontext())
+            ):
                 async for chunk in stream:
                     text += chunk.choices[0].delta.content or "" if chunk.choices else ""
-    assert text == SO_FAR + SO_FAR  # the primary's, then the backup's continuation
-    assert third.requests == []
+    if budget is None:
+        assert text == SO_FAR + SO_FAR  # the primary's, then the backup's continuation
+        assert third.requests == [] and infos[0].outcome == "upstream_error"
+    else:
+        assert text == SO_FAR + SO_FAR + WHOLE and infos[0].outcome == "completed"
+        assert len(third.requests) == 1
+        assert [a.continuation for a in infos[0].attempts] == [False, True, True]
 
 
 async def test_a_tool_call_in_flight_is_not_continued() -> None:
