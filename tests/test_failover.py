@@ -574,7 +574,7 @@ async def test_the_budget_spent_is_the_error_frame(budget: int | None) -> None:
             with (
                 pytest.raises(openai.APIError, match="broke mid-stream")
                 if not budget
-                else (contextlib.nullcontext())
+                else contextlib.nullcontext()
             ):
                 async for chunk in stream:
                     text += chunk.choices[0].delta.content or "" if chunk.choices else ""
