@@ -11,6 +11,7 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from .framing import DIALECTS
+from .splice import CONTINUE_INSTRUCTION
 from .sse import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_LENGTH
 
 __all__ = [
@@ -216,6 +217,11 @@ class Settings:
             ``docs/failover.md``). The route's ``@stream_post(failover=...)`` overrides it.
         max_continuations: how many times one stream may be continued on another upstream
             (``failover="continue"``); 0: never.
+        continue_instruction: the user message sent after the partial assistant message of an
+            OpenAI (chat or Responses) continuation
+            (:data:`~sanic_streamplus.splice.CONTINUE_INSTRUCTION` by default); empty: none
+            (an upstream that continues a prefilled assistant message by itself). Anthropic is
+            sent none: it continues a prefill natively.
         breaker_failures: failures of one upstream within ``breaker_window`` seconds that open
             its circuit breaker: it is not tried for ``breaker_cooldown`` seconds (a 429's or
             503's ``Retry-After`` opens it at once, for that long). Only with several upstreams.
@@ -286,6 +292,7 @@ class Settings:
     upstreams: tuple[UpstreamConfig, ...] = ()
     failover: str = "fallback"
     max_continuations: int = 1
+    continue_instruction: str | None = CONTINUE_INSTRUCTION
     breaker_failures: int = 5
     breaker_window: float | None = 30.0
     breaker_cooldown: float | None = 30.0

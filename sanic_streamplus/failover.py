@@ -354,6 +354,7 @@ async def failover_events(
     headers: Mapping[str, str] | None = None,
     failover: str = "fallback",
     max_continuations: int = 0,
+    instruction: str | None = None,
 ) -> AsyncIterator[ServerSentEvent]:
     """Yield the events of the first of ``members`` that streams (see the module docstring).
 
@@ -371,6 +372,7 @@ async def failover_events(
             far as a prefill (:class:`~sanic_streamplus.splice.Splice`), if ``json`` is a JSON
             object and no tool call is in flight.
         max_continuations: how many times the stream may be continued.
+        instruction: the user message after the prefill of an OpenAI continuation, or None.
 
     Yields:
         :class:`ServerSentEvent`, in stream order: one upstream's, or one upstream's then its
@@ -398,7 +400,7 @@ async def failover_events(
         )
 
     continuing = failover == "continue" and max_continuations > 0 and isinstance(json, dict)
-    relay = _Relay(checker, Splice(checker) if continuing else None)
+    relay = _Relay(checker, Splice(checker, instruction=instruction) if continuing else None)
     skip: set[str] = set()
     opened = await _first_content(
         members, skip, open_stream, lambda: json, checker, attempts, False

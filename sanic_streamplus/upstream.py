@@ -418,6 +418,7 @@ def upstream_events(
             headers=headers,
             failover=mode,
             max_continuations=budget,
+            instruction=settings.continue_instruction,
         )
     return stream_events(
         members[0].client,

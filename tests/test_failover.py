@@ -21,6 +21,7 @@ from test_dialects import ROUTES, SCRIPTS, TOKENS, script_app
 
 from sanic_streamplus import StreamInfo, StreamPlus, stream_post, upstream_events
 from sanic_streamplus.failover import Breaker
+from sanic_streamplus.splice import CONTINUE_INSTRUCTION
 from sanic_streamplus.sse import ServerSentEvent, encode
 from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app
 
@@ -493,8 +494,21 @@ async def test_a_chat_stream_cut_mid_answer_is_continued_by_the_backup_with_no_s
     assert {(c.model, c.created) for c in chunks} == {("fake", 0)}
     assert chunks[-1].choices[0].finish_reason == "stop"
     messages = bodies[0]["messages"]
-    assert messages[: len(MESSAGES)] == MESSAGES
-    assert {"role": "assistant", "content": SO_FAR} in messages
+    assert messages == [
+        *MESSAGES,
+        {"role": "assistant", "content": SO_FAR},
+        {"role": "user", "content": CONTINUE_INSTRUCTION},
+    ]
+
+
+async def test_the_continue_instruction_is_the_configs() -> None:
+    bodies: list[Any] = []
+    async with serve_app(cutting_app(1 + CUT)) as primary, serve_app(backup_app(bodies)) as backup:
+        config = continuing(STREAMPLUS_CONTINUE_INSTRUCTION="")  # none: a native prefill
+        async with dialect_proxy(primary + "/v1", backup + "/v1", **config) as url:
+            text, _ = await chat(url)
+    assert text == SO_FAR + WHOLE
+    assert bodies[0]["messages"] == [*MESSAGES, {"role": "assistant", "content": SO_FAR}]
 
 
 @pytest.mark.parametrize(
