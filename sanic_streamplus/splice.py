@@ -102,6 +102,7 @@ class _Splicer:
         self.pieces: list[str] = []  # the text delivered, in pieces
         self.started = False  # an event of the answer was delivered
         self.blocked = False  # a tool call, a second choice, the end: not continuable
+        self.made: tuple[ServerSentEvent, dict[str, Any]] | None = None  # the last rewrite
 
     @property
     def text(self) -> str:
@@ -121,6 +122,18 @@ class _Splicer:
 
     def rewrite(self, event: ServerSentEvent) -> ServerSentEvent | None:
         raise NotImplementedError
+
+    def parse(self, event: ServerSentEvent) -> dict[str, Any] | None:
+        """The JSON object of a delivered ``event``: the one :meth:`like` made it from when
+        it is the last event rewritten (not parsed again), else its data parsed."""
+        made, self.made = self.made, None
+        return made[1] if made is not None and made[0] is event else _object(event.data)
+
+    def like(self, event: ServerSentEvent, value: dict[str, Any]) -> ServerSentEvent:
+        """:func:`_like`, remembered for :meth:`parse`."""
+        out = _like(event, value)
+        self.made = (out, value)
+        return out
 
     def _instruction(self) -> list[dict[str, Any]]:
         return [] if self.instruction is None else [{"role": "user", "content": self.instruction}]
@@ -150,7 +163,7 @@ class _ChatSplicer(_Splicer):
         self.base: dict[str, Any] | None = None  # self.usage when the continuation began
 
     def delivered(self, event: ServerSentEvent) -> None:
-        chunk = _object(event.data)
+        chunk = self.parse(event)
         choices = chunk.get("choices") if chunk is not None else None
         if chunk is None or not isinstance(choices, list):
             self.blocked |= event.data == "[DONE]"
@@ -206,7 +219,7 @@ class _ChatSplicer(_Splicer):
             chunk["usage"] = _sum_usage(self.base, usage)
         if dropped_role and usage is None and all(_empty_choice(c) for c in choices):
             return None  # the continuation's role chunk: the client has its role already
-        return _like(event, chunk)
+        return self.like(event, chunk)
 
 
 def _empty_choice(choice: Any) -> bool:
@@ -220,14 +233,13 @@ def _empty_choice(choice: Any) -> bool:
 _ANTHROPIC_USAGE = ("input_tokens", "cache_creation_input_tokens", "cache_read_input_tokens")
 
 
-def _typed(event: ServerSentEvent) -> tuple[str, dict[str, Any] | None]:
-    """(the event's type, its JSON object or None) for a dialect whose events are named by
-    their data's ``"type"``: the event name, or for an unnamed event the data's ``"type"``."""
-    value = _object(event.data)
+def _typed(event: ServerSentEvent, value: dict[str, Any] | None) -> str:
+    """The type of ``event`` (whose JSON object is ``value``) in a dialect whose events are
+    named by their data's ``"type"``: the event name, or for an unnamed event the data's."""
     kind = event.event
     if kind == "message" and value is not None and isinstance(value.get("type"), str):
         kind = value["type"]
-    return kind, value
+    return kind
 
 
 class _AnthropicSplicer(_Splicer):
@@ -266,7 +278,8 @@ class _AnthropicSplicer(_Splicer):
         self.trim = ""  # delivered white space the continuation's text may repeat
 
     def delivered(self, event: ServerSentEvent) -> None:
-        kind, value = _typed(event)
+        value = self.parse(event)
+        kind = _typed(event, value)
         if value is None:
             return
         if kind == "message_start":
@@ -294,7 +307,10 @@ class _AnthropicSplicer(_Splicer):
     def continuation_body(self, body: dict[str, Any]) -> dict[str, Any]:
         """``body`` with ``messages`` extended by the partial assistant message (its trailing
         white space stripped; none when no text was delivered)."""
-        self.base, self.more, self.offset = dict(self.usage), {}, None
+        # the counts so far: the client's, or after a continuation the sum it was building
+        # (its message_start's counts, dropped, are not in the client's if it failed early)
+        self.base = _sum_usage(self.base, self.more) if self.more else dict(self.usage)
+        self.more, self.offset = {}, None
         prefill = self.text.rstrip()
         self.trim = self.text[len(prefill) :]
         messages = list(body.get("messages") or [])
@@ -303,7 +319,8 @@ class _AnthropicSplicer(_Splicer):
         return {**body, "messages": messages}
 
     def rewrite(self, event: ServerSentEvent) -> ServerSentEvent | None:
-        kind, value = _typed(event)
+        value = _object(event.data)
+        kind = _typed(event, value)
         if value is None:
             return event
         if kind == "message_start":
@@ -311,7 +328,7 @@ class _AnthropicSplicer(_Splicer):
             return None  # the client has its message_start: one message
         if kind == "message_delta" and isinstance(value.get("usage"), dict):
             value["usage"] = self._usage(value["usage"])
-            return _like(event, value)
+            return self.like(event, value)
         index = value.get("index")
         if not isinstance(index, int):
             return event  # ping, error, message_stop
@@ -324,7 +341,7 @@ class _AnthropicSplicer(_Splicer):
             delta["text"] = self._trimmed(text) if isinstance(text, str) else text
             if text and not delta["text"]:
                 return None  # white space the client has already
-        return _like(event, value)
+        return self.like(event, value)
 
     def _first_block(
         self, event: ServerSentEvent, value: dict[str, Any], index: int
@@ -339,14 +356,15 @@ class _AnthropicSplicer(_Splicer):
                 self.trim = ""
             elif isinstance(block.get("text"), str):
                 block["text"] = self._trimmed(block["text"])
-            return _like(event, value)
+            return self.like(event, value)
         self.offset = self.open - index
         text = self._trimmed(block.get("text") or "")
         if not text:
             return None
         delta = {"type": "content_block_delta", "index": self.open}
         delta["delta"] = {"type": "text_delta", "text": text}
-        return ServerSentEvent(_DUMPS(delta), event="content_block_delta")
+        name = "content_block_delta" if event.event == "content_block_start" else event.event
+        return ServerSentEvent(_DUMPS(delta), event=name)
 
     def _trimmed(self, text: str) -> str:
         """``text`` without the start it shares with :attr:`trim` (what is left of it)."""
@@ -400,15 +418,20 @@ class _ResponsesSplicer(_Splicer):
         self.next_part = 0  # the content_index its next part gets
         self.texts: dict[int, list[str]] = {}  # its parts' text delivered, by content_index
         self.parts: dict[int, Any] = {}  # its parts delivered done, by content_index
+        self.added: dict[int, Any] = {}  # the items delivered, as added, by output_index
         self.done: dict[int, Any] = {}  # the items delivered done, by output_index
         self.usage: dict[str, Any] | None = None
         self.base: dict[str, Any] | None = None  # self.usage when the continuation began
         self.items: dict[int, int] = {}  # the continuation's output_index -> the client's
         self.continued: tuple[int, Any, Any] | None = None  # its (index, id, the client's id)
         self.part_map: dict[int, int] = {}  # its content_index -> the client's
+        # what the continuation numbers from: its events may be rewritten and never delivered
+        # (an upstream that failed before its first content), so not the delivered counts
+        self.number, self.fresh, self.fresh_part = -1, 0, 0
 
     def delivered(self, event: ServerSentEvent) -> None:
-        kind, value = _typed(event)
+        value = self.parse(event)
+        kind = _typed(event, value)
         if value is None:
             return
         number = value.get("sequence_number")
@@ -425,7 +448,7 @@ class _ResponsesSplicer(_Splicer):
             self.blocked = True
         elif kind == "response.output_item.added" and _is_count(where):
             item = value.get("item") or {}
-            self.next = max(self.next, where + 1)
+            self.next, self.added[where] = max(self.next, where + 1), item
             if item.get("type") == "message":
                 self.open, self.part, self.next_part = (where, item.get("id")), None, 0
                 self.texts, self.parts = {}, {}
@@ -451,6 +474,7 @@ class _ResponsesSplicer(_Splicer):
         """``body`` with ``input`` (a string becomes one user message) extended by the partial
         assistant message and the instruction (none when no text was delivered)."""
         self.base, self.items, self.continued, self.part_map = self.usage, {}, None, {}
+        self.number, self.fresh, self.fresh_part = self.sequence, self.next, self.next_part
         given = body.get("input")
         items = (
             list(given or [])
@@ -463,55 +487,56 @@ class _ResponsesSplicer(_Splicer):
         return {**body, "input": items}
 
     def rewrite(self, event: ServerSentEvent) -> ServerSentEvent | None:
-        kind, value = _typed(event)
+        value = _object(event.data)
+        kind = _typed(event, value)
         if value is None:
             return event
         if kind in _RESPONSE_STARTS:
             return None  # the client's response was announced: one response
         where = value.get("output_index")
         if kind == "response.output_item.added" and _is_count(where):
-            if self._added(where, value.get("item") or {}) is None:
+            if not self._added(where, value.get("item") or {}):
                 return None
         ours = self.continued is not None and where == self.continued[0]
-        if kind == "response.content_part.added" and ours and self._part(value) is None:
+        if kind == "response.content_part.added" and ours and not self._part(value):
             return None
         self._renumber(value, ours)
-        if ours:
+        if ours and kind.endswith(".done"):
             self._whole(kind, value)
         response = value.get("response")
         if isinstance(response, dict):
             self._response(kind, response)
-        return _like(event, value)
+        return self.like(event, value)
 
-    def _added(self, where: int, item: dict[str, Any]) -> int | None:
+    def _added(self, where: int, item: dict[str, Any]) -> bool:
         """Map a continuation item to the client's: its first message item to the unfinished
-        one (None: drop its ``output_item.added``), any other to the next new index."""
+        one (False: drop its ``output_item.added``), any other to the next new index."""
         if self.continued is None and self.open is not None and item.get("type") == "message":
             self.continued = (where, item.get("id"), self.open[1])
             self.items[where] = self.open[0]
-            return None
-        self.items[where] = self.next
-        self.next += 1
-        return self.items[where]
+            return False
+        self.items[where] = self.fresh
+        self.fresh += 1
+        return True
 
-    def _part(self, value: dict[str, Any]) -> int | None:
+    def _part(self, value: dict[str, Any]) -> bool:
         """Map a continued item's part to the client's: its first ``output_text`` part to the
-        unfinished one (None: drop its ``content_part.added``), any other to the next."""
+        unfinished one (False: drop its ``content_part.added``), any other to the next."""
         index, part = value.get("content_index"), value.get("part") or {}
         if not _is_count(index):
-            return -1
+            return True
         if not self.part_map and self.part is not None and part.get("type") == "output_text":
             self.part_map[index] = self.part
-            return None
-        self.part_map[index] = self.next_part
-        self.next_part += 1
-        return self.part_map[index]
+            return False
+        self.part_map[index] = self.fresh_part
+        self.fresh_part += 1
+        return True
 
     def _renumber(self, value: dict[str, Any], ours: bool) -> None:
         """The client's sequence_number, output_index, item_id and content_index."""
         if "sequence_number" in value:
-            self.sequence += 1
-            value["sequence_number"] = self.sequence
+            self.number += 1
+            value["sequence_number"] = self.number
         where, index = value.get("output_index"), value.get("content_index")
         if _is_count(where):
             value["output_index"] = self.items.get(where, where)
@@ -527,24 +552,25 @@ class _ResponsesSplicer(_Splicer):
 
     def _whole(self, kind: str, value: dict[str, Any]) -> None:
         """The continued item's done events with the whole text the client got."""
-        index = value.get("content_index")
-        text = "".join(self.texts.get(index, [])) if _is_count(index) else None
-        part = value.get("part")
-        if kind == "response.output_text.done" and text is not None:
-            value["text"] = text
-        elif kind == "response.content_part.done" and isinstance(part, dict) and text is not None:
-            part["text"] = text if part.get("type") == "output_text" else part.get("text")
-        elif kind == "response.output_item.done" and isinstance(value.get("item"), dict):
-            if self.parts:
-                value["item"]["content"] = [self.parts[key] for key in sorted(self.parts)]
+        index, part, item = value.get("content_index"), value.get("part"), value.get("item")
+        if kind == "response.output_text.done" and _is_count(index):
+            value["text"] = "".join(self.texts.get(index, []))
+        elif kind == "response.content_part.done" and _is_count(index) and isinstance(part, dict):
+            if part.get("type") == "output_text":
+                part["text"] = "".join(self.texts.get(index, []))
+        elif kind == "response.output_item.done" and isinstance(item, dict) and self.parts:
+            item["content"] = [self.parts[key] for key in sorted(self.parts)]
 
     def _response(self, kind: str, response: dict[str, Any]) -> None:
         """The response object of a continuation event: the client's id (and created_at,
-        model); at the end, the client's done items as its output and the usage summed."""
+        model); at the end, the client's items as its output (done, or as added when the
+        upstream that began one failed: a reasoning item cut short) and the usage summed."""
         response.update(self.head or {})
         if kind not in _RESPONSE_ENDS:
             return
-        output = [self.done[key] for key in sorted(self.done)]
+        output = [
+            self.done.get(key, self.added.get(key)) for key in sorted({*self.added, *self.done})
+        ]
         known = {item.get("id") for item in output if isinstance(item, dict)}
         theirs = self.continued[1] if self.continued is not None else None
         for item in response.get("output") or []:
@@ -567,9 +593,11 @@ class Splice:
     """The splice of one client stream: what it delivered, and how a continuation goes on.
 
     Call :meth:`delivered` with every event relayed to the client, in order (the rewritten
-    events of a continuation too). When the upstream fails and :attr:`can_continue` is True,
-    send the next upstream :meth:`continuation_body` (once per continuing upstream: it also
-    starts that upstream's rewriting), and pass each event it sends through :meth:`rewrite`.
+    events of a continuation too, each one before the next is rewritten: the done events of
+    the Responses API repeat the text delivered). When the upstream fails and
+    :attr:`can_continue` is True, send the next upstream :meth:`continuation_body` (once per
+    continuing upstream: it also starts that upstream's rewriting), and pass each event it
+    sends through :meth:`rewrite`.
     Several continuations in a row work the same way.
 
     Args:

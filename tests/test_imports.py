@@ -14,7 +14,13 @@ HTTP_STACK = (
 
 
 @pytest.mark.parametrize(
-    "module", ["sanic_streamplus.sse", "sanic_streamplus.errors", "sanic_streamplus.machine"]
+    "module",
+    [
+        "sanic_streamplus.sse",
+        "sanic_streamplus.errors",
+        "sanic_streamplus.machine",
+        "sanic_streamplus.splice",
+    ],
 )
 def test_the_codec_and_the_errors_load_no_http_stack(module: str) -> None:
     probe = (

@@ -28,7 +28,8 @@ from pydantic import TypeAdapter
 
 from sanic_streamplus.framing import get_dialect
 from sanic_streamplus.splice import CONTINUE_INSTRUCTION, Splice
-from sanic_streamplus.sse import ServerSentEvent
+from sanic_streamplus.sse import ServerSentEvent, SSEDecoder
+from sanic_streamplus.testing import FakeModel
 
 DONE = ServerSentEvent("[DONE]")
 QUESTION = {"role": "user", "content": "Tell me a story."}
@@ -141,6 +142,18 @@ def test_chat_the_client_sees_one_answer_from_two_upstreams() -> None:
     assert completion.choices[0].message.role == "assistant"
     assert completion.choices[0].message.content == "Once upon, a fox."
     assert completion.choices[0].finish_reason == "stop"
+
+
+def test_chat_the_test_kits_fake_upstream_streams_splice() -> None:
+    # the exact bytes FakeUpstream writes (the over-the-socket failover tests use it), decoded
+    first = SSEDecoder().feed(b"".join(FakeModel(tokens=6).frames()))
+    second = SSEDecoder().feed(b"".join(FakeModel(text="and more.", usage=True).frames()))
+    client, body = spliced("openai", first, 4, second, {"messages": [QUESTION]})
+    assert body["messages"][1] == {"role": "assistant", "content": "Hello from the"}
+    assert chat_text(client) == "Hello from theand more."
+    assert roles(client) == 1 and client[-1] == DONE
+    assert chunks(client)[-1]["usage"]["completion_tokens"] == 2  # the fake's own count
+    assert chat_sdk_message(client).choices[0].message.content == "Hello from theand more."
 
 
 def test_chat_continuation_body_is_the_original_plus_the_partial_answer() -> None:
@@ -722,6 +735,29 @@ def test_responses_a_failure_after_the_message_was_done_adds_a_new_message() -> 
     assert response.output_text == "Once upon More."
 
 
+def test_responses_an_attempt_rewritten_but_never_delivered_leaves_no_gap() -> None:
+    # the next upstream failed before its first content: its preamble went through rewrite()
+    # (held, never delivered); the one after it numbers items and events from the client's
+    first = response_stream(["Once", " upon"])
+    splice = Splice(get_dialect("openai-responses"))
+    for event in first[:5]:
+        splice.delivered(event)
+    splice.continuation_body(RESPONSES)
+    for event in response_stream(["x"], reasoning=True, **NEXT)[:4]:  # reasoning added, done
+        splice.rewrite(event)
+    splice.continuation_body(RESPONSES)
+    client = first[:5]
+    for event in response_stream([" upon a time."], reasoning=True, **NEXT):
+        out = splice.rewrite(event)
+        if out is not None:
+            splice.delivered(out)
+            client.append(out)
+    assert [v["sequence_number"] for v in values(client)] == list(range(len(client)))
+    added = [v["output_index"] for v in values(client) if v["type"].endswith("item.added")]
+    assert added == [0, 1]
+    assert responses_sdk_response(client).output_text == "Once upon a time."
+
+
 @pytest.mark.parametrize(
     "delivered",
     [
@@ -766,3 +802,71 @@ def test_responses_cut_anywhere_and_continued_reads_as_one_response(
     response = responses_sdk_response(client)
     assert response.id == "resp_first"
     assert response.output_text == whole
+
+
+# ------------------------------------------------------------------ several continuations in a row
+
+
+def chained(
+    dialect: str, parts: list[tuple[list[ServerSentEvent], int]], body: dict[str, Any]
+) -> tuple[list[ServerSentEvent], list[dict[str, Any]]]:
+    """Each upstream of ``parts`` sends its first ``cut`` events then fails, the next one
+    continues (the budget of several continuations): the client's events, the bodies sent."""
+    splice = Splice(get_dialect(dialect))
+    client, bodies = [], []
+    for number, (events, cut) in enumerate(parts):
+        if number:
+            assert splice.can_continue
+            bodies.append(splice.continuation_body(body))
+        for event in events[:cut]:
+            out = splice.rewrite(event) if number else event
+            if out is not None:
+                splice.delivered(out)
+                client.append(out)
+    return client, bodies
+
+
+def test_chat_a_continuation_can_itself_be_continued() -> None:
+    third = {"ident": "chatcmpl-third", "model": "gpt-third", "created": 3}
+    parts = [
+        (chat_stream(["Once", " upon"]), 3),
+        (chat_stream([" a", " time", " long"], **SECOND), 3),
+        (chat_stream([" ago."], usage=chat_usage(30, 1), **third), 99),
+    ]
+    client, bodies = chained("openai", parts, {"messages": [QUESTION]})
+    assert [b["messages"][1]["content"] for b in bodies] == ["Once upon", "Once upon a time"]
+    assert chat_text(client) == "Once upon a time ago." and roles(client) == 1
+    assert {c["id"] for c in chunks(client)} == {"chatcmpl-first"}
+    assert chat_sdk_message(client).choices[0].message.content == "Once upon a time ago."
+
+
+def test_anthropic_a_continuation_can_itself_be_continued() -> None:
+    parts = [
+        (message_stream([text_block(0, ["Once", " upon "])]), 5),
+        (message_stream([text_block(0, ["a", " time "])], **CONTINUATION), 5),
+        (message_stream([text_block(0, ["ago."])], ident="msg_third", input_tokens=50), 99),
+    ]
+    client, bodies = chained("anthropic", parts, MESSAGES)
+    assert [b["messages"][-1]["content"] for b in bodies] == ["Once upon", "Once upon a time"]
+    assert anthropic_text(client) == "Once upon a time ago."
+    assert kinds(client).count("message_start") == 1
+    assert {i for _, i in indices(client)} == {0}
+    message = anthropic_sdk_message(client)
+    assert [block.text for block in message.content] == ["Once upon a time ago."]
+    assert message.usage.input_tokens == 25 + 40 + 50  # each upstream's prompt counted
+
+
+def test_responses_a_continuation_can_itself_be_continued() -> None:
+    parts = [
+        (response_stream(["Once", " upon"]), 6),
+        (response_stream([" a", " time"], **NEXT), 6),
+        (response_stream([" ago."], ident="resp_third", item="msg_third"), 99),
+    ]
+    client, bodies = chained("openai-responses", parts, RESPONSES)
+    assert [b["input"][1]["content"] for b in bodies] == ["Once upon", "Once upon a time"]
+    assert responses_text(client) == "Once upon a time ago."
+    numbers = [v["sequence_number"] for v in values(client)]
+    assert numbers == list(range(len(client)))
+    response = responses_sdk_response(client)
+    assert response.id == "resp_first" and [item.id for item in response.output] == ["msg_first"]
+    assert response.output_text == "Once upon a time ago."
