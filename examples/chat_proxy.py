@@ -1,10 +1,15 @@
 """A chat proxy in front of any OpenAI-compatible API, in one command.
 
-    python examples/chat_proxy.py [--host 127.0.0.1] [--port 8000] [--upstream URL]
+    python examples/chat_proxy.py [--host 127.0.0.1] [--port 8000] [--upstream URL ...]
         [--api-key KEY] [--model NAME] [--heartbeat SECONDS] [--first-event-timeout SECONDS]
+        [--failover continue|fallback]
 
 Without ``--upstream`` (or ``UPSTREAM_URL``) it starts an embedded fake model that streams
-deterministic tokens, so it works offline. It prints ``chat page: http://HOST:PORT/`` once it
+deterministic tokens, so it works offline. ``--upstream`` given more than once: the upstreams
+are tried in order (``STREAMPLUS_UPSTREAMS``, named ``upstream1``, ``upstream2``, ...), and one
+that dies in the middle of an answer is continued by the next (``--failover continue``, the
+default; ``fallback``: only before the first token; see ``docs/failover.md``). ``--api-key`` goes
+to every upstream. It prints ``chat page: http://HOST:PORT/`` once it
 listens; a bad ``--upstream`` (not http:// or https:// with a host) or a port in use is one line
 on stderr and exit status 1. Routes:
 
@@ -37,7 +42,7 @@ import re
 import sys
 import time
 import zlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from pathlib import Path
 from typing import Any, NoReturn
@@ -118,7 +123,7 @@ def fake_answer(body: Any) -> str:
             "The same prompt, counted in Python:\n\n```python\n"
             + f"prompt = {json.dumps(echo, ensure_ascii=False)}\n"
             + "words = prompt.split()\n"
-            + "print(len(words), \"words, longest:\", max(words, key=len))\n```"
+            + 'print(len(words), "words, longest:", max(words, key=len))\n```'
         )
     parts.append(_CLOSERS[seed // 3 % len(_CLOSERS)])
     return "\n\n".join(parts)
@@ -130,19 +135,29 @@ def bad_request(message: str) -> HTTPResponse:
 
 
 def create_app(
-    upstream: str | None = None,
+    upstream: str | Sequence[str] | None = None,
     *,
     api_key: str | None = None,
     model: str = "gpt-4o-mini",
     heartbeat: float = 15.0,
     first_event_timeout: float = 120.0,
+    failover: str = "continue",
     name: str = "chat_proxy",
 ) -> Sanic[Any, Any]:
-    """Build the proxy app. ``upstream`` is an OpenAI-compatible base URL, or None for the
-    embedded fake model."""
+    """Build the proxy app. ``upstream`` is an OpenAI-compatible base URL, several of them
+    (tried in order, with ``failover``: ``continue`` or ``fallback``), or None for the embedded
+    fake model."""
     app: Sanic[Any, Any] = Sanic(name)
-    app.config.STREAMPLUS_UPSTREAM_URL = upstream
-    app.config.STREAMPLUS_UPSTREAM_API_KEY = api_key
+    upstreams = [upstream] if isinstance(upstream, str) else list(upstream or ())
+    if len(upstreams) > 1:
+        app.config.STREAMPLUS_UPSTREAMS = [
+            {"name": f"upstream{n}", "url": url, "api_key": api_key}
+            for n, url in enumerate(upstreams, 1)
+        ]
+        app.config.STREAMPLUS_FAILOVER = failover
+    else:
+        app.config.STREAMPLUS_UPSTREAM_URL = upstreams[0] if upstreams else None
+        app.config.STREAMPLUS_UPSTREAM_API_KEY = api_key
     app.config.STREAMPLUS_HEARTBEAT = heartbeat
     app.config.STREAMPLUS_FIRST_EVENT_TIMEOUT = first_event_timeout
     # /docs: Swagger UI from static/vendor (sanic-ext's default pages load it from CDNs)
@@ -150,7 +165,7 @@ def create_app(
     app.config.OAS_UI_REDOC = False
     app.config.OAS_PATH_TO_SWAGGER_HTML = str(SWAGGER_PAGE)
 
-    if upstream is None:
+    if not upstreams:
 
         @app.before_server_start(priority=100)  # before StreamPlus opens its client
         async def start_fake_model(app: Sanic[Any, Any]) -> None:
@@ -173,21 +188,27 @@ def create_app(
 
     @app.get("/v1/models")
     async def models(request: Request) -> HTTPResponse:
-        """The upstream's ``GET /models``, passed through (502 if it cannot be reached)."""
-        client = request.app.ctx.streamplus.client
-        try:
-            answer = await client.get("/models", headers={"Accept": "application/json"}, timeout=10)
-        except httpx.HTTPError as exc:
-            message = f"the upstream's model list is out of reach: {type(exc).__name__}"
-            body = {"error": {"type": "upstream_unavailable", "message": message}}
-            return json_response(body, status=502)
-        content_type = answer.headers.get("content-type", "application/json")
-        return raw(answer.content, status=answer.status_code, content_type=content_type)
+        """The first upstream's ``GET /models`` that answers, passed through (502 if none can
+        be reached)."""
+        error: Exception | None = None
+        for member in request.app.ctx.streamplus.pool.members:
+            try:
+                answer = await member.client.get(
+                    "/models", headers={"Accept": "application/json"}, timeout=10
+                )
+            except httpx.HTTPError as exc:
+                error = exc
+                continue
+            content_type = answer.headers.get("content-type", "application/json")
+            return raw(answer.content, status=answer.status_code, content_type=content_type)
+        message = f"the upstream's model list is out of reach: {type(error).__name__}"
+        body = {"error": {"type": "upstream_unavailable", "message": message}}
+        return json_response(body, status=502)
 
     def completions(request: Request) -> Any:
         body = request.json
         if not isinstance(body, dict) or not body.get("stream"):
-            return bad_request("this proxy only streams: send a JSON object with \"stream\": true")
+            return bad_request('this proxy only streams: send a JSON object with "stream": true')
         return upstream_events(request, "/chat/completions", json=body)
 
     @app.post("/v1/chat/completions")
@@ -205,7 +226,7 @@ def create_app(
     async def chat(request: Request) -> Any:
         messages = request.json.get("messages") if isinstance(request.json, dict) else None
         if not isinstance(messages, list) or not messages:
-            return bad_request("send {\"messages\": [{\"role\": \"user\", \"content\": ...}]}")
+            return bad_request('send {"messages": [{"role": "user", "content": ...}]}')
         fake = request.json.get("fake")  # knobs of the embedded fake model, for tests
         payload = {"model": model, "messages": messages, "stream": True}
         payload["stream_options"] = {"include_usage": True}  # the last chunk: usage, for done
@@ -245,9 +266,17 @@ def main() -> None:
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument(
         "--upstream",
-        default=os.environ.get("UPSTREAM_URL") or None,
+        action="append",
         help="base URL of an OpenAI-compatible API, http:// or https://, e.g. "
-        "http://127.0.0.1:9000/v1 (env UPSTREAM_URL; default: an embedded fake model, offline)",
+        "http://127.0.0.1:9000/v1; more than once: tried in order (env UPSTREAM_URL; default: "
+        "an embedded fake model, offline)",
+    )
+    parser.add_argument(
+        "--failover",
+        choices=("continue", "fallback"),
+        default="continue",
+        help="with several upstreams: continue an answer cut mid-stream on the next one "
+        "(continue, the default), or only fall back before its first token (fallback)",
     )
     parser.add_argument(
         "--api-key",
@@ -255,7 +284,8 @@ def main() -> None:
         help="sent upstream as Authorization: Bearer (env UPSTREAM_API_KEY)",
     )
     parser.add_argument(
-        "--model", default=os.environ.get("UPSTREAM_MODEL", "gpt-4o-mini"),
+        "--model",
+        default=os.environ.get("UPSTREAM_MODEL", "gpt-4o-mini"),
         help="model name for POST /chat (env UPSTREAM_MODEL)",
     )
     parser.add_argument("--heartbeat", type=float, default=15.0, help="seconds (default 15)")
@@ -263,13 +293,17 @@ def main() -> None:
         "--first-event-timeout", type=float, default=120.0, help="seconds (default 120)"
     )
     args = parser.parse_args()
+    if args.upstream is None and os.environ.get("UPSTREAM_URL"):
+        args.upstream = [os.environ["UPSTREAM_URL"]]
     handler = logging.StreamHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
     logging.getLogger("sanic_streamplus").addHandler(handler)
     logging.getLogger("sanic_streamplus").setLevel(logging.INFO)
-    if args.upstream is not None and not args.upstream.strip():
-        fail("--upstream is empty: give an http:// or https:// URL, or leave it out for the "
-             "embedded fake model")
+    if args.upstream is not None and not all(url.strip() for url in args.upstream):
+        fail(
+            "--upstream is empty: give an http:// or https:// URL, or leave it out for the "
+            "embedded fake model"
+        )
     try:
         app = create_app(
             args.upstream,
@@ -277,6 +311,7 @@ def main() -> None:
             model=args.model,
             heartbeat=args.heartbeat,
             first_event_timeout=args.first_event_timeout,
+            failover=args.failover,
         )
     except ValueError as exc:  # a bad STREAMPLUS_* value, e.g. --upstream localhost:8741
         fail(str(exc))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
@@ -10,15 +11,18 @@ from urllib.parse import urlsplit, urlunsplit
 import httpx
 
 from .framing import DIALECTS
+from .splice import CONTINUE_INSTRUCTION
 from .sse import DEFAULT_MAX_EVENT_SIZE, DEFAULT_MAX_LINE_LENGTH
 
 __all__ = [
+    "FAILOVER_MODES",
     "FORMATS",
     "HOP_BY_HOP",
     "RESUME_STORES",
     "SLOW_CLIENT_POLICIES",
     "TRANSPORTS",
     "Settings",
+    "UpstreamConfig",
     "display_url",
 ]
 
@@ -26,6 +30,8 @@ FORMATS = ("sse", "ndjson", "text")
 TRANSPORTS = ("aiohttp", "httpcore")
 SLOW_CLIENT_POLICIES = ("block", "coalesce", "disconnect")
 RESUME_STORES = ("memory", "redis")
+FAILOVER_MODES = ("fallback", "continue")
+_UPSTREAM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 # RFC 9110 section 7.6.1: they describe one connection and are never forwarded
 HOP_BY_HOP = frozenset(
     {
@@ -40,7 +46,7 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-_DURATIONS = ("heartbeat", "resume_ttl", "resume_grace")
+_DURATIONS = ("heartbeat", "resume_ttl", "resume_grace", "breaker_window", "breaker_cooldown")
 _POSITIVE_INTS = (
     "high_water_mark",
     "max_event_size",
@@ -50,6 +56,7 @@ _POSITIVE_INTS = (
     "max_producers",
     "max_connections",
     "resume_max_events",
+    "breaker_failures",
 )
 
 _BOOLS = ("metrics", "otel")
@@ -118,6 +125,78 @@ def _base_url(value: Any) -> str | None:
 
 
 @dataclass(frozen=True)
+class UpstreamConfig:
+    """One upstream of ``STREAMPLUS_UPSTREAMS``: a name, a base URL and its API key.
+
+    Attributes:
+        name: letters, digits, ``_`` and ``-`` (at most 64), unique in the list: what
+            ``upstream_events(upstreams=[...])``, the log, ``StreamInfo.attempts`` and the
+            metrics call it.
+        url: its base URL (``http`` or ``https`` with a host); ``upstream_events()`` paths are
+            joined to it.
+        api_key: sent as ``Authorization: Bearer``, or None; from the entry itself, else from
+            the config key ``STREAMPLUS_UPSTREAM_<NAME>_API_KEY`` (the name upper-cased, ``-``
+            as ``_``; Sanic reads it from the environment variable
+            ``SANIC_STREAMPLUS_UPSTREAM_<NAME>_API_KEY``). Never from the request.
+    """
+
+    name: str
+    url: str
+    api_key: str | None = None
+
+    def __repr__(self) -> str:  # the key stays out of logs and tracebacks
+        key = "***" if self.api_key else None
+        return f"UpstreamConfig(name={self.name!r}, url={display_url(self.url)!r}, api_key={key})"
+
+
+def _upstream_entries(value: Any) -> list[tuple[str, str, str | None]]:
+    """``(name, url, api_key)`` of each entry of ``STREAMPLUS_UPSTREAMS``: a list of dicts
+    (``name``, ``url``, optional ``api_key``) or of ``"name=url"`` strings, or one string of
+    ``name=url`` pairs separated by commas."""
+    items = value.split(",") if isinstance(value, str) else list(value)
+    entries = []
+    for item in items:
+        if isinstance(item, Mapping):
+            unknown = set(item) - {"name", "url", "api_key"}
+            if unknown:
+                raise ValueError(f"unknown key {sorted(unknown)[0]!r} (name, url, api_key)")
+            key = item.get("api_key")
+            entries.append((str(item.get("name") or ""), str(item.get("url") or ""), key))
+            continue
+        text = str(item).strip()
+        if not text:
+            continue
+        name, equals, url = text.partition("=")
+        if not equals:
+            raise ValueError(f"{display_url(text)!r} is not name=url")
+        entries.append((name.strip(), url.strip(), None))
+    return entries
+
+
+def _upstreams(value: Any, config: Mapping[str, Any]) -> tuple[UpstreamConfig, ...]:
+    """The upstreams of ``STREAMPLUS_UPSTREAMS`` (see :func:`_upstream_entries`), each URL
+    checked as ``STREAMPLUS_UPSTREAM_URL`` is, names unique, keys from the entry or ``config``.
+    """
+    if value is None or value == "":
+        return ()
+    upstreams: list[UpstreamConfig] = []
+    for name, url, api_key in _upstream_entries(value):
+        if not _UPSTREAM_NAME.fullmatch(name):
+            raise ValueError(f"upstream name {name!r}: letters, digits, _ and - (at most 64)")
+        if any(upstream.name == name for upstream in upstreams):
+            raise ValueError(f"upstream name {name!r} twice")
+        try:
+            checked = _base_url(url)
+        except ValueError as exc:
+            raise ValueError(f"upstream {name!r} ({display_url(url)!r}): {exc}") from None
+        if checked is None:
+            raise ValueError(f"upstream {name!r} has no url")
+        key = api_key or config.get(f"STREAMPLUS_UPSTREAM_{name.upper().replace('-', '_')}_API_KEY")
+        upstreams.append(UpstreamConfig(name, checked, str(key) if key else None))
+    return tuple(upstreams)
+
+
+@dataclass(frozen=True)
 class Settings:
     """Every setting of the extension, read from ``app.config`` keys ``STREAMPLUS_<NAME>``.
 
@@ -127,6 +206,29 @@ class Settings:
         upstream_url: base URL of the upstream the shared client talks to (str), or None;
             ``http`` or ``https`` with a host, checked at startup.
         upstream_api_key: sent upstream as ``Authorization: Bearer <key>`` when set.
+        upstreams: several upstreams, tried in order (:class:`UpstreamConfig`; see
+            ``docs/failover.md``): in config a list of dicts (``name``, ``url``, optional
+            ``api_key``) or a string of ``name=url`` pairs separated by commas (the
+            environment's form, with keys in ``STREAMPLUS_UPSTREAM_<NAME>_API_KEY``). Empty:
+            the one upstream of ``upstream_url`` and ``upstream_api_key``.
+        failover: ``fallback`` (the default: an upstream that fails before its first content
+            event is replaced by the next one; after it, the stream ends with the error frame)
+            or ``continue`` (also after it: the next upstream continues the answer; see
+            ``docs/failover.md``). The route's ``@stream_post(failover=...)`` overrides it.
+        max_continuations: how many times one stream may be continued on another upstream
+            (``failover="continue"``); 0: never.
+        continue_instruction: the user message sent after the partial assistant message of an
+            OpenAI (chat or Responses) continuation
+            (:data:`~sanic_streamplus.splice.CONTINUE_INSTRUCTION` by default); empty: none
+            (an upstream that continues a prefilled assistant message by itself). Anthropic is
+            sent none: it continues a prefill natively.
+        breaker_failures: failures of one upstream within ``breaker_window`` seconds that open
+            its circuit breaker: it is not tried for ``breaker_cooldown`` seconds (a 429's or
+            503's ``Retry-After`` opens it at once, for that long). Only with several upstreams.
+        breaker_window: seconds over which ``breaker_failures`` are counted (None or 0: since
+            the upstream's last success).
+        breaker_cooldown: seconds an open breaker keeps its upstream out (None or 0: the
+            breaker opens only for a ``Retry-After``).
         connect_timeout: connecting to the upstream.
         first_event_timeout: from sending the upstream request to its first event.
         idle_timeout: from asking for the next upstream event to receiving it.
@@ -187,6 +289,13 @@ class Settings:
 
     upstream_url: str | None = None
     upstream_api_key: str | None = None
+    upstreams: tuple[UpstreamConfig, ...] = ()
+    failover: str = "fallback"
+    max_continuations: int = 1
+    continue_instruction: str | None = CONTINUE_INSTRUCTION
+    breaker_failures: int = 5
+    breaker_window: float | None = 30.0
+    breaker_cooldown: float | None = 30.0
     connect_timeout: float | None = 10.0
     first_event_timeout: float | None = 120.0
     idle_timeout: float | None = 60.0
@@ -243,9 +352,17 @@ class Settings:
                     values[field.name] = _names(raw or ())
                 elif field.name == "upstream_url":
                     values[field.name] = _base_url(raw)
+                elif field.name == "upstreams":
+                    values[field.name] = _upstreams(raw, config)
+                elif field.name == "max_continuations":
+                    values[field.name] = int(raw)
+                    if values[field.name] < 0:
+                        raise ValueError("must be 0 or more")
                 else:
                     values[field.name] = None if raw in (None, "") else str(raw)
             except (TypeError, ValueError) as exc:
+                if field.name == "upstreams":  # its entries may hold keys: the message says which
+                    raise ValueError(f"{key}: {exc}") from None
                 secret = key.endswith("_URL") and any(char in str(raw) for char in "@?#")
                 shown = display_url(str(raw)) if secret else raw
                 raise ValueError(f"{key}={shown!r}: {exc}") from None
@@ -268,6 +385,10 @@ class Settings:
             )
         if settings.resume_store == "redis" and not settings.redis_url:
             raise ValueError("STREAMPLUS_RESUME_STORE=redis needs STREAMPLUS_REDIS_URL")
+        if settings.failover not in FAILOVER_MODES:
+            raise ValueError(
+                f"STREAMPLUS_FAILOVER must be one of {FAILOVER_MODES}, not {settings.failover!r}"
+            )
         if settings.transport not in TRANSPORTS:
             raise ValueError(
                 f"STREAMPLUS_TRANSPORT must be one of {TRANSPORTS}, not {settings.transport!r}"

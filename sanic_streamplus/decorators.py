@@ -16,7 +16,7 @@ from sanic.exceptions import PayloadTooLarge
 from sanic.response import HTTPResponse
 from sanic.response import json as json_response
 
-from .config import SLOW_CLIENT_POLICIES, Settings
+from .config import FAILOVER_MODES, SLOW_CLIENT_POLICIES, Settings
 from .errors import (
     BodyTooLarge,
     ExtensionMissing,
@@ -184,7 +184,14 @@ def _watch(
     """What the stream reports to (hooks, signals, metrics, span), or None if nothing listens;
     ``began`` is when it started (``time.monotonic()``), by default now."""
     names = options.format.name, options.dialect.name
-    return state.observer.watch(request, *names, hooks, stream_id, began)  # type: ignore[no-any-return]
+    watch: Watch | None = state.observer.watch(request, *names, hooks, stream_id, began)
+    if watch is not None:  # the list upstream_events fills with the upstreams it asks
+        watch.info.attempts = getattr(request.ctx, "streamplus_attempts", watch.info.attempts)
+    return watch
+
+
+def _first_set(value: int | None, default: int) -> int:
+    return default if value is None else value
 
 
 def _head_response(options: StreamOptions) -> HTTPResponse:
@@ -237,6 +244,11 @@ async def _serve(
     if request.method == "HEAD":
         return _head_response(options)
     request.ctx.streamplus_dialect = options.dialect.name  # upstream_events' default
+    request.ctx.streamplus_attempts = []  # filled by upstream_events, read by the watch
+    request.ctx.streamplus_failover = (  # upstream_events' failover mode and budget
+        route.overrides.get("failover") or settings.failover,
+        _first_set(route.overrides.get("max_continuations"), settings.max_continuations),
+    )
     if len(state.streams) >= settings.max_streams:
         return error_response(TooManyStreams(settings.max_streams, 1))
     # the stream's place under max_streams, from before its body is read until the relay
@@ -316,6 +328,8 @@ def stream_post(
     dialect: str | None = ...,
     high_water_mark: int | None = ...,
     slow_client: str | None = ...,
+    failover: str | None = ...,
+    max_continuations: int | None = ...,
     resumable: bool = ...,
     require_json: bool = ...,
     event_schema: type | Mapping[str, Any] | None = ...,
@@ -331,6 +345,8 @@ def stream_post(
     dialect: str | None = None,
     high_water_mark: int | None = None,
     slow_client: str | None = None,
+    failover: str | None = None,
+    max_continuations: int | None = None,
     resumable: bool = False,
     require_json: bool = True,
     event_schema: type | Mapping[str, Any] | None = None,
@@ -374,6 +390,12 @@ def stream_post(
             ``STREAMPLUS_HIGH_WATER_MARK``.
         slow_client: ``"block"``, ``"coalesce"`` or ``"disconnect"``; default
             ``STREAMPLUS_SLOW_CLIENT`` (see :class:`~sanic_streamplus.config.Settings`).
+        failover: with several upstreams (``STREAMPLUS_UPSTREAMS``), ``"fallback"`` (an
+            upstream that fails before its first content event is replaced by the next) or
+            ``"continue"`` (also after it: the next upstream continues the answer in the same
+            client stream); default ``STREAMPLUS_FAILOVER`` (see ``docs/failover.md``).
+        max_continuations: how many times one stream may be continued (``"continue"``); default
+            ``STREAMPLUS_MAX_CONTINUATIONS`` (1).
         resumable: run the handler's events through a producer into the event store, so that
             a client can resume with ``Last-Event-ID``, a retried POST with the same
             ``Idempotency-Key`` attaches instead of starting again, and the stream can be
@@ -390,7 +412,8 @@ def stream_post(
             frame is written (see :mod:`sanic_streamplus.observe`).
 
     Raises:
-        ValueError: at decoration time, for an unknown format, dialect or policy name.
+        ValueError: at decoration time, for an unknown format, dialect, policy or failover
+            mode, or a negative ``max_continuations``.
         TypeError: at decoration time, for an ``event_schema`` that is neither a class nor a
             dict.
         RuntimeError: at server start, for a sanic-ext ``@validate`` above ``@stream_post``
@@ -404,6 +427,10 @@ def stream_post(
         get_dialect(dialect)
     if slow_client is not None and slow_client not in SLOW_CLIENT_POLICIES:
         raise ValueError(f"slow_client must be one of {SLOW_CLIENT_POLICIES}, not {slow_client!r}")
+    if failover is not None and failover not in FAILOVER_MODES:
+        raise ValueError(f"failover must be one of {FAILOVER_MODES}, not {failover!r}")
+    if max_continuations is not None and max_continuations < 0:
+        raise ValueError(f"max_continuations must be 0 or more, not {max_continuations!r}")
     if event_schema is not None and not isinstance(event_schema, (type, Mapping)):
         raise TypeError(f"event_schema must be a model class or a dict, not {event_schema!r}")
     overrides: dict[str, Any] = {
@@ -411,6 +438,8 @@ def stream_post(
         "dialect": dialect,
         "high_water_mark": high_water_mark,
         "slow_client": slow_client,
+        "failover": failover,
+        "max_continuations": max_continuations,
     }
     if heartbeat is not _UNSET:
         overrides["heartbeat"] = heartbeat

@@ -16,6 +16,7 @@ Catch the class that says what you can act on::
     │   ├── UpstreamDisconnected     the upstream broke the connection in the middle of the body
     │   ├── UpstreamTruncated        the upstream's stream ended without its dialect's end event
     │   ├── UpstreamErrorEvent       the upstream reported an error in its stream (an error event)
+    │   ├── UpstreamsUnavailable     every upstream of the route is kept out by its breaker (503)
     │   └── UpstreamTimeout          an upstream timeout expired (504); one class per phase:
     │       ├── ConnectTimeout           connecting
     │       ├── FirstEventTimeout        from the request to the first event
@@ -84,6 +85,7 @@ __all__ = [
     "UpstreamTimeout",
     "UpstreamTruncated",
     "UpstreamUnreachable",
+    "UpstreamsUnavailable",
     "error_body",
     "error_fields",
     "error_record",
@@ -368,6 +370,19 @@ class UpstreamErrorEvent(UpstreamError):
         return cls(dialect, event, **error_fields(found))
 
 
+class UpstreamsUnavailable(UpstreamError):
+    """Every upstream of the route is kept out by its circuit breaker (it failed too often, or
+    asked for a pause with ``Retry-After``), so none was asked: 503 with ``Retry-After``, the
+    seconds until the first of them may be tried again (see ``docs/failover.md``)."""
+
+    status = 503
+    type = "upstreams_unavailable"
+
+    def __init__(self, retry_after: int) -> None:
+        super().__init__("every upstream is cooling down after failures")
+        self.retry_after = str(retry_after)
+
+
 class UpstreamTimeout(UpstreamError):
     """An upstream timeout expired: HTTP 504 before the commit point. Catch this for any phase,
     or the subclass of one phase; each has its own ``type`` (``<phase>_timeout``); the
@@ -553,8 +568,7 @@ class StreamFinished(ResumeError):
 
     def __init__(self, stream_id: str, state: str) -> None:
         super().__init__(
-            f"stream {stream_id!r} has finished ({state}): nothing to cancel; GET still "
-            "replays it",
+            f"stream {stream_id!r} has finished ({state}): nothing to cancel; GET still replays it",
             stream_id,
         )
         self.state = state

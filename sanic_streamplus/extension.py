@@ -13,12 +13,12 @@ from sanic_ext.extensions.base import Extension
 from .config import Settings
 from .decorators import cancel_stream, resume_stream
 from .errors import ExtensionMissing
+from .failover import UpstreamPool
 from .observe import H, Hook, Observer, metrics_response_body
 from .openapi import prepare_stream_routes
 from .relay import shutdown_streams
 from .resume import Resumer
 from .store import EventStore, MemoryEventStore
-from .upstream import create_client
 
 __all__ = ["StreamPlus", "StreamPlusState"]
 
@@ -29,8 +29,10 @@ class StreamPlusState:
 
     Attributes:
         settings: the :class:`~sanic_streamplus.config.Settings` read at server start.
-        client: the shared ``httpx.AsyncClient``; None outside ``before_server_start`` ..
-            ``after_server_stop``.
+        client: the shared ``httpx.AsyncClient`` (of the first upstream, with several); None
+            outside ``before_server_start`` .. ``after_server_stop``.
+        pool: the upstreams (:class:`~sanic_streamplus.failover.UpstreamPool`: one client and
+            one circuit breaker each); None outside the server's life, like ``client``.
         streams: the streams open in this worker (their count is held under
             ``max_streams``; the server's stop ends them with a ``shutdown`` frame).
         resumer: the worker's :class:`~sanic_streamplus.resume.Resumer` (resumable streams:
@@ -42,6 +44,7 @@ class StreamPlusState:
 
     settings: Settings
     client: httpx.AsyncClient | None = None
+    pool: UpstreamPool | None = None
     streams: set[Any] = field(default_factory=set)
     resumer: Resumer | None = None
     observer: Observer = field(init=False)
@@ -62,7 +65,8 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
 
     Reads the ``STREAMPLUS_*`` keys of ``app.config`` (see
     :class:`~sanic_streamplus.config.Settings`) when the server starts, and owns one shared
-    ``httpx.AsyncClient`` per worker, opened in ``before_server_start`` and closed in
+    ``httpx.AsyncClient`` per worker and upstream (``STREAMPLUS_UPSTREAMS``, or the one
+    ``STREAMPLUS_UPSTREAM_URL``), opened in ``before_server_start`` and closed in
     ``after_server_stop``. ``startup()`` does no I/O: it runs in every process that builds the app.
     It registers the resume and cancel routes of resumable streams (``GET`` and ``DELETE``
     ``<STREAMPLUS_RESUME_PATH>/<stream_id>``) and opens their event store with the client.
@@ -105,7 +109,8 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
     state: StreamPlusState = app.ctx.streamplus
     state.settings = settings = Settings.from_config(app.config)
     state.observer = Observer(app, state.hooks, metrics=settings.metrics, otel=settings.otel)
-    state.client = create_client(settings)
+    state.pool = UpstreamPool(settings)
+    state.client = state.pool.members[0].client
     store: EventStore
     if settings.resume_store == "redis":
         from .store import RedisEventStore
@@ -160,9 +165,10 @@ async def _close_client(app: Sanic[Any, Any]) -> None:
     if state.resumer is not None:
         await state.resumer.close()
         state.resumer = None
-    if state.client is not None:
-        await state.client.aclose()
-        state.client = None
+    if state.pool is not None:
+        await state.pool.aclose()
+        state.pool = None
+    state.client = None
 
 
 class StreamPlusGuard(Extension):  # type: ignore[no-untyped-call]

@@ -43,6 +43,7 @@ from .machine import Outcome, outcome_for
 
 __all__ = [
     "OUTCOMES",
+    "Attempt",
     "Hook",
     "Observer",
     "StreamInfo",
@@ -63,6 +64,33 @@ _FAILED = frozenset(  # a span with one of these outcomes has status ERROR
 _TTFB_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 _GAP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 _DURATION_BUCKETS = (0.1, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600)
+
+
+@dataclass(eq=False)
+class Attempt:
+    """One upstream a stream asked (or skipped), in ``StreamInfo.attempts`` (see
+    ``docs/failover.md``).
+
+    Attributes:
+        upstream: the upstream's name (``STREAMPLUS_UPSTREAMS``).
+        outcome: how the attempt ended: ``streamed`` (its events went to the client and it
+            ended as the stream ended: the stream's own ``outcome`` says how), ``circuit_open``
+            (skipped: its breaker is open, nothing asked), ``refused`` (a 4xx other than 429:
+            answered to the client, no failover), or the ``type`` of the error that moved the
+            stream on (``upstream_unreachable``, ``upstream_status``, ``rate_limited``,
+            ``first_event_timeout``, ``upstream_truncated``, ``upstream_error``, ...);
+            ``""`` while it runs.
+        continuation: the attempt continues a stream after its commit point (it got the
+            answer so far as a prefill).
+        events: events of this upstream relayed to the client.
+        time_to_first_event: seconds from this attempt's request to its first event, or None.
+    """
+
+    upstream: str
+    outcome: str = ""
+    continuation: bool = False
+    events: int = 0
+    time_to_first_event: float | None = None
 
 
 @dataclass(eq=False)
@@ -97,6 +125,8 @@ class StreamInfo:
         usage: the last usage block the upstream sent (a dict as the dialect found it:
             ``prompt_tokens``/``completion_tokens`` for OpenAI chat, ``input_tokens``/
             ``output_tokens`` for Anthropic and the Responses API), or None.
+        attempts: the upstreams asked, in order (:class:`Attempt`), when the route has
+            several (``STREAMPLUS_UPSTREAMS``); empty for a single upstream.
     """
 
     request: Request = field(repr=False)
@@ -116,6 +146,7 @@ class StreamInfo:
     events: int = 0
     bytes: int = 0
     usage: dict[str, Any] | None = None
+    attempts: list[Attempt] = field(default_factory=list)
 
 
 Hook = Callable[[StreamInfo], "Awaitable[None] | None"]
@@ -194,6 +225,12 @@ class _Metrics:
         )
         self.events = Counter("streamplus_events", "Events relayed to clients.", route)
         self.bytes = Counter("streamplus_bytes", "Bytes written to clients.", route)
+        self.failovers = Counter(
+            "streamplus_failovers",
+            "Streams moved on from one upstream to the next, by the reason (the failed "
+            "attempt's outcome: an error type, or circuit_open).",
+            ["route", "reason"],
+        )
         self.open = Gauge(
             "streamplus_streams_open", "Streams running now.", route, multiprocess_mode="livesum"
         )
@@ -446,6 +483,8 @@ class Watch:
                 metrics.ttfb.labels(route).observe(info.time_to_first_byte)
             if info.time_to_first_event is not None:
                 metrics.first_event.labels(route).observe(info.time_to_first_event)
+            for attempt in info.attempts[:-1]:  # every attempt but the last moved the stream on
+                metrics.failovers.labels(route, attempt.outcome).inc()
         if self.span is not None:
             self._end_span()
         signal = self.observer.has_signal(FINISH_SIGNAL)

@@ -13,7 +13,7 @@ import asyncio
 import functools
 import json
 import logging
-from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from http.cookiejar import Cookie, CookieJar
 from typing import Any
 
@@ -520,7 +520,8 @@ def upstream_events(
     content: bytes | None = None,
     headers: Mapping[str, str] | None = None,
     dialect: str | None = None,
-) -> UpstreamEvents:
+    upstreams: Sequence[str] | None = None,
+) -> AsyncIterator[ServerSentEvent]:
     """Stream the events of an upstream request on the app's shared client.
 
     The usual body of a ``@stream_post`` handler: ``return upstream_events(request, "/chat",
@@ -550,13 +551,19 @@ def upstream_events(
     upstream's own error frame where the route's dialect is the upstream's, else the route's
     error frame (a JSON answer before anything was sent; see ``docs/errors.md``).
 
+    With several upstreams (``STREAMPLUS_UPSTREAMS``), ``url`` is joined to each one's base URL
+    and they are tried in order (``upstreams``: the names to try, in that order; default all,
+    in config order): an upstream that fails before its first content event is replaced by the
+    next (:func:`~sanic_streamplus.failover.failover_events`; ``docs/failover.md``), and each one
+    asked is an ``Attempt`` in ``StreamInfo.attempts``.
+
     Raises:
         ExtensionMissing: the app has not registered the StreamPlus extension, or its server has
             not started.
-        ValueError: an unknown ``dialect``.
+        ValueError: an unknown ``dialect``, or a name of ``upstreams`` that is not configured.
     """
     state = getattr(request.app.ctx, "streamplus", None)
-    if state is None or state.client is None:
+    if state is None or state.pool is None:
         raise ExtensionMissing()
     settings: Settings = state.settings
     if settings.forward_headers:
@@ -567,8 +574,28 @@ def upstream_events(
         }
         headers = {**forwarded, **(headers or {})}
     name = dialect or getattr(request.ctx, "streamplus_dialect", None) or settings.dialect
+    members = state.pool.select(upstreams)
+    if len(members) > 1:
+        from .failover import failover_events  # it builds on this module
+
+        attempts = getattr(request.ctx, "streamplus_attempts", None)
+        default = (settings.failover, settings.max_continuations)
+        mode, budget = getattr(request.ctx, "streamplus_failover", default)
+        return failover_events(
+            members,
+            method,
+            url,
+            dialect=get_dialect(name).name,
+            attempts=[] if attempts is None else attempts,
+            json=json,
+            content=content,
+            headers=headers,
+            failover=mode,
+            max_continuations=budget,
+            instruction=settings.continue_instruction,
+        )
     return stream_events(
-        state.client,
+        members[0].client,
         method,
         url,
         settings=settings,
