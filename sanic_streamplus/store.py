@@ -312,18 +312,26 @@ class MemoryEventStore:
         self._keys.clear()
 
 
-# The Lua scripts of RedisEventStore. Keys of one stream, in this order where a script takes
-# them: KEYS[1] meta (hash), KEYS[2] events (stream), KEYS[3] producer (string), KEYS[4] signal
-# (stream). Times are milliseconds. A script answers -1 to a token that does not hold the lease.
+# The Lua scripts of RedisEventStore. Each touches the keys of one stream only (one hash tag,
+# so one Cluster slot), in this order where a script takes them: KEYS[1] meta (hash), KEYS[2]
+# events (stream), KEYS[3] producer (string), KEYS[4] signal (stream); or the one idempotency
+# key (_LUA_BIND). Times are milliseconds. A script answers -1 to a token that does not hold
+# the lease.
 
-# Refresh the TTL of every key of the stream (the idempotency key is named in the meta).
+# Refresh the TTL of every key of the stream but the producer's. Returns the Redis name of the
+# idempotency key bound to the stream when its own TTL is due for a refresh (the caller sends
+# the PEXPIRE: the key lives in another slot), else ''. ``always``: due now (a finish).
 _LUA_REFRESH = """
-local function refresh(ttl)
+local function refresh(ttl, now, always)
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
   redis.call('PEXPIRE', KEYS[4], ttl)
   local key = redis.call('HGET', KEYS[1], 'key')
-  if key then redis.call('PEXPIRE', key, ttl) end
+  if not key then return '' end
+  local at = tonumber(redis.call('HGET', KEYS[1], 'key_at') or 0)
+  if not always and now >= at and now - at < ttl / 4 then return '' end
+  redis.call('HSET', KEYS[1], 'key_at', now)
+  return key
 end
 """
 
@@ -343,21 +351,24 @@ local function fenced(token)
 end
 """
 
-# KEYS[5]: the idempotency key (absent without one). ARGV: stream_id, ttl, then the info as
-# name, value pairs (kept in the meta as info:<name>).
-# Returns the stream the key is bound to already, or nil after registering the stream.
+# ARGV: ttl, the idempotency key's Redis name ('' for none), now, then the info as name, value
+# pairs (kept in the meta as info:<name>). Registers the stream (afresh).
 _LUA_OPEN = """
-if KEYS[5] then
-  local bound = redis.call('GET', KEYS[5])
-  if bound then return bound end
-  redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[2])
-end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[1], 'state', 'running', 'last_seq', 0, 'signals', 0, 'cancel', 0,
            'reader_seen', 0)
-if KEYS[5] then redis.call('HSET', KEYS[1], 'key', KEYS[5]) end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], 'info:' .. ARGV[i], ARGV[i + 1]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'key', ARGV[2], 'key_at', ARGV[3]) end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], 'info:' .. ARGV[i], ARGV[i + 1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS[1]: an idempotency key. ARGV: stream_id, ttl. Returns the stream the key is bound to
+# already, or nil after binding it to stream_id.
+_LUA_BIND = """
+local bound = redis.call('GET', KEYS[1])
+if bound then return bound end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
 
@@ -380,25 +391,25 @@ return 1
 """
 )
 
-# ARGV: token, max_events, ttl, then event type, data for each event. Returns the last
-# sequence number.
+# ARGV: token, max_events, ttl, now, then event type, data for each event. Returns {the last
+# sequence number, the idempotency key due for a refresh or ''}, or -1.
 _LUA_APPEND = (
     _LUA_FENCED
     + _LUA_REFRESH
     + """
 if fenced(ARGV[1]) then return -1 end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq'))
-for i = 4, #ARGV, 2 do
+for i = 5, #ARGV, 2 do
   seq = seq + 1
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '0-' .. seq, 'event', ARGV[i], 'data', ARGV[i + 1])
 end
 redis.call('HSET', KEYS[1], 'last_seq', seq)
-refresh(ARGV[3])
-return seq
+return {seq, refresh(tonumber(ARGV[3]), tonumber(ARGV[4]), false)}
 """
 )
 
-# ARGV: token, ttl, state, error JSON ('' for none).
+# ARGV: token, ttl, state, error JSON ('' for none), now. Returns the idempotency key to
+# refresh ('' for none), or -1.
 _LUA_FINISH = (
     _LUA_FENCED
     + _LUA_REFRESH
@@ -412,9 +423,9 @@ else
   redis.call('HSET', KEYS[1], 'error', ARGV[4])
 end
 redis.call('DEL', KEYS[3])
-refresh(ARGV[2])
+local key = refresh(tonumber(ARGV[2]), tonumber(ARGV[5]), true)
 signal('finish')
-return 0
+return key
 """
 )
 
@@ -442,6 +453,12 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+', 
 """
 
 
+def _now_ms() -> int:
+    """Now, in milliseconds since the epoch (the scripts' clock for the idempotency key's TTL
+    refreshes: a clock that differs between machines only moves a refresh)."""
+    return int(time.time() * 1000)
+
+
 def _ms(seconds: float) -> int:
     """``seconds`` in whole milliseconds, at least 1 (0 means "forever" to XREAD BLOCK)."""
     return max(1, math.ceil(seconds * 1000))
@@ -455,23 +472,31 @@ class RedisEventStore:
     ``ttl`` seconds after the stream's last append or finish; times are kept in milliseconds).
     One prefix per kind of key, ``stream:`` and ``idem:``, and the idempotency key hashed, so
     that no stream ID and no idempotency key, whatever their characters, name each other's
-    entries:
+    entries. Every key of one stream carries the hash tag ``{<id>}``, so they share one Redis
+    Cluster slot, and every script touches the keys of one slot (the Cluster rule):
 
-    - ``<prefix>stream:<id>:events``: a Redis Stream of the events; entry ID ``0-<seq>``, so
+    - ``<prefix>stream:{<id>}:events``: a Redis Stream of the events; entry ID ``0-<seq>``, so
       the entry ID is the sequence number; fields ``event`` and ``data``.
       ``XADD MAXLEN <max_events>`` (exact) drops the oldest.
-    - ``<prefix>stream:<id>:meta``: a hash: ``state``, ``last_seq``, ``error`` (JSON),
+    - ``<prefix>stream:{<id>}:meta``: a hash: ``state``, ``last_seq``, ``error`` (JSON),
       ``cancel`` (``0``/``1``), ``reader_seen`` (seconds since the epoch), ``signals`` (see
-      below) and ``key`` (the idempotency key's Redis name, to refresh its TTL).
-    - ``<prefix>stream:<id>:producer``: the producer's token, with a ``PX <lease>`` expiry:
+      below), ``key`` (the idempotency key's Redis name, to refresh its TTL) and ``key_at``
+      (when that TTL was last refreshed, ms since the epoch), ``info:<name>`` (the info).
+    - ``<prefix>stream:{<id>}:producer``: the producer's token, with a ``PX <lease>`` expiry:
       the lease. :meth:`claim` sets it only if it is absent (or already this token: a
       refresh) and the stream is running; :meth:`finish` deletes it.
-    - ``<prefix>stream:<id>:signal``: a Redis Stream of one entry, ``0-<n>``, added when the
+    - ``<prefix>stream:{<id>}:signal``: a Redis Stream of one entry, ``0-<n>``, added when the
       stream finishes or a cancel is requested (``n`` counts them; it is also ``signals`` in
       the meta).
     - ``<prefix>idem:<sha256 of the idempotency key, hex>``: the stream ID the key is bound
-      to; :meth:`open` sets it if absent (``SET NX``, in the script that creates the meta, so
-      the key never names a stream not yet registered).
+      to, in a slot of its own (the key names the stream, so the stream's tag cannot be
+      derived from it). :meth:`open` registers the stream first, then binds the key if it is
+      free (a script on that one key), else drops the stream it just registered and answers
+      the bound one: the key never names a stream not yet registered. The append and finish
+      scripts name the key when its TTL is due for a refresh (a finish always; an append
+      once a quarter of ``ttl`` has passed since the last), and the store then sends it a
+      ``PEXPIRE`` of its own: one round trip more per quarter ``ttl`` of a stream's life,
+      never per event.
 
     Every write is one Lua script, so a check and its write are atomic: an append or finish
     whose token is not the value of the producer key raises :class:`FencingError`.
@@ -491,9 +516,10 @@ class RedisEventStore:
     ``block`` is waited out in several ``XREAD``\\ s of at most 2 s, and at most half the
     client's ``socket_timeout``, so that the client never times out a read that is waiting.
 
-    Needs Redis 6.2 or later (exclusive ``XRANGE`` ranges) and a single Redis (not a Cluster:
-    the keys of one stream carry no hash tag, and the scripts refresh the idempotency key by
-    the name in the meta).
+    Needs Redis 6.2 or later (exclusive ``XRANGE`` ranges), or Valkey 7.2 or later: a single
+    server, or a Cluster through ``redis.asyncio.cluster.RedisCluster`` (see :meth:`from_url`).
+    Stream IDs must be non-empty and not start with ``}`` (their keys would have no hash tag;
+    :func:`~sanic_streamplus.resume.new_stream_id`'s never do), and ``prefix`` holds no brace.
 
     Redis going away: every method raises :class:`~sanic_streamplus.errors.StoreUnavailable`
     for redis-py's ``ConnectionError`` and ``TimeoutError``, raised once the client's own
@@ -505,10 +531,10 @@ class RedisEventStore:
             closes it in :meth:`close`.
         max_events: events kept per stream (the oldest are dropped past it); at least 1.
         ttl: seconds a stream is kept after its last append or finish; more than 0.
-        prefix: the prefix of every key (str).
+        prefix: the prefix of every key (str, no ``{`` or ``}``).
 
     Raises:
-        ValueError: ``max_events`` < 1 or ``ttl`` <= 0.
+        ValueError: ``max_events`` < 1, ``ttl`` <= 0, or a brace in ``prefix``.
         StoreUnavailable: from any method, when Redis cannot be reached or does not answer.
         redis.exceptions.RedisError: from any method, when Redis fails otherwise.
     """
@@ -525,6 +551,8 @@ class RedisEventStore:
             raise ValueError(f"max_events must be at least 1, not {max_events}")
         if ttl <= 0:
             raise ValueError(f"ttl must be more than 0 seconds, not {ttl}")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must not contain a brace (a hash tag's), not {prefix!r}")
         from redis.exceptions import ConnectionError, TimeoutError
 
         self.client = client
@@ -541,6 +569,7 @@ class RedisEventStore:
         self._max_block = min(2.0, timeout / 2) if timeout else 2.0
         register: Any = client.register_script
         self._open: Any = register(_LUA_OPEN)
+        self._bind: Any = register(_LUA_BIND)
         self._claim: Any = register(_LUA_CLAIM)
         self._renew: Any = register(_LUA_RENEW)
         self._append: Any = register(_LUA_APPEND)
@@ -609,8 +638,9 @@ class RedisEventStore:
             ) from exc
 
     def _keys(self, stream_id: str) -> list[str]:
-        """The keys of ``stream_id``: meta, events, producer, signal (the scripts' KEYS)."""
-        base = f"{self.prefix}stream:{stream_id}:"
+        """The keys of ``stream_id``: meta, events, producer, signal (the scripts' KEYS), all
+        with the hash tag ``{<stream_id>}``: one Cluster slot."""
+        base = f"{self.prefix}stream:{{{stream_id}}}:"
         return [base + "meta", base + "events", base + "producer", base + "signal"]
 
     def _key(self, idempotency_key: str) -> str:
@@ -625,12 +655,20 @@ class RedisEventStore:
         self, stream_id: str, idempotency_key: str | None, info: Mapping[str, str] | None = None
     ) -> tuple[str, bool]:
         keys = self._keys(stream_id)
-        if idempotency_key is not None:
-            keys.append(self._key(idempotency_key))
+        key = "" if idempotency_key is None else self._key(idempotency_key)
         pairs = [item for name, value in (info or {}).items() for item in (name, value)]
+        ttl = _ms(self.ttl)
         with self._reachable():
-            bound = await self._open(keys=keys, args=[stream_id, _ms(self.ttl), *pairs])
-        return (stream_id, True) if bound is None else (self._text(bound), False)
+            # the stream first, then the key (its own slot) if still free: the key never names
+            # a stream not yet registered; the loser of a race for the key drops its stream
+            await self._open(keys=keys, args=[ttl, key, _now_ms(), *pairs])
+            if not key:
+                return stream_id, True
+            bound = await self._bind(keys=[key], args=[stream_id, ttl])
+            if bound is None:
+                return stream_id, True
+            await self.client.delete(*keys)
+        return self._text(bound), False
 
     async def bound(self, idempotency_key: str) -> str | None:
         with self._reachable():
@@ -649,22 +687,29 @@ class RedisEventStore:
 
     async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
         fields = [item for event in events for item in (event.event, event.data)]
-        args = [token, self.max_events, _ms(self.ttl), *fields]
+        args = [token, self.max_events, _ms(self.ttl), _now_ms(), *fields]
         with self._reachable():
-            seq = int(await self._append(keys=self._keys(stream_id), args=args))
-        if seq < 0:
-            raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
-        return seq
+            reply = await self._append(keys=self._keys(stream_id), args=args)
+            if not isinstance(reply, list):
+                raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+            await self._refresh_key(reply[1])
+        return int(reply[0])
+
+    async def _refresh_key(self, key: Any) -> None:
+        """Extend the TTL of the idempotency key a script named (``''``: none is due)."""
+        if key:
+            await self.client.pexpire(self._text(key), _ms(self.ttl))
 
     async def finish(
         self, stream_id: str, token: str, state: str, error: dict[str, Any] | None = None
     ) -> None:
         body = "" if error is None else json.dumps(error)
-        args = [token, _ms(self.ttl), state, body]
+        args = [token, _ms(self.ttl), state, body, _now_ms()]
         with self._reachable():
-            fenced = int(await self._finish(keys=self._keys(stream_id), args=args)) < 0
-        if fenced:
-            raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+            key = await self._finish(keys=self._keys(stream_id), args=args)
+            if isinstance(key, int):
+                raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+            await self._refresh_key(key)
 
     async def read(
         self, stream_id: str, after: int, block: float

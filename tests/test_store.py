@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.crc import key_slot
 
 from sanic_streamplus.sse import ServerSentEvent
 from sanic_streamplus.store import (
@@ -389,8 +390,10 @@ async def test_redis_keys_and_their_ttls(redis: Redis, redis_url: str, redis_pre
         await store.open("s1", "k")
         await store.claim("s1", "t1", 5)
         await store.append("s1", "t1", ServerSentEvent("hi", "delta"))
-        base = redis_prefix + "stream:s1:"
+        base = redis_prefix + "stream:{s1}:"  # one hash tag: one Cluster slot
         idem = redis_prefix + "idem:" + hashlib.sha256(b"k").hexdigest()
+        parts = [base + part for part in ("meta", "events", "producer", "signal")]
+        assert len({key_slot(key.encode()) for key in parts}) == 1
         assert await redis.xrange(base + "events") == [
             (b"0-1", {b"event": b"delta", b"data": b"hi"})
         ]
