@@ -35,6 +35,7 @@ from .sse import ServerSentEvent
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = [
     "STATES",
@@ -527,8 +528,8 @@ class RedisEventStore:
     the pool's connections that a Redis restart left dead reconnect instead of failing.
 
     Args:
-        client: a ``redis.asyncio.Redis`` client (``decode_responses`` either way); the store
-            closes it in :meth:`close`.
+        client: a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` client
+            (``decode_responses`` either way); the store closes it in :meth:`close`.
         max_events: events kept per stream (the oldest are dropped past it); at least 1.
         ttl: seconds a stream is kept after its last append or finish; more than 0.
         prefix: the prefix of every key (str, no ``{`` or ``}``).
@@ -541,7 +542,7 @@ class RedisEventStore:
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         max_events: int = 10_000,
         ttl: float = 600.0,
@@ -560,7 +561,12 @@ class RedisEventStore:
         self.ttl = ttl
         self.prefix = prefix
         self._unreachable = (ConnectionError, TimeoutError)
-        kwargs: dict[str, Any] = getattr(client.connection_pool, "connection_kwargs", {})
+        pool = getattr(client, "connection_pool", None)  # a RedisCluster has one per node
+        kwargs: dict[str, Any] = (
+            getattr(pool, "connection_kwargs", {})
+            if pool is not None
+            else client.get_connection_kwargs()
+        )
         self._encoding = str(kwargs.get("encoding") or "utf-8")
         # The longest single XREAD BLOCK, in seconds: half the client's socket timeout, and at
         # most 2 s, as the timeout is not always in the pool's kwargs (redis-py 8's default of
@@ -583,6 +589,7 @@ class RedisEventStore:
         url: str,
         *,
         max_connections: int,
+        cluster: bool = False,
         max_events: int = 10_000,
         ttl: float = 600.0,
         prefix: str = "streamplus:",
@@ -599,10 +606,18 @@ class RedisEventStore:
         (redis-py also retries connecting within each command's retries). Options in
         ``url``'s query string (e.g. ``?socket_connect_timeout=0.5``) win.
 
+        With ``cluster``, the client is redis-py's ``redis.asyncio.cluster.RedisCluster``
+        (``url`` names any one node; the client discovers the others and follows ``MOVED``
+        and ``ASK`` redirections), with the same retries, timeouts and health check; a
+        command that meets a dead node is retried after the client refreshes its view of the
+        cluster (a failover's new master).
+
         Args:
-            url: ``redis://``, ``rediss://`` or ``unix://`` URL.
-            max_connections: the pool's size: one per reader waiting in ``XREAD BLOCK``, plus
-                the producers'.
+            url: ``redis://``, ``rediss://`` or ``unix://`` URL (``redis://`` or ``rediss://``,
+                database 0, with ``cluster``).
+            max_connections: the pool's size (per node, with ``cluster``): one per reader
+                waiting in ``XREAD BLOCK``, plus the producers'.
+            cluster: ``url`` names a node of a Redis Cluster (or a Valkey cluster).
             max_events: events kept per stream, as for the constructor.
             ttl: seconds a stream is kept, as for the constructor.
             prefix: the prefix of every key, as for the constructor.
@@ -611,11 +626,13 @@ class RedisEventStore:
             ValueError: a malformed ``url``, or ``max_events``/``ttl`` out of range.
         """
         from redis.asyncio import Redis
+        from redis.asyncio.cluster import RedisCluster
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
         from redis.exceptions import ConnectionError, TimeoutError
 
-        client = Redis.from_url(
+        make: Any = RedisCluster.from_url if cluster else Redis.from_url
+        client = make(
             url,
             max_connections=max_connections,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),

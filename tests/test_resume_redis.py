@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import signal
 from collections.abc import AsyncIterator
@@ -17,21 +18,25 @@ from typing import Any
 import httpx
 import pytest
 from conftest import completions_body, run_example
+from redis.crc import key_slot
 from test_resume import ROUTE, contents, get_stream
 
 from sanic_streamplus.testing import FakeUpstream, fake_tokens, stream_request
+from sanic_streamplus.testredis import CLUSTER_SLOTS
 
 TOKENS = 40
 
 
 @contextlib.asynccontextmanager
 async def two_proxies(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch, **knobs: Any
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, cluster: bool = False, **knobs: Any
 ) -> AsyncIterator[tuple[FakeUpstream, asyncio.subprocess.Process, str, str]]:
-    """A fake upstream with ``knobs``, and two example proxies on it sharing the Redis store;
-    yields the upstream, the first proxy's process, and the two proxies' URLs."""
+    """A fake upstream with ``knobs``, and two example proxies on it sharing the Redis store
+    (``redis_url`` names a Cluster's node with ``cluster``); yields the upstream, the first
+    proxy's process, and the two proxies' URLs."""
     monkeypatch.setenv("SANIC_STREAMPLUS_RESUME_STORE", "redis")
     monkeypatch.setenv("SANIC_STREAMPLUS_REDIS_URL", redis_url)
+    monkeypatch.setenv("SANIC_STREAMPLUS_REDIS_CLUSTER", str(cluster).lower())
     async with (
         FakeUpstream(**knobs) as upstream,
         run_example("--upstream", upstream.url) as (process, one),
@@ -40,13 +45,35 @@ async def two_proxies(
         yield upstream, process, one, two
 
 
+def elsewhere() -> str:
+    """An idempotency key whose Redis key is in a slot the first node of the test Cluster does
+    not serve (it serves the lowest third)."""
+    for n in range(1000):
+        digest = hashlib.sha256(f"key-{n}".encode()).hexdigest()
+        if key_slot(f"streamplus:idem:{digest}".encode()) >= CLUSTER_SLOTS // 2:
+            return f"key-{n}"
+    raise AssertionError("unreachable: half the slots are above the middle")
+
+
+@pytest.mark.parametrize("redis", ["server", "cluster"])
 async def test_a_stream_started_on_one_process_resumes_on_the_other(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
+    redis: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """On one redis-server, and on a Redis Cluster of three masters (STREAMPLUS_REDIS_CLUSTER)."""
+    cluster = redis == "cluster"
+    url = request.getfixturevalue("redis_cluster" if cluster else "redis_url")
     async with (
-        two_proxies(redis_url, monkeypatch, tokens=TOKENS, delay=0.01) as (upstream, _, one, two),
+        two_proxies(url, monkeypatch, cluster, tokens=TOKENS, delay=0.01) as (
+            upstream,
+            _,
+            one,
+            two,
+        ),
     ):
-        first = await stream_request(one, ROUTE, completions_body(), disconnect_after=7)
+        key = {"Idempotency-Key": elsewhere()}  # a plain client to the node gets MOVED
+        first = await stream_request(
+            one, ROUTE, completions_body(), headers=key, disconnect_after=7
+        )
         stream_id = first.headers["x-stream-id"]
         path = f"/streams/{stream_id}"
         response, rest = await get_stream(two, path, **{"Last-Event-ID": first.events[-1].id})

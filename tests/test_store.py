@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from redis.crc import key_slot
 
 from sanic_streamplus.sse import ServerSentEvent
@@ -27,10 +28,11 @@ BLOCK = 10.0  # seconds a reader may wait: a wake-up takes a small fraction of i
 PROMPT = 1.0  # seconds within which a blocked reader must wake (~0.1 s expected, 10x loose)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def make_store(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[MakeStore]:
     """A factory of fresh stores of one kind: ``await make_store(max_events=..., ttl=...)``;
-    a Redis store gets its own client and the test's key prefix, and is closed afterwards."""
+    a Redis store (one server, or a Cluster of three masters through ``RedisCluster``) gets
+    its own client and the test's key prefix, and is closed afterwards."""
     stores: list[EventStore] = []
 
     async def make(max_events: int = 10_000, ttl: float = 600.0, **client: Any) -> EventStore:
@@ -38,8 +40,9 @@ async def make_store(request: pytest.FixtureRequest, redis_prefix: str) -> Async
         if request.param == "memory":
             store = MemoryEventStore(max_events, ttl)
         else:
-            url = request.getfixturevalue("redis_url")
-            redis = Redis.from_url(url, **client)
+            cluster = request.param == "cluster"
+            url = request.getfixturevalue("redis_cluster" if cluster else "redis_url")
+            redis = (RedisCluster if cluster else Redis).from_url(url, **client)
             store = RedisEventStore(redis, max_events=max_events, ttl=ttl, prefix=redis_prefix)
         stores.append(store)
         return store
