@@ -166,9 +166,7 @@ class Resumer:
         """Give back a place :meth:`reserve` held."""
         self._starting.discard(place)
 
-    async def start(
-        self, source: AsyncIterable[Any], dialect: Dialect, stream_id: str
-    ) -> None:
+    async def start(self, source: AsyncIterable[Any], dialect: Dialect, stream_id: str) -> None:
         """Claim ``stream_id`` (just opened in the store) and run its producer on ``source``.
 
         Raises:
@@ -227,16 +225,16 @@ class Resumer:
             await self.store.finish(stream_id, token, "failed", error_body(error)["error"])
 
     async def _watch(self, stream_id: str, token: str, pump: Pump) -> None:
-        """Renew the lease; cancel the producer when asked to or when no reader is left."""
+        """Renew the lease (one store operation a tick, which answers the record too); cancel
+        the producer when asked to, when no reader is left, or when the lease is lost."""
         while True:
             await asyncio.sleep(_TICK)
             try:
-                record = await self.store.record(stream_id)
-                renewed = await self.store.renew(stream_id, token, _LEASE)
+                record = await self.store.renew(stream_id, token, _LEASE)
             except Exception:  # the store is unreachable: try again; the lease may lapse
                 logger.warning("stream %s: the event store failed", stream_id, exc_info=True)
                 continue
-            if record is None or not renewed or record.cancel_requested:
+            if record is None or record.cancel_requested:
                 break
             if record.reader_seen and time.time() - record.reader_seen > self.grace:
                 logger.info("stream %s: no reader for %g s; stopping", stream_id, self.grace)
@@ -357,7 +355,6 @@ def _replayed(record: StreamRecord) -> StreamPlusError:
         truncated.message = str(stored.get("message") or truncated.message)
         return truncated
     return ReplayedError(stored)
-
 
 
 def _raise_ending(stream_id: str, record: StreamRecord) -> None:

@@ -106,8 +106,10 @@ class EventStore(Protocol):
         """Become the stream's producer for ``lease`` seconds unless another holds it."""
         ...
 
-    async def renew(self, stream_id: str, token: str, lease: float) -> bool:
-        """Extend the lease held with ``token``; False if it is lost."""
+    async def renew(self, stream_id: str, token: str, lease: float) -> StreamRecord | None:
+        """Extend the lease held with ``token``, and return the stream's record (in the same
+        operation: a producer learns of a cancel request and of its readers with it); None if
+        the lease is lost."""
         ...
 
     async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
@@ -234,13 +236,13 @@ class MemoryEventStore:
         stream.record.producer_alive = True
         return True
 
-    async def renew(self, stream_id: str, token: str, lease: float) -> bool:
+    async def renew(self, stream_id: str, token: str, lease: float) -> StreamRecord | None:
         try:
             stream = self._fenced(stream_id, token)
         except FencingError:
-            return False
+            return None
         stream.lease_until = time.monotonic() + lease
-        return True
+        return self._snapshot(stream)
 
     async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
         stream = self._fenced(stream_id, token)
@@ -383,12 +385,14 @@ return 1
 """
 
 # ARGV: token, lease.
+# Returns 0 if the token does not hold the lease, else a snapshot (as _LUA_SNAPSHOT's, no
+# events): the producer learns of a cancel request and of its readers in the same round trip.
 _LUA_RENEW = (
     _LUA_FENCED
     + """
 if fenced(ARGV[1]) then return 0 end
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
-return 1
+return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1), 1, {}}
 """
 )
 
@@ -441,17 +445,22 @@ return 1
 """
 )
 
-# ARGV: after ('' for no events), now in seconds since the epoch ('' to mark no reader).
-# Returns nil for an unknown stream, else {meta as HGETALL, oldest entry (XRANGE - + COUNT 1),
-# EXISTS producer, the entries after ``after``}.
+# ARGV: after ('' for no events), now in seconds since the epoch ('' to mark no reader), the
+# most entries to return. Returns nil for an unknown stream, else {meta as HGETALL, oldest
+# entry (XRANGE - + COUNT 1), EXISTS producer, the entries after ``after``}.
 _LUA_SNAPSHOT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'reader_seen', ARGV[2]) end
 local events = {}
-if ARGV[1] ~= '' then events = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], '+') end
+if ARGV[1] ~= '' then
+  events = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], '+', 'COUNT', ARGV[3])
+end
 return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1),
         redis.call('EXISTS', KEYS[3]), events}
 """
+
+
+_MAX_TRACKED = 100_000  # streams whose signal count a RedisEventStore keeps at most
 
 
 def _now_ms() -> int:
@@ -502,13 +511,22 @@ class RedisEventStore:
     Every write is one Lua script, so a check and its write are atomic: an append or finish
     whose token is not the value of the producer key raises :class:`FencingError`.
 
-    Waking readers: a reader with nothing to read blocks in one ``XREAD BLOCK`` on two streams,
-    the events from ``0-<after>`` and the signal stream from ``0-<signals>`` (the count in the
-    snapshot it just took). An append wakes it through the first, a finish or cancel request
-    through the second, at once, with no polling of the meta, and the sequence numbers carry
-    no control entries. As both IDs come from before the wait, nothing that happens between
-    the snapshot and the ``XREAD`` is missed (the XREAD returns at once). A reader then takes
-    a fresh snapshot.
+    Reading: one round trip per wake-up. A reader blocks in one ``XREAD BLOCK <ms> COUNT
+    <read_count>`` on two streams, the events from ``0-<after>`` and the signal stream from
+    ``0-<signals>``, pipelined behind a snapshot script (it marks the reader seen and answers
+    the meta, the oldest entry and whether the lease is held: the record): the ``XREAD``'s
+    reply is the events themselves, and the record is the snapshot's, its ``last_seq``
+    raised to the last event's. An append wakes it through the first stream, a finish or
+    cancel request through the second, at once, with no polling of the meta; the sequence
+    numbers carry no control entries. ``signals`` is the count this store last saw for the
+    stream (kept client-side, per stream; the position is the caller's ``after``): a signal
+    after it makes the ``XREAD`` return at once, so nothing that happens before the wait is
+    missed, and a reader woken by one takes a fresh snapshot (a second round trip, once per
+    finish or cancel request). The first blocking read of a stream in this store, and every
+    read with ``block`` 0, is one snapshot script that returns the events after ``after``
+    itself (at most ``read_count``), followed by the ``XREAD`` only if there were none.
+    A stream that expires while a reader waits is noticed at the end of that ``XREAD``
+    (at most 2 s later; an expired stream has no keys to wake it).
 
     Connections: each blocking read holds one connection of ``client``'s pool for up to
     ``block`` seconds, so the pool must allow one connection per concurrent reader, plus the
@@ -533,6 +551,8 @@ class RedisEventStore:
         max_events: events kept per stream (the oldest are dropped past it); at least 1.
         ttl: seconds a stream is kept after its last append or finish; more than 0.
         prefix: the prefix of every key (str, no ``{`` or ``}``).
+        read_count: the most events one read returns (``XREAD COUNT``); a reader further
+            behind reads again at once.
 
     Raises:
         ValueError: ``max_events`` < 1, ``ttl`` <= 0, or a brace in ``prefix``.
@@ -547,6 +567,7 @@ class RedisEventStore:
         max_events: int = 10_000,
         ttl: float = 600.0,
         prefix: str = "streamplus:",
+        read_count: int = 1000,
     ) -> None:
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, not {max_events}")
@@ -573,6 +594,8 @@ class RedisEventStore:
         # 5 s is not, for a client made by ``from_url``).
         timeout = kwargs.get("socket_timeout")
         self._max_block = min(2.0, timeout / 2) if timeout else 2.0
+        self.read_count = read_count
+        self._signals: dict[str, int] = {}  # stream -> the signal count a reader last saw
         register: Any = client.register_script
         self._open: Any = register(_LUA_OPEN)
         self._bind: Any = register(_LUA_BIND)
@@ -697,10 +720,10 @@ class RedisEventStore:
             claimed = await self._claim(keys=self._keys(stream_id), args=[token, _ms(lease)])
         return bool(claimed)
 
-    async def renew(self, stream_id: str, token: str, lease: float) -> bool:
+    async def renew(self, stream_id: str, token: str, lease: float) -> StreamRecord | None:
         with self._reachable():
-            renewed = await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)])
-        return bool(renewed)
+            reply = await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)])
+        return self._record(stream_id, reply)[0] if isinstance(reply, list) else None
 
     async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
         fields = [item for event in events for item in (event.event, event.data)]
@@ -740,27 +763,96 @@ class RedisEventStore:
     async def _read(
         self, stream_id: str, keys: list[str], after: int, deadline: float
     ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
-        """:meth:`read`'s loop: snapshots, and ``XREAD BLOCK`` waits until ``deadline``."""
-        woken = False
-        while True:
-            reply = await self._snapshot(keys=keys[:3], args=[after, repr(time.time())])
-            if reply is None:
-                return [], None
-            record, signals = self._record(stream_id, reply)
-            events = [self._event(entry) for entry in reply[3]]
-            remaining = deadline - time.monotonic()
-            if woken or events or record.last_seq > after or record.finished or remaining <= 0:
+        """:meth:`read`: a snapshot with the events when this store knows no signal count of
+        the stream (or ``block`` is 0), then pipelined snapshots and ``XREAD BLOCK`` waits of
+        at most ``_max_block`` until ``deadline``, and a snapshot with the events once the
+        block is spent with nothing (the record as it is then, not as the wait began)."""
+        signals = self._signals.get(stream_id)
+        if signals is None or deadline <= time.monotonic():
+            events, record = await self._take(stream_id, keys, after)
+            if record is None or events or record.last_seq > after or record.finished:
                 return events, record
-            # woken by the next append (as in MemoryEventStore, even when ``after`` is ahead of
-            # it), or by the next finish or cancel request
-            newest = min(after, record.last_seq)
-            streams: dict[Any, Any] = {keys[1]: f"0-{newest}", keys[3]: f"0-{signals}"}
-            wait = min(remaining, self._max_block)
-            woken = bool(await self.client.xread(streams, block=_ms(wait)))
+            if deadline <= time.monotonic():
+                return events, record
+            signals = self._signals[stream_id]
+        while True:
+            wait = min(deadline - time.monotonic(), self._max_block)
+            reply, woken = await self._wait(keys, after, signals, wait)
+            if reply is None:
+                self._signals.pop(stream_id, None)
+                return [], None
+            record, seen = self._record(stream_id, reply)
+            events = []
+            signalled = 0
+            replies = woken.items() if isinstance(woken, dict) else woken or ()  # RESP3, RESP2
+            for name, entries in replies:
+                if self._text(name) == keys[1]:
+                    events = [self._event(entry) for entry in entries]
+                else:
+                    signalled = self._seq(entries[-1][0])
+            if signalled > seen or not (events or signalled or deadline > time.monotonic()):
+                return await self._take(stream_id, keys, after)  # state changed, or time up
+            if events:
+                record.last_seq = max(record.last_seq, events[-1][0])
+                record.producer_alive = record.producer_alive or not record.finished
+            signals = max(signals, seen, signalled)
+            self._keep(record, signals)
+            if events or signalled or record.finished:
+                return events, record
+
+    async def _take(
+        self, stream_id: str, keys: list[str], after: int
+    ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
+        """One snapshot script that marks the reader seen: the events after ``after`` (at
+        most ``read_count``) and the record; keeps the stream's signal count."""
+        reply = await self._snapshot(
+            keys=keys[:3], args=[after, repr(time.time()), self.read_count]
+        )
+        if reply is None:
+            self._signals.pop(stream_id, None)
+            return [], None
+        record, signals = self._record(stream_id, reply)
+        self._keep(record, signals)
+        return [self._event(entry) for entry in reply[3]], record
+
+    async def _wait(
+        self, keys: list[str], after: int, signals: int, wait: float
+    ) -> tuple[Any, Any]:
+        """One round trip: the snapshot script (no events; marks the reader seen) and an
+        ``XREAD BLOCK`` of ``wait`` seconds on the events after ``after`` and the signals
+        after ``signals``, pipelined; their two replies."""
+        from redis.exceptions import NoScriptError
+
+        streams: dict[Any, Any] = {keys[1]: f"0-{after}", keys[3]: f"0-{signals}"}
+        for attempt in (0, 1):
+            pipe = self.client.pipeline(transaction=False)
+            # by name: ClusterPipeline's evalsha() refuses, its execute_command routes by key
+            pipe.execute_command("EVALSHA", self._snapshot.sha, 3, *keys[:3], "", time.time(), 0)
+            pipe.xread(streams, count=self.read_count, block=_ms(wait))
+            try:
+                reply, woken = await pipe.execute()
+            except NoScriptError:  # a restarted Redis: load the script (the plain call does)
+                if attempt:
+                    raise
+                await self._snapshot(keys=keys[:3], args=["", "", 0])
+                continue
+            return reply, woken
+        raise AssertionError("unreachable")
+
+    def _keep(self, record: StreamRecord, signals: int) -> None:
+        """Keep ``signals`` as this store's count of the stream's signals (the next read waits
+        for one after it); forget it once the stream finished (the next read is one
+        snapshot, which returns at once)."""
+        if record.finished:
+            self._signals.pop(record.stream_id, None)
+            return
+        if len(self._signals) >= _MAX_TRACKED and record.stream_id not in self._signals:
+            self._signals.clear()  # streams read once and never again: start afresh
+        self._signals[record.stream_id] = signals
 
     async def record(self, stream_id: str) -> StreamRecord | None:
         with self._reachable():
-            reply = await self._snapshot(keys=self._keys(stream_id)[:3], args=["", ""])
+            reply = await self._snapshot(keys=self._keys(stream_id)[:3], args=["", "", 0])
         return None if reply is None else self._record(stream_id, reply)[0]
 
     def _record(self, stream_id: str, reply: list[Any]) -> tuple[StreamRecord, int]:
@@ -790,8 +882,11 @@ class RedisEventStore:
         event = ServerSentEvent(fields.get("data", ""), fields.get("event", "message"))
         return self._seq(entry[0]), event
 
-    def _fields(self, flat: list[Any]) -> dict[str, str]:
-        """A hash or stream entry's ``[field, value, ...]`` as a dict."""
+    def _fields(self, flat: list[Any] | dict[Any, Any]) -> dict[str, str]:
+        """A hash or stream entry's ``[field, value, ...]`` (a script's reply), or its fields
+        as redis-py parsed them (a dict), as a dict of str."""
+        if isinstance(flat, dict):
+            return {self._text(name): self._text(value) for name, value in flat.items()}
         items = [self._text(item) for item in flat]
         return dict(zip(items[::2], items[1::2], strict=True))
 

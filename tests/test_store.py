@@ -10,8 +10,9 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
 from redis.crc import key_slot
 
 from sanic_streamplus.sse import ServerSentEvent
@@ -499,3 +500,63 @@ async def test_redis_block_longer_than_the_default_socket_timeout(
         assert events == [] and record is not None and 5.9 <= time.monotonic() - started < 60
     finally:
         await store.close()
+
+
+async def test_renew_answers_the_record(store: EventStore) -> None:
+    """One operation a tick for a producer: the lease and what it must know (a cancel request,
+    its readers)."""
+    await running(store)
+    record = await store.renew("s1", "t1", 30)
+    assert record is not None and record.producer_alive and not record.cancel_requested
+    assert record.reader_seen == 0.0
+    await store.read("s1", 0, 0)
+    assert await store.request_cancel("s1")
+    record = await store.renew("s1", "t1", 30)
+    assert record is not None and record.cancel_requested and record.reader_seen > 0
+    assert await store.renew("s1", "t2", 30) is None
+
+
+class CountingConnection(Connection):
+    """A real connection to the test's redis-server that counts its writes: one per round
+    trip (a pipeline is written at once)."""
+
+    writes = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.writes += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def test_redis_one_round_trip_per_wake_up(redis_url: str, redis_prefix: str) -> None:
+    """A reader blocked in the store, woken by each of 20 appends, reads each event in one
+    round trip (the XREAD's reply is the events), not a snapshot and an XREAD."""
+    producer = RedisEventStore(Redis.from_url(redis_url), prefix=redis_prefix)
+    pool = ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    reader = RedisEventStore(Redis(connection_pool=pool), prefix=redis_prefix)
+    try:
+        await running(producer)
+        got: list[int] = []
+
+        async def read_all() -> None:
+            after = 0
+            while after < 20:
+                events, _ = await reader.read("s1", after, BLOCK)
+                got.extend(seqs(events))
+                after = got[-1] if got else after
+
+        reading = asyncio.ensure_future(read_all())
+        await asyncio.sleep(0.1)
+        for n in range(1, 21):
+            await producer.append("s1", "t1", event(n))
+            for _ in range(200):  # until the reader has it: one wake-up per event
+                if len(got) >= n:
+                    break
+                await asyncio.sleep(0.005)
+            if n == 1:  # connected, scripts loaded, the first snapshot taken: count from here
+                CountingConnection.writes = 0
+        await asyncio.wait_for(reading, BLOCK)
+        assert got == list(range(1, 21))
+        assert CountingConnection.writes <= 19 + 1, CountingConnection.writes  # 19 wake-ups
+    finally:
+        await reader.close()
+        await producer.close()
