@@ -50,7 +50,7 @@ from .framing import Dialect, Format
 from .machine import Commit, Cut, Ending, FinalFrame, Outcome, Refuse, StreamMachine
 from .pump import Pump
 from .sse import ServerSentEvent
-from .store import EventStore, FencingError, StreamRecord
+from .store import EventStore, FencingError, SequenceMismatch, StreamRecord
 
 __all__ = ["Resumer", "is_stream_id", "new_stream_id", "parse_last_event_id"]
 
@@ -199,6 +199,12 @@ class Resumer:
         finally:
             watcher.cancel()
         downstream: Any = pump.downstream
+        if isinstance(pump.failure, SequenceMismatch):  # the store lost events: say so
+            logger.warning("stream %s: the event store lost events; failing it", stream_id)
+            lost = StoreUnavailable("the event store lost events of this stream; start it again")
+            with contextlib.suppress(Exception):
+                await self.store.finish(stream_id, token, "failed", error_body(lost)["error"])
+            return
         if downstream.state is None:  # the store failed, or the lease was lost: not ours
             if isinstance(pump.failure, StoreUnavailable):
                 logger.warning("stream %s: the event store is unreachable; stopping", stream_id)
@@ -304,6 +310,8 @@ class Resumer:
             first = events[0][0] if events else record.first_seq
             if first > after + 1:  # dropped by the store's cap before this reader got them
                 raise EventsExpired(stream_id, after)
+            if not events and record.last_seq < after:  # the store lost what it had read:
+                raise EventsExpired(stream_id, after)  # a failover to a replica behind it
             for seq, event in events:
                 yield ServerSentEvent(event.data, event.event, f"{stream_id}:{seq}")
                 after = readers[reader] = seq
@@ -417,7 +425,7 @@ class _StoreDownstream:
             if room <= 0:  # the upstream read waits with it (backpressure, as without resuming)
                 await resumer._wait_for_readers(stream_id, self.seq + 1)
                 continue
-            await resumer.store.append(stream_id, self.token, *batch[:room])
+            await resumer.store.append(stream_id, self.token, *batch[:room], last_seq=self.seq)
             self.seq += len(batch[:room])
             batch = batch[room:]
         return 0
@@ -429,7 +437,9 @@ class _StoreDownstream:
         if ending.error is None and frame.events:
             with contextlib.suppress(Exception):  # what was stored before is kept
                 await close_completely(
-                    self.resumer.store.append(self.stream_id, self.token, *frame.events)
+                    self.resumer.store.append(
+                        self.stream_id, self.token, *frame.events, last_seq=self.seq
+                    )
                 )
         await self._finish(ending)
         return 0

@@ -43,6 +43,7 @@ __all__ = [
     "FencingError",
     "MemoryEventStore",
     "RedisEventStore",
+    "SequenceMismatch",
     "StreamRecord",
 ]
 
@@ -51,6 +52,12 @@ STATES = ("running", "completed", "cancelled", "failed")
 
 class FencingError(Exception):
     """An append or finish came with a token that is not the stream's producer's any more."""
+
+
+class SequenceMismatch(FencingError):
+    """An append's ``last_seq`` is not the stream's: the store lost events its producer had
+    appended (a Redis failover to a replica that had not got them yet), or another writer
+    appended. The producer stops, as for a lost lease."""
 
 
 @dataclass
@@ -112,12 +119,17 @@ class EventStore(Protocol):
         the lease is lost."""
         ...
 
-    async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
+    async def append(
+        self, stream_id: str, token: str, *events: ServerSentEvent, last_seq: int | None = None
+    ) -> int:
         """Append ``events`` (at least one; their ``event`` type and ``data``), in order, in one
-        operation; return the sequence number of the last.
+        operation; return the sequence number of the last. With ``last_seq`` (the sequence
+        number of the producer's own last append, 0 before its first), only if the stream's
+        is that one.
 
         Raises:
             FencingError: ``token`` does not hold the lease.
+            SequenceMismatch: the stream's last sequence number is not ``last_seq``.
         """
         ...
 
@@ -244,9 +256,13 @@ class MemoryEventStore:
         stream.lease_until = time.monotonic() + lease
         return self._snapshot(stream)
 
-    async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
+    async def append(
+        self, stream_id: str, token: str, *events: ServerSentEvent, last_seq: int | None = None
+    ) -> int:
         stream = self._fenced(stream_id, token)
         record = stream.record
+        if last_seq is not None and last_seq != record.last_seq:
+            raise SequenceMismatch(f"stream {stream_id}: at {record.last_seq}, not {last_seq}")
         for event in events:
             record.last_seq += 1
             stream.events.append((record.last_seq, ServerSentEvent(event.data, event.event)))
@@ -396,15 +412,17 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+', 
 """
 )
 
-# ARGV: token, max_events, ttl, now, then event type, data for each event. Returns {the last
-# sequence number, the idempotency key due for a refresh or ''}, or -1.
+# ARGV: token, max_events, ttl, now, the caller's last sequence number ('' for any), then event
+# type, data for each event. Returns {the last sequence number, the idempotency key due for a
+# refresh or ''}, or -1 (fenced), or -2 and the stream's last sequence number (not the caller's).
 _LUA_APPEND = (
     _LUA_FENCED
     + _LUA_REFRESH
     + """
 if fenced(ARGV[1]) then return -1 end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq'))
-for i = 5, #ARGV, 2 do
+if ARGV[5] ~= '' and tonumber(ARGV[5]) ~= seq then return {-2, seq} end
+for i = 6, #ARGV, 2 do
   seq = seq + 1
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '0-' .. seq, 'event', ARGV[i], 'data', ARGV[i + 1])
 end
@@ -725,13 +743,18 @@ class RedisEventStore:
             reply = await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)])
         return self._record(stream_id, reply)[0] if isinstance(reply, list) else None
 
-    async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
+    async def append(
+        self, stream_id: str, token: str, *events: ServerSentEvent, last_seq: int | None = None
+    ) -> int:
         fields = [item for event in events for item in (event.event, event.data)]
-        args = [token, self.max_events, _ms(self.ttl), _now_ms(), *fields]
+        expected = "" if last_seq is None else last_seq
+        args = [token, self.max_events, _ms(self.ttl), _now_ms(), expected, *fields]
         with self._reachable():
             reply = await self._append(keys=self._keys(stream_id), args=args)
             if not isinstance(reply, list):
                 raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+            if reply[0] == -2:
+                raise SequenceMismatch(f"stream {stream_id}: at {reply[1]}, not {last_seq}")
             await self._refresh_key(reply[1])
         return int(reply[0])
 

@@ -18,9 +18,15 @@ from typing import Any
 import httpx
 import pytest
 from conftest import completions_body, run_example
+from redis.asyncio import Redis
 from redis.crc import key_slot
 from test_resume import ROUTE, contents, get_stream
 
+from sanic_streamplus.errors import EventsExpired, ReplayedError
+from sanic_streamplus.framing import get_dialect
+from sanic_streamplus.resume import Resumer, new_stream_id
+from sanic_streamplus.sse import ServerSentEvent
+from sanic_streamplus.store import RedisEventStore
 from sanic_streamplus.testing import FakeUpstream, fake_tokens, stream_request
 from sanic_streamplus.testredis import CLUSTER_SLOTS
 
@@ -142,3 +148,53 @@ async def test_a_killed_producer_leaves_its_readers_an_error_frame(
     assert error["type"] == "producer_lost"
     assert events[-1].data == "[DONE]"
     assert len(events) > 5  # it was reading live when the producer died
+
+
+async def test_events_lost_by_a_failover_end_the_stream_clearly(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A Redis failover to a replica that had not got the last appends yet: the stream is
+    rolled back under its producer and its readers (as the new master has it). The producer's
+    next append finds the stream not where it left it and fails the stream; a reader that had
+    read past the new end gets ``events_expired``, a new reader the events kept, then the
+    failure: no renumbered events, no hang."""
+    store = RedisEventStore(Redis.from_url(redis_url), prefix=redis_prefix)
+    resumer = Resumer(store, ttl=600, grace=100, window=1000)
+    stream_id = new_stream_id()
+    gate = asyncio.Event()
+
+    async def source() -> AsyncIterator[ServerSentEvent]:
+        for n in range(1, 11):
+            if n == 6:
+                await gate.wait()
+            yield ServerSentEvent(f"t{n}")
+
+    async def read(after: int, into: list[str]) -> None:
+        async for item in resumer.events(stream_id, after):
+            into.append(item.data)
+
+    try:
+        await store.open(stream_id, None)
+        await resumer.start(source(), get_dialect("plain"), stream_id)
+        live: list[str] = []
+        reading = asyncio.ensure_future(read(0, live))
+        for _ in range(400):
+            if len(live) >= 5:
+                break
+            await asyncio.sleep(0.01)
+        assert live == [f"t{n}" for n in range(1, 6)]
+        raw = Redis.from_url(redis_url)  # the new master lacks events 4 and 5
+        base = f"{redis_prefix}stream:{{{stream_id}}}:"
+        await raw.xdel(base + "events", "0-4", "0-5")
+        await raw.hset(base + "meta", "last_seq", 3)
+        await raw.aclose()
+        gate.set()
+        with pytest.raises(EventsExpired):
+            await asyncio.wait_for(reading, 5)
+        again: list[str] = []
+        with pytest.raises(ReplayedError) as failed:
+            await asyncio.wait_for(read(0, again), 5)
+        assert again == ["t1", "t2", "t3"]
+        assert failed.value.type == "store_unavailable"
+    finally:
+        await resumer.close()

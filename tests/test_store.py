@@ -21,6 +21,7 @@ from sanic_streamplus.store import (
     FencingError,
     MemoryEventStore,
     RedisEventStore,
+    SequenceMismatch,
     StreamRecord,
 )
 
@@ -560,3 +561,18 @@ async def test_redis_one_round_trip_per_wake_up(redis_url: str, redis_prefix: st
     finally:
         await reader.close()
         await producer.close()
+
+
+async def test_append_after_a_last_seq_that_is_not_the_streams(store: EventStore) -> None:
+    """A producer that says where it left the stream learns when the store lost events (a
+    failover to a replica behind it) instead of numbering new events over them."""
+    await running(store)
+    assert await store.append("s1", "t1", event(1), last_seq=0) == 1
+    with pytest.raises(SequenceMismatch):
+        await store.append("s1", "t1", event(2), last_seq=0)
+    with pytest.raises(SequenceMismatch):
+        await store.append("s1", "t1", event(2), last_seq=5)
+    assert await store.append("s1", "t1", event(2), last_seq=1) == 2
+    assert await store.append("s1", "t1", event(3)) == 3  # no last_seq: no check
+    events, _ = await store.read("s1", 0, 0)
+    assert seqs(events) == [1, 2, 3]
