@@ -209,7 +209,9 @@ class Resumer:
             if isinstance(pump.failure, StoreUnavailable):
                 logger.warning("stream %s: the event store is unreachable; stopping", stream_id)
             else:
-                logger.warning("stream %s: the producer lost its lease; stopping", stream_id)
+                logger.warning(
+                    "stream %s: the producer lost its lease (%r); stopping", stream_id, pump.failure
+                )
             return
         logger.info("stream %s produced: state=%s", stream_id, downstream.state)
 

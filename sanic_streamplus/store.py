@@ -843,8 +843,10 @@ class RedisEventStore:
     ) -> tuple[Any, Any]:
         """One round trip: the snapshot script (no events; marks the reader seen) and an
         ``XREAD BLOCK`` of ``wait`` seconds on the events after ``after`` and the signals
-        after ``signals``, pipelined; their two replies."""
-        from redis.exceptions import NoScriptError
+        after ``signals``, pipelined; their two replies. An ``XREAD`` that its node cut short
+        as it turned replica (``UNBLOCKED``: a failover) answers nothing: the next one goes to
+        the new master (``RedisCluster`` follows the ``MOVED`` that the old one answers)."""
+        from redis.exceptions import NoScriptError, ResponseError
 
         streams: dict[Any, Any] = {keys[1]: f"0-{after}", keys[3]: f"0-{signals}"}
         for attempt in (0, 1):
@@ -852,13 +854,15 @@ class RedisEventStore:
             # by name: ClusterPipeline's evalsha() refuses, its execute_command routes by key
             pipe.execute_command("EVALSHA", self._snapshot.sha, 3, *keys[:3], "", time.time(), 0)
             pipe.xread(streams, count=self.read_count, block=_ms(wait))
-            try:
-                reply, woken = await pipe.execute()
-            except NoScriptError:  # a restarted Redis: load the script (the plain call does)
-                if attempt:
-                    raise
-                await self._snapshot(keys=keys[:3], args=["", "", 0])
+            reply, woken = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and not attempt:  # a restarted Redis: load
+                await self._snapshot(keys=keys[:3], args=["", "", 0])  # it (the plain call does)
                 continue
+            if isinstance(woken, ResponseError) and str(woken).startswith("UNBLOCKED"):
+                woken = None
+            for result in (reply, woken):
+                if isinstance(result, Exception):
+                    raise result
             return reply, woken
         raise AssertionError("unreachable")
 

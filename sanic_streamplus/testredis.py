@@ -137,17 +137,19 @@ def stop_redis(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 
 
 def start_redis_cluster(
-    workdir: Path, masters: int = 3, timeout: float = 20.0
+    workdir: Path, masters: int = 3, timeout: float = 20.0, *, replicas: int = 0
 ) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
-    """Start a Redis Cluster of ``masters`` masters (no replicas) on free ports of 127.0.0.1:
-    one :func:`start_redis` node each (in a subdirectory of ``workdir``), joined with
-    ``CLUSTER MEET`` and the 16384 hash slots shared out in equal ranges with
-    ``CLUSTER ADDSLOTS`` (what ``redis-cli --cluster create`` does, so no ``redis-cli`` is
-    needed), then waited on until every node reports ``cluster_state:ok`` and knows every
-    other.
+    """Start a Redis Cluster of ``masters`` masters and ``replicas`` replicas of each on free
+    ports of 127.0.0.1: one :func:`start_redis` node each (in a subdirectory of ``workdir``),
+    joined with ``CLUSTER MEET``, the 16384 hash slots shared out among the masters in equal
+    ranges with ``CLUSTER ADDSLOTS``, each replica attached with ``CLUSTER REPLICATE`` (what
+    ``redis-cli --cluster create`` does, so no ``redis-cli`` is needed), then waited on until
+    every node reports ``cluster_state:ok`` and knows every other, and every replica's link to
+    its master is up.
 
     Returns:
-        the processes and their ports, in slot order (the first serves slot 0).
+        the processes and their ports: the masters in slot order (the first serves slot 0),
+        then the replicas (master 0's first).
 
     Raises:
         RedisUnavailable: no binary (see :func:`redis_server_binary`).
@@ -172,10 +174,34 @@ def start_redis_cluster(
             if n:
                 client.cluster("MEET", "127.0.0.1", ports[0])
         deadline = time.monotonic() + timeout
-        while not all(_cluster_ok(client, masters) for client in clients):
+        ids = [_text(client.cluster("MYID")) for client in clients]
+        for n in range(masters * replicas):
+            node = workdir / f"replica{n}"
+            node.mkdir(exist_ok=True)
+            process, port = start_redis(node, cluster=True)
+            processes.append(process)
+            ports.append(port)
+            replica = Redis(host="127.0.0.1", port=port)
+            clients.append(replica)
+            replica.cluster("MEET", "127.0.0.1", ports[0])
+            while True:  # it must know its master before it can replicate it
+                try:
+                    replica.cluster("REPLICATE", ids[n // replicas])
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        total = masters * (1 + replicas)
+        while not all(_cluster_ok(client, total) for client in clients):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"the Redis Cluster on ports {ports} was not ok in {timeout} s")
             time.sleep(0.05)
+        for client in clients[masters:]:
+            while client.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"a replica of the Redis Cluster on {ports} is not linked")
+                time.sleep(0.05)
         for client in clients:
             client.close()
     except BaseException:
@@ -183,6 +209,10 @@ def start_redis_cluster(
             stop_redis(process)
         raise
     return processes, ports
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 def _cluster_ok(client: Redis, masters: int) -> bool:

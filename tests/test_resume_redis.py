@@ -13,6 +13,7 @@ import hashlib
 import json
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,13 +23,18 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 from test_resume import ROUTE, contents, get_stream
 
-from sanic_streamplus.errors import EventsExpired, ReplayedError
+from sanic_streamplus.errors import EventsExpired, ProducerLost, ReplayedError, StoreUnavailable
 from sanic_streamplus.framing import get_dialect
 from sanic_streamplus.resume import Resumer, new_stream_id
 from sanic_streamplus.sse import ServerSentEvent
 from sanic_streamplus.store import RedisEventStore
 from sanic_streamplus.testing import FakeUpstream, fake_tokens, stream_request
-from sanic_streamplus.testredis import CLUSTER_SLOTS
+from sanic_streamplus.testredis import (
+    CLUSTER_SLOTS,
+    RedisUnavailable,
+    start_redis_cluster,
+    stop_redis,
+)
 
 TOKENS = 40
 
@@ -198,3 +204,59 @@ async def test_events_lost_by_a_failover_end_the_stream_clearly(
         assert failed.value.type == "store_unavailable"
     finally:
         await resumer.close()
+
+
+async def test_a_cluster_failover_during_a_stream_is_transparent_or_clear(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """A Redis Cluster's master fails over to its replica (``CLUSTER FAILOVER``, as an
+    operator or a managed service's maintenance does) while a producer appends and a reader
+    reads: ``RedisCluster`` follows the slot to the new master, and the reader gets every
+    event once, in order; or, when redis-py's asyncio cluster client fails a connect to the
+    demoted node with an ``AttributeError`` (seen in about half the runs with redis-py 8.1),
+    the producer stops and the reader ends with ``producer_lost`` after the events it had, in
+    order. Never a hang, a gap or a duplicate."""
+    try:
+        processes, ports = start_redis_cluster(tmp_path, masters=1, replicas=1)
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    url = f"redis://127.0.0.1:{ports[0]}"
+    store = RedisEventStore.from_url(url, max_connections=50, cluster=True, prefix=redis_prefix)
+    resumer = Resumer(store, ttl=600, grace=100, window=1000)
+    stream_id = new_stream_id()
+    got: list[str] = []
+
+    async def source() -> AsyncIterator[ServerSentEvent]:
+        for n in range(1, 101):
+            await asyncio.sleep(0.02)
+            yield ServerSentEvent(f"t{n}")
+
+    async def read() -> None:
+        async for item in resumer.events(stream_id, 0):
+            got.append(item.data)
+
+    try:
+        await store.open(stream_id, None)
+        await resumer.start(source(), get_dialect("plain"), stream_id)
+        reading = asyncio.ensure_future(read())
+        for _ in range(500):
+            if len(got) >= 20:
+                break
+            await asyncio.sleep(0.01)
+        replica = Redis(host="127.0.0.1", port=ports[1])
+        assert await replica.cluster("FAILOVER")
+        ended: Exception | None = None
+        try:
+            await asyncio.wait_for(reading, 20)
+        except (ProducerLost, StoreUnavailable) as exc:  # a clear frame for its client
+            ended = exc
+        role = (await replica.info("replication"))["role"]
+        await replica.aclose()
+        assert role == "master"  # the failover did happen during the stream
+        expected = [f"t{n}" for n in range(1, 101)]
+        assert got == (expected if ended is None else expected[: len(got)])
+        assert len(got) >= 20
+    finally:
+        await resumer.close()
+        for process in processes:
+            stop_redis(process)
