@@ -59,7 +59,7 @@ _POSITIVE_INTS = (
     "breaker_failures",
 )
 
-_BOOLS = ("metrics", "otel")
+_BOOLS = ("metrics", "otel", "redis_cluster")
 _TRUE = ("1", "true", "yes", "on", "y", "t")
 _FALSE = ("", "0", "false", "no", "off", "n", "f")
 
@@ -260,6 +260,8 @@ class Settings:
         resume_store: where resumable streams keep their events: ``memory`` (this process:
             one worker) or ``redis`` (every worker and machine on ``redis_url``).
         redis_url: the Redis of the ``redis`` store, e.g. ``redis://127.0.0.1:6379/0``.
+        redis_cluster: ``redis_url`` names a node of a Redis Cluster (or Valkey cluster): the
+            store uses redis-py's ``RedisCluster`` client, which finds the other nodes.
         resume_ttl: seconds a resumable stream is kept after its last event.
         resume_max_events: events kept per resumable stream; a reader further behind gets an
             ``events_expired`` error.
@@ -313,6 +315,7 @@ class Settings:
     forward_headers: tuple[str, ...] = ()
     resume_store: str = "memory"
     redis_url: str | None = None
+    redis_cluster: bool = False
     resume_ttl: float | None = 600.0
     resume_max_events: int = 10_000
     resume_grace: float | None = 120.0

@@ -119,6 +119,7 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
         store = RedisEventStore.from_url(
             settings.redis_url or "",
             max_connections=settings.max_streams + 64,
+            cluster=settings.redis_cluster,
             max_events=settings.resume_max_events,
             ttl=settings.resume_ttl or 600.0,
         )

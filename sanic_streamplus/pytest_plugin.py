@@ -22,12 +22,18 @@ say), ``-p no:streamplus`` turns it off. Fixtures:
     the URL (``redis://127.0.0.1:PORT/0``) of a real ``redis-server`` of the test session's own
     (:mod:`sanic_streamplus.testredis`); the test is skipped, saying how to get one, if there is
     no binary.
+``redis_cluster``
+    the URL (``redis://127.0.0.1:PORT``, one node's) of a real Redis Cluster of three masters,
+    the test session's own (:func:`~sanic_streamplus.testredis.start_redis_cluster`), for
+    ``redis.asyncio.cluster.RedisCluster.from_url`` or ``STREAMPLUS_REDIS_CLUSTER=true``;
+    skipped as ``redis_server`` is.
 
 Requirements: the async fixtures (``fake_upstream``, ``stream_client``) need pytest-asyncio
 (they are declared with ``pytest_asyncio.fixture`` when it is installed, so its strict mode works
-too; the ``testing`` extra installs it); ``redis_server`` and ``streamplus_app`` are plain
-fixtures. The plugin imports nothing but pytest (and pytest-asyncio) when it loads: the kit is
-imported by the fixtures that use it, so the plugin costs pytest runs that use none of it nothing.
+too; the ``testing`` extra installs it); ``redis_server``, ``redis_cluster`` and
+``streamplus_app`` are plain fixtures. The plugin imports nothing but pytest (and pytest-asyncio)
+when it loads: the kit is imported by the fixtures that use it, so the plugin costs pytest runs
+that use none of it nothing.
 ``stream_client`` and ``streamplus_app`` set ``Sanic.test_mode = True`` (as sanic-testing's
 clients do), so one process can build many apps.
 """
@@ -45,7 +51,7 @@ if TYPE_CHECKING:
     from .testclient import StreamClient
     from .testing import FakeUpstream
 
-__all__ = ["fake_upstream", "redis_server", "stream_client", "streamplus_app"]
+__all__ = ["fake_upstream", "redis_cluster", "redis_server", "stream_client", "streamplus_app"]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -142,3 +148,21 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         yield f"redis://127.0.0.1:{port}/0"
     finally:
         stop_redis(process)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis Cluster of three masters for the whole session (no persistence, on
+    127.0.0.1): the URL of its first node, ``redis://127.0.0.1:<port>``. Skips the test, saying
+    how to get one, without a binary."""
+    from .testredis import RedisUnavailable, start_redis_cluster, stop_redis
+
+    try:
+        processes, ports = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    try:
+        yield f"redis://127.0.0.1:{ports[0]}"
+    finally:
+        for process in processes:
+            stop_redis(process)

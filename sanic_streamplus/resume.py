@@ -50,7 +50,7 @@ from .framing import Dialect, Format
 from .machine import Commit, Cut, Ending, FinalFrame, Outcome, Refuse, StreamMachine
 from .pump import Pump
 from .sse import ServerSentEvent
-from .store import EventStore, FencingError, StreamRecord
+from .store import EventStore, FencingError, SequenceMismatch, StreamRecord
 
 __all__ = ["Resumer", "is_stream_id", "new_stream_id", "parse_last_event_id"]
 
@@ -166,9 +166,7 @@ class Resumer:
         """Give back a place :meth:`reserve` held."""
         self._starting.discard(place)
 
-    async def start(
-        self, source: AsyncIterable[Any], dialect: Dialect, stream_id: str
-    ) -> None:
+    async def start(self, source: AsyncIterable[Any], dialect: Dialect, stream_id: str) -> None:
         """Claim ``stream_id`` (just opened in the store) and run its producer on ``source``.
 
         Raises:
@@ -201,11 +199,19 @@ class Resumer:
         finally:
             watcher.cancel()
         downstream: Any = pump.downstream
+        if isinstance(pump.failure, SequenceMismatch):  # the store lost events: say so
+            logger.warning("stream %s: the event store lost events; failing it", stream_id)
+            lost = StoreUnavailable("the event store lost events of this stream; start it again")
+            with contextlib.suppress(Exception):
+                await self.store.finish(stream_id, token, "failed", error_body(lost)["error"])
+            return
         if downstream.state is None:  # the store failed, or the lease was lost: not ours
             if isinstance(pump.failure, StoreUnavailable):
                 logger.warning("stream %s: the event store is unreachable; stopping", stream_id)
             else:
-                logger.warning("stream %s: the producer lost its lease; stopping", stream_id)
+                logger.warning(
+                    "stream %s: the producer lost its lease (%r); stopping", stream_id, pump.failure
+                )
             return
         logger.info("stream %s produced: state=%s", stream_id, downstream.state)
 
@@ -227,16 +233,16 @@ class Resumer:
             await self.store.finish(stream_id, token, "failed", error_record(error))
 
     async def _watch(self, stream_id: str, token: str, pump: Pump) -> None:
-        """Renew the lease; cancel the producer when asked to or when no reader is left."""
+        """Renew the lease (one store operation a tick, which answers the record too); cancel
+        the producer when asked to, when no reader is left, or when the lease is lost."""
         while True:
             await asyncio.sleep(_TICK)
             try:
-                record = await self.store.record(stream_id)
-                renewed = await self.store.renew(stream_id, token, _LEASE)
+                record = await self.store.renew(stream_id, token, _LEASE)
             except Exception:  # the store is unreachable: try again; the lease may lapse
                 logger.warning("stream %s: the event store failed", stream_id, exc_info=True)
                 continue
-            if record is None or not renewed or record.cancel_requested:
+            if record is None or record.cancel_requested:
                 break
             if record.reader_seen and time.time() - record.reader_seen > self.grace:
                 logger.info("stream %s: no reader for %g s; stopping", stream_id, self.grace)
@@ -306,6 +312,8 @@ class Resumer:
             first = events[0][0] if events else record.first_seq
             if first > after + 1:  # dropped by the store's cap before this reader got them
                 raise EventsExpired(stream_id, after)
+            if not events and record.last_seq < after:  # the store lost what it had read:
+                raise EventsExpired(stream_id, after)  # a failover to a replica behind it
             for seq, event in events:
                 yield ServerSentEvent(event.data, event.event, f"{stream_id}:{seq}")
                 after = readers[reader] = seq
@@ -357,7 +365,6 @@ def _replayed(record: StreamRecord) -> StreamPlusError:
         truncated.message = str(stored.get("message") or truncated.message)
         return truncated
     return ReplayedError(stored)
-
 
 
 def _raise_ending(stream_id: str, record: StreamRecord) -> None:
@@ -420,7 +427,7 @@ class _StoreDownstream:
             if room <= 0:  # the upstream read waits with it (backpressure, as without resuming)
                 await resumer._wait_for_readers(stream_id, self.seq + 1)
                 continue
-            await resumer.store.append(stream_id, self.token, *batch[:room])
+            await resumer.store.append(stream_id, self.token, *batch[:room], last_seq=self.seq)
             self.seq += len(batch[:room])
             batch = batch[room:]
         return 0
@@ -432,7 +439,9 @@ class _StoreDownstream:
         if ending.error is None and frame.events:
             with contextlib.suppress(Exception):  # what was stored before is kept
                 await close_completely(
-                    self.resumer.store.append(self.stream_id, self.token, *frame.events)
+                    self.resumer.store.append(
+                        self.stream_id, self.token, *frame.events, last_seq=self.seq
+                    )
                 )
         await self._finish(ending)
         return 0

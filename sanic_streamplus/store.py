@@ -35,6 +35,7 @@ from .sse import ServerSentEvent
 
 if TYPE_CHECKING:
     from redis.asyncio import Redis
+    from redis.asyncio.cluster import RedisCluster
 
 __all__ = [
     "STATES",
@@ -42,6 +43,7 @@ __all__ = [
     "FencingError",
     "MemoryEventStore",
     "RedisEventStore",
+    "SequenceMismatch",
     "StreamRecord",
 ]
 
@@ -50,6 +52,12 @@ STATES = ("running", "completed", "cancelled", "failed")
 
 class FencingError(Exception):
     """An append or finish came with a token that is not the stream's producer's any more."""
+
+
+class SequenceMismatch(FencingError):
+    """An append's ``last_seq`` is not the stream's: the store lost events its producer had
+    appended (a Redis failover to a replica that had not got them yet), or another writer
+    appended. The producer stops, as for a lost lease."""
 
 
 @dataclass
@@ -105,16 +113,23 @@ class EventStore(Protocol):
         """Become the stream's producer for ``lease`` seconds unless another holds it."""
         ...
 
-    async def renew(self, stream_id: str, token: str, lease: float) -> bool:
-        """Extend the lease held with ``token``; False if it is lost."""
+    async def renew(self, stream_id: str, token: str, lease: float) -> StreamRecord | None:
+        """Extend the lease held with ``token``, and return the stream's record (in the same
+        operation: a producer learns of a cancel request and of its readers with it); None if
+        the lease is lost."""
         ...
 
-    async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
+    async def append(
+        self, stream_id: str, token: str, *events: ServerSentEvent, last_seq: int | None = None
+    ) -> int:
         """Append ``events`` (at least one; their ``event`` type and ``data``), in order, in one
-        operation; return the sequence number of the last.
+        operation; return the sequence number of the last. With ``last_seq`` (the sequence
+        number of the producer's own last append, 0 before its first), only if the stream's
+        is that one.
 
         Raises:
             FencingError: ``token`` does not hold the lease.
+            SequenceMismatch: the stream's last sequence number is not ``last_seq``.
         """
         ...
 
@@ -233,17 +248,21 @@ class MemoryEventStore:
         stream.record.producer_alive = True
         return True
 
-    async def renew(self, stream_id: str, token: str, lease: float) -> bool:
+    async def renew(self, stream_id: str, token: str, lease: float) -> StreamRecord | None:
         try:
             stream = self._fenced(stream_id, token)
         except FencingError:
-            return False
+            return None
         stream.lease_until = time.monotonic() + lease
-        return True
+        return self._snapshot(stream)
 
-    async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
+    async def append(
+        self, stream_id: str, token: str, *events: ServerSentEvent, last_seq: int | None = None
+    ) -> int:
         stream = self._fenced(stream_id, token)
         record = stream.record
+        if last_seq is not None and last_seq != record.last_seq:
+            raise SequenceMismatch(f"stream {stream_id}: at {record.last_seq}, not {last_seq}")
         for event in events:
             record.last_seq += 1
             stream.events.append((record.last_seq, ServerSentEvent(event.data, event.event)))
@@ -312,18 +331,26 @@ class MemoryEventStore:
         self._keys.clear()
 
 
-# The Lua scripts of RedisEventStore. Keys of one stream, in this order where a script takes
-# them: KEYS[1] meta (hash), KEYS[2] events (stream), KEYS[3] producer (string), KEYS[4] signal
-# (stream). Times are milliseconds. A script answers -1 to a token that does not hold the lease.
+# The Lua scripts of RedisEventStore. Each touches the keys of one stream only (one hash tag,
+# so one Cluster slot), in this order where a script takes them: KEYS[1] meta (hash), KEYS[2]
+# events (stream), KEYS[3] producer (string), KEYS[4] signal (stream); or the one idempotency
+# key (_LUA_BIND). Times are milliseconds. A script answers -1 to a token that does not hold
+# the lease.
 
-# Refresh the TTL of every key of the stream (the idempotency key is named in the meta).
+# Refresh the TTL of every key of the stream but the producer's. Returns the Redis name of the
+# idempotency key bound to the stream when its own TTL is due for a refresh (the caller sends
+# the PEXPIRE: the key lives in another slot), else ''. ``always``: due now (a finish).
 _LUA_REFRESH = """
-local function refresh(ttl)
+local function refresh(ttl, now, always)
   redis.call('PEXPIRE', KEYS[1], ttl)
   redis.call('PEXPIRE', KEYS[2], ttl)
   redis.call('PEXPIRE', KEYS[4], ttl)
   local key = redis.call('HGET', KEYS[1], 'key')
-  if key then redis.call('PEXPIRE', key, ttl) end
+  if not key then return '' end
+  local at = tonumber(redis.call('HGET', KEYS[1], 'key_at') or 0)
+  if not always and now >= at and now - at < ttl / 4 then return '' end
+  redis.call('HSET', KEYS[1], 'key_at', now)
+  return key
 end
 """
 
@@ -343,21 +370,24 @@ local function fenced(token)
 end
 """
 
-# KEYS[5]: the idempotency key (absent without one). ARGV: stream_id, ttl, then the info as
-# name, value pairs (kept in the meta as info:<name>).
-# Returns the stream the key is bound to already, or nil after registering the stream.
+# ARGV: ttl, the idempotency key's Redis name ('' for none), now, then the info as name, value
+# pairs (kept in the meta as info:<name>). Registers the stream (afresh).
 _LUA_OPEN = """
-if KEYS[5] then
-  local bound = redis.call('GET', KEYS[5])
-  if bound then return bound end
-  redis.call('SET', KEYS[5], ARGV[1], 'PX', ARGV[2])
-end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
 redis.call('HSET', KEYS[1], 'state', 'running', 'last_seq', 0, 'signals', 0, 'cancel', 0,
            'reader_seen', 0)
-if KEYS[5] then redis.call('HSET', KEYS[1], 'key', KEYS[5]) end
-for i = 3, #ARGV, 2 do redis.call('HSET', KEYS[1], 'info:' .. ARGV[i], ARGV[i + 1]) end
-redis.call('PEXPIRE', KEYS[1], ARGV[2])
+if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'key', ARGV[2], 'key_at', ARGV[3]) end
+for i = 4, #ARGV, 2 do redis.call('HSET', KEYS[1], 'info:' .. ARGV[i], ARGV[i + 1]) end
+redis.call('PEXPIRE', KEYS[1], ARGV[1])
+return 1
+"""
+
+# KEYS[1]: an idempotency key. ARGV: stream_id, ttl. Returns the stream the key is bound to
+# already, or nil after binding it to stream_id.
+_LUA_BIND = """
+local bound = redis.call('GET', KEYS[1])
+if bound then return bound end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return false
 """
 
@@ -371,34 +401,38 @@ return 1
 """
 
 # ARGV: token, lease.
+# Returns 0 if the token does not hold the lease, else a snapshot (as _LUA_SNAPSHOT's, no
+# events): the producer learns of a cancel request and of its readers in the same round trip.
 _LUA_RENEW = (
     _LUA_FENCED
     + """
 if fenced(ARGV[1]) then return 0 end
 redis.call('PEXPIRE', KEYS[3], ARGV[2])
-return 1
+return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1), 1, {}}
 """
 )
 
-# ARGV: token, max_events, ttl, then event type, data for each event. Returns the last
-# sequence number.
+# ARGV: token, max_events, ttl, now, the caller's last sequence number ('' for any), then event
+# type, data for each event. Returns {the last sequence number, the idempotency key due for a
+# refresh or ''}, or -1 (fenced), or -2 and the stream's last sequence number (not the caller's).
 _LUA_APPEND = (
     _LUA_FENCED
     + _LUA_REFRESH
     + """
 if fenced(ARGV[1]) then return -1 end
 local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq'))
-for i = 4, #ARGV, 2 do
+if ARGV[5] ~= '' and tonumber(ARGV[5]) ~= seq then return {-2, seq} end
+for i = 6, #ARGV, 2 do
   seq = seq + 1
   redis.call('XADD', KEYS[2], 'MAXLEN', ARGV[2], '0-' .. seq, 'event', ARGV[i], 'data', ARGV[i + 1])
 end
 redis.call('HSET', KEYS[1], 'last_seq', seq)
-refresh(ARGV[3])
-return seq
+return {seq, refresh(tonumber(ARGV[3]), tonumber(ARGV[4]), false)}
 """
 )
 
-# ARGV: token, ttl, state, error JSON ('' for none).
+# ARGV: token, ttl, state, error JSON ('' for none), now. Returns the idempotency key to
+# refresh ('' for none), or -1.
 _LUA_FINISH = (
     _LUA_FENCED
     + _LUA_REFRESH
@@ -412,9 +446,9 @@ else
   redis.call('HSET', KEYS[1], 'error', ARGV[4])
 end
 redis.call('DEL', KEYS[3])
-refresh(ARGV[2])
+local key = refresh(tonumber(ARGV[2]), tonumber(ARGV[5]), true)
 signal('finish')
-return 0
+return key
 """
 )
 
@@ -429,17 +463,28 @@ return 1
 """
 )
 
-# ARGV: after ('' for no events), now in seconds since the epoch ('' to mark no reader).
-# Returns nil for an unknown stream, else {meta as HGETALL, oldest entry (XRANGE - + COUNT 1),
-# EXISTS producer, the entries after ``after``}.
+# ARGV: after ('' for no events), now in seconds since the epoch ('' to mark no reader), the
+# most entries to return. Returns nil for an unknown stream, else {meta as HGETALL, oldest
+# entry (XRANGE - + COUNT 1), EXISTS producer, the entries after ``after``}.
 _LUA_SNAPSHOT = """
 if redis.call('EXISTS', KEYS[1]) == 0 then return false end
 if ARGV[2] ~= '' then redis.call('HSET', KEYS[1], 'reader_seen', ARGV[2]) end
 local events = {}
-if ARGV[1] ~= '' then events = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], '+') end
+if ARGV[1] ~= '' then
+  events = redis.call('XRANGE', KEYS[2], '(0-' .. ARGV[1], '+', 'COUNT', ARGV[3])
+end
 return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+', 'COUNT', 1),
         redis.call('EXISTS', KEYS[3]), events}
 """
+
+
+_MAX_TRACKED = 100_000  # streams whose signal count a RedisEventStore keeps at most
+
+
+def _now_ms() -> int:
+    """Now, in milliseconds since the epoch (the scripts' clock for the idempotency key's TTL
+    refreshes: a clock that differs between machines only moves a refresh)."""
+    return int(time.time() * 1000)
 
 
 def _ms(seconds: float) -> int:
@@ -455,34 +500,51 @@ class RedisEventStore:
     ``ttl`` seconds after the stream's last append or finish; times are kept in milliseconds).
     One prefix per kind of key, ``stream:`` and ``idem:``, and the idempotency key hashed, so
     that no stream ID and no idempotency key, whatever their characters, name each other's
-    entries:
+    entries. Every key of one stream carries the hash tag ``{<id>}``, so they share one Redis
+    Cluster slot, and every script touches the keys of one slot (the Cluster rule):
 
-    - ``<prefix>stream:<id>:events``: a Redis Stream of the events; entry ID ``0-<seq>``, so
+    - ``<prefix>stream:{<id>}:events``: a Redis Stream of the events; entry ID ``0-<seq>``, so
       the entry ID is the sequence number; fields ``event`` and ``data``.
       ``XADD MAXLEN <max_events>`` (exact) drops the oldest.
-    - ``<prefix>stream:<id>:meta``: a hash: ``state``, ``last_seq``, ``error`` (JSON),
+    - ``<prefix>stream:{<id>}:meta``: a hash: ``state``, ``last_seq``, ``error`` (JSON),
       ``cancel`` (``0``/``1``), ``reader_seen`` (seconds since the epoch), ``signals`` (see
-      below) and ``key`` (the idempotency key's Redis name, to refresh its TTL).
-    - ``<prefix>stream:<id>:producer``: the producer's token, with a ``PX <lease>`` expiry:
+      below), ``key`` (the idempotency key's Redis name, to refresh its TTL) and ``key_at``
+      (when that TTL was last refreshed, ms since the epoch), ``info:<name>`` (the info).
+    - ``<prefix>stream:{<id>}:producer``: the producer's token, with a ``PX <lease>`` expiry:
       the lease. :meth:`claim` sets it only if it is absent (or already this token: a
       refresh) and the stream is running; :meth:`finish` deletes it.
-    - ``<prefix>stream:<id>:signal``: a Redis Stream of one entry, ``0-<n>``, added when the
+    - ``<prefix>stream:{<id>}:signal``: a Redis Stream of one entry, ``0-<n>``, added when the
       stream finishes or a cancel is requested (``n`` counts them; it is also ``signals`` in
       the meta).
     - ``<prefix>idem:<sha256 of the idempotency key, hex>``: the stream ID the key is bound
-      to; :meth:`open` sets it if absent (``SET NX``, in the script that creates the meta, so
-      the key never names a stream not yet registered).
+      to, in a slot of its own (the key names the stream, so the stream's tag cannot be
+      derived from it). :meth:`open` registers the stream first, then binds the key if it is
+      free (a script on that one key), else drops the stream it just registered and answers
+      the bound one: the key never names a stream not yet registered. The append and finish
+      scripts name the key when its TTL is due for a refresh (a finish always; an append
+      once a quarter of ``ttl`` has passed since the last), and the store then sends it a
+      ``PEXPIRE`` of its own: one round trip more per quarter ``ttl`` of a stream's life,
+      never per event.
 
     Every write is one Lua script, so a check and its write are atomic: an append or finish
     whose token is not the value of the producer key raises :class:`FencingError`.
 
-    Waking readers: a reader with nothing to read blocks in one ``XREAD BLOCK`` on two streams,
-    the events from ``0-<after>`` and the signal stream from ``0-<signals>`` (the count in the
-    snapshot it just took). An append wakes it through the first, a finish or cancel request
-    through the second, at once, with no polling of the meta, and the sequence numbers carry
-    no control entries. As both IDs come from before the wait, nothing that happens between
-    the snapshot and the ``XREAD`` is missed (the XREAD returns at once). A reader then takes
-    a fresh snapshot.
+    Reading: one round trip per wake-up. A reader blocks in one ``XREAD BLOCK <ms> COUNT
+    <read_count>`` on two streams, the events from ``0-<after>`` and the signal stream from
+    ``0-<signals>``, pipelined behind a snapshot script (it marks the reader seen and answers
+    the meta, the oldest entry and whether the lease is held: the record): the ``XREAD``'s
+    reply is the events themselves, and the record is the snapshot's, its ``last_seq``
+    raised to the last event's. An append wakes it through the first stream, a finish or
+    cancel request through the second, at once, with no polling of the meta; the sequence
+    numbers carry no control entries. ``signals`` is the count this store last saw for the
+    stream (kept client-side, per stream; the position is the caller's ``after``): a signal
+    after it makes the ``XREAD`` return at once, so nothing that happens before the wait is
+    missed, and a reader woken by one takes a fresh snapshot (a second round trip, once per
+    finish or cancel request). The first blocking read of a stream in this store, and every
+    read with ``block`` 0, is one snapshot script that returns the events after ``after``
+    itself (at most ``read_count``), followed by the ``XREAD`` only if there were none.
+    A stream that expires while a reader waits is noticed at the end of that ``XREAD``
+    (at most 2 s later; an expired stream has no keys to wake it).
 
     Connections: each blocking read holds one connection of ``client``'s pool for up to
     ``block`` seconds, so the pool must allow one connection per concurrent reader, plus the
@@ -491,9 +553,10 @@ class RedisEventStore:
     ``block`` is waited out in several ``XREAD``\\ s of at most 2 s, and at most half the
     client's ``socket_timeout``, so that the client never times out a read that is waiting.
 
-    Needs Redis 6.2 or later (exclusive ``XRANGE`` ranges) and a single Redis (not a Cluster:
-    the keys of one stream carry no hash tag, and the scripts refresh the idempotency key by
-    the name in the meta).
+    Needs Redis 6.2 or later (exclusive ``XRANGE`` ranges), or Valkey 7.2 or later: a single
+    server, or a Cluster through ``redis.asyncio.cluster.RedisCluster`` (see :meth:`from_url`).
+    Stream IDs must be non-empty and not start with ``}`` (their keys would have no hash tag;
+    :func:`~sanic_streamplus.resume.new_stream_id`'s never do), and ``prefix`` holds no brace.
 
     Redis going away: every method raises :class:`~sanic_streamplus.errors.StoreUnavailable`
     for redis-py's ``ConnectionError`` and ``TimeoutError``, raised once the client's own
@@ -501,30 +564,35 @@ class RedisEventStore:
     the pool's connections that a Redis restart left dead reconnect instead of failing.
 
     Args:
-        client: a ``redis.asyncio.Redis`` client (``decode_responses`` either way); the store
-            closes it in :meth:`close`.
+        client: a ``redis.asyncio.Redis`` or ``redis.asyncio.cluster.RedisCluster`` client
+            (``decode_responses`` either way); the store closes it in :meth:`close`.
         max_events: events kept per stream (the oldest are dropped past it); at least 1.
         ttl: seconds a stream is kept after its last append or finish; more than 0.
-        prefix: the prefix of every key (str).
+        prefix: the prefix of every key (str, no ``{`` or ``}``).
+        read_count: the most events one read returns (``XREAD COUNT``); a reader further
+            behind reads again at once.
 
     Raises:
-        ValueError: ``max_events`` < 1 or ``ttl`` <= 0.
+        ValueError: ``max_events`` < 1, ``ttl`` <= 0, or a brace in ``prefix``.
         StoreUnavailable: from any method, when Redis cannot be reached or does not answer.
         redis.exceptions.RedisError: from any method, when Redis fails otherwise.
     """
 
     def __init__(
         self,
-        client: Redis,
+        client: Redis | RedisCluster,
         *,
         max_events: int = 10_000,
         ttl: float = 600.0,
         prefix: str = "streamplus:",
+        read_count: int = 1000,
     ) -> None:
         if max_events < 1:
             raise ValueError(f"max_events must be at least 1, not {max_events}")
         if ttl <= 0:
             raise ValueError(f"ttl must be more than 0 seconds, not {ttl}")
+        if "{" in prefix or "}" in prefix:
+            raise ValueError(f"prefix must not contain a brace (a hash tag's), not {prefix!r}")
         from redis.exceptions import ConnectionError, TimeoutError
 
         self.client = client
@@ -532,15 +600,23 @@ class RedisEventStore:
         self.ttl = ttl
         self.prefix = prefix
         self._unreachable = (ConnectionError, TimeoutError)
-        kwargs: dict[str, Any] = getattr(client.connection_pool, "connection_kwargs", {})
+        pool = getattr(client, "connection_pool", None)  # a RedisCluster has one per node
+        kwargs: dict[str, Any] = (
+            getattr(pool, "connection_kwargs", {})
+            if pool is not None
+            else client.get_connection_kwargs()
+        )
         self._encoding = str(kwargs.get("encoding") or "utf-8")
         # The longest single XREAD BLOCK, in seconds: half the client's socket timeout, and at
         # most 2 s, as the timeout is not always in the pool's kwargs (redis-py 8's default of
         # 5 s is not, for a client made by ``from_url``).
         timeout = kwargs.get("socket_timeout")
         self._max_block = min(2.0, timeout / 2) if timeout else 2.0
+        self.read_count = read_count
+        self._signals: dict[str, int] = {}  # stream -> the signal count a reader last saw
         register: Any = client.register_script
         self._open: Any = register(_LUA_OPEN)
+        self._bind: Any = register(_LUA_BIND)
         self._claim: Any = register(_LUA_CLAIM)
         self._renew: Any = register(_LUA_RENEW)
         self._append: Any = register(_LUA_APPEND)
@@ -554,6 +630,7 @@ class RedisEventStore:
         url: str,
         *,
         max_connections: int,
+        cluster: bool = False,
         max_events: int = 10_000,
         ttl: float = 600.0,
         prefix: str = "streamplus:",
@@ -570,10 +647,18 @@ class RedisEventStore:
         (redis-py also retries connecting within each command's retries). Options in
         ``url``'s query string (e.g. ``?socket_connect_timeout=0.5``) win.
 
+        With ``cluster``, the client is redis-py's ``redis.asyncio.cluster.RedisCluster``
+        (``url`` names any one node; the client discovers the others and follows ``MOVED``
+        and ``ASK`` redirections), with the same retries, timeouts and health check; a
+        command that meets a dead node is retried after the client refreshes its view of the
+        cluster (a failover's new master).
+
         Args:
-            url: ``redis://``, ``rediss://`` or ``unix://`` URL.
-            max_connections: the pool's size: one per reader waiting in ``XREAD BLOCK``, plus
-                the producers'.
+            url: ``redis://``, ``rediss://`` or ``unix://`` URL (``redis://`` or ``rediss://``,
+                database 0, with ``cluster``).
+            max_connections: the pool's size (per node, with ``cluster``): one per reader
+                waiting in ``XREAD BLOCK``, plus the producers'.
+            cluster: ``url`` names a node of a Redis Cluster (or a Valkey cluster).
             max_events: events kept per stream, as for the constructor.
             ttl: seconds a stream is kept, as for the constructor.
             prefix: the prefix of every key, as for the constructor.
@@ -582,11 +667,13 @@ class RedisEventStore:
             ValueError: a malformed ``url``, or ``max_events``/``ttl`` out of range.
         """
         from redis.asyncio import Redis
+        from redis.asyncio.cluster import RedisCluster
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
         from redis.exceptions import ConnectionError, TimeoutError
 
-        client = Redis.from_url(
+        make: Any = RedisCluster.from_url if cluster else Redis.from_url
+        client = make(
             url,
             max_connections=max_connections,
             retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
@@ -609,8 +696,9 @@ class RedisEventStore:
             ) from exc
 
     def _keys(self, stream_id: str) -> list[str]:
-        """The keys of ``stream_id``: meta, events, producer, signal (the scripts' KEYS)."""
-        base = f"{self.prefix}stream:{stream_id}:"
+        """The keys of ``stream_id``: meta, events, producer, signal (the scripts' KEYS), all
+        with the hash tag ``{<stream_id>}``: one Cluster slot."""
+        base = f"{self.prefix}stream:{{{stream_id}}}:"
         return [base + "meta", base + "events", base + "producer", base + "signal"]
 
     def _key(self, idempotency_key: str) -> str:
@@ -625,12 +713,20 @@ class RedisEventStore:
         self, stream_id: str, idempotency_key: str | None, info: Mapping[str, str] | None = None
     ) -> tuple[str, bool]:
         keys = self._keys(stream_id)
-        if idempotency_key is not None:
-            keys.append(self._key(idempotency_key))
+        key = "" if idempotency_key is None else self._key(idempotency_key)
         pairs = [item for name, value in (info or {}).items() for item in (name, value)]
+        ttl = _ms(self.ttl)
         with self._reachable():
-            bound = await self._open(keys=keys, args=[stream_id, _ms(self.ttl), *pairs])
-        return (stream_id, True) if bound is None else (self._text(bound), False)
+            # the stream first, then the key (its own slot) if still free: the key never names
+            # a stream not yet registered; the loser of a race for the key drops its stream
+            await self._open(keys=keys, args=[ttl, key, _now_ms(), *pairs])
+            if not key:
+                return stream_id, True
+            bound = await self._bind(keys=[key], args=[stream_id, ttl])
+            if bound is None:
+                return stream_id, True
+            await self.client.delete(*keys)
+        return self._text(bound), False
 
     async def bound(self, idempotency_key: str) -> str | None:
         with self._reachable():
@@ -642,29 +738,41 @@ class RedisEventStore:
             claimed = await self._claim(keys=self._keys(stream_id), args=[token, _ms(lease)])
         return bool(claimed)
 
-    async def renew(self, stream_id: str, token: str, lease: float) -> bool:
+    async def renew(self, stream_id: str, token: str, lease: float) -> StreamRecord | None:
         with self._reachable():
-            renewed = await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)])
-        return bool(renewed)
+            reply = await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)])
+        return self._record(stream_id, reply)[0] if isinstance(reply, list) else None
 
-    async def append(self, stream_id: str, token: str, *events: ServerSentEvent) -> int:
+    async def append(
+        self, stream_id: str, token: str, *events: ServerSentEvent, last_seq: int | None = None
+    ) -> int:
         fields = [item for event in events for item in (event.event, event.data)]
-        args = [token, self.max_events, _ms(self.ttl), *fields]
+        expected = "" if last_seq is None else last_seq
+        args = [token, self.max_events, _ms(self.ttl), _now_ms(), expected, *fields]
         with self._reachable():
-            seq = int(await self._append(keys=self._keys(stream_id), args=args))
-        if seq < 0:
-            raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
-        return seq
+            reply = await self._append(keys=self._keys(stream_id), args=args)
+            if not isinstance(reply, list):
+                raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+            if reply[0] == -2:
+                raise SequenceMismatch(f"stream {stream_id}: at {reply[1]}, not {last_seq}")
+            await self._refresh_key(reply[1])
+        return int(reply[0])
+
+    async def _refresh_key(self, key: Any) -> None:
+        """Extend the TTL of the idempotency key a script named (``''``: none is due)."""
+        if key:
+            await self.client.pexpire(self._text(key), _ms(self.ttl))
 
     async def finish(
         self, stream_id: str, token: str, state: str, error: dict[str, Any] | None = None
     ) -> None:
         body = "" if error is None else json.dumps(error)
-        args = [token, _ms(self.ttl), state, body]
+        args = [token, _ms(self.ttl), state, body, _now_ms()]
         with self._reachable():
-            fenced = int(await self._finish(keys=self._keys(stream_id), args=args)) < 0
-        if fenced:
-            raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+            key = await self._finish(keys=self._keys(stream_id), args=args)
+            if isinstance(key, int):
+                raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+            await self._refresh_key(key)
 
     async def read(
         self, stream_id: str, after: int, block: float
@@ -678,27 +786,100 @@ class RedisEventStore:
     async def _read(
         self, stream_id: str, keys: list[str], after: int, deadline: float
     ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
-        """:meth:`read`'s loop: snapshots, and ``XREAD BLOCK`` waits until ``deadline``."""
-        woken = False
-        while True:
-            reply = await self._snapshot(keys=keys[:3], args=[after, repr(time.time())])
-            if reply is None:
-                return [], None
-            record, signals = self._record(stream_id, reply)
-            events = [self._event(entry) for entry in reply[3]]
-            remaining = deadline - time.monotonic()
-            if woken or events or record.last_seq > after or record.finished or remaining <= 0:
+        """:meth:`read`: a snapshot with the events when this store knows no signal count of
+        the stream (or ``block`` is 0), then pipelined snapshots and ``XREAD BLOCK`` waits of
+        at most ``_max_block`` until ``deadline``, and a snapshot with the events once the
+        block is spent with nothing (the record as it is then, not as the wait began)."""
+        signals = self._signals.get(stream_id)
+        if signals is None or deadline <= time.monotonic():
+            events, record = await self._take(stream_id, keys, after)
+            if record is None or events or record.last_seq > after or record.finished:
                 return events, record
-            # woken by the next append (as in MemoryEventStore, even when ``after`` is ahead of
-            # it), or by the next finish or cancel request
-            newest = min(after, record.last_seq)
-            streams: dict[Any, Any] = {keys[1]: f"0-{newest}", keys[3]: f"0-{signals}"}
-            wait = min(remaining, self._max_block)
-            woken = bool(await self.client.xread(streams, block=_ms(wait)))
+            if deadline <= time.monotonic():
+                return events, record
+            signals = self._signals[stream_id]
+        while True:
+            wait = min(deadline - time.monotonic(), self._max_block)
+            reply, woken = await self._wait(keys, after, signals, wait)
+            if reply is None:
+                self._signals.pop(stream_id, None)
+                return [], None
+            record, seen = self._record(stream_id, reply)
+            events = []
+            signalled = 0
+            replies = woken.items() if isinstance(woken, dict) else woken or ()  # RESP3, RESP2
+            for name, entries in replies:
+                if self._text(name) == keys[1]:
+                    events = [self._event(entry) for entry in entries]
+                else:
+                    signalled = self._seq(entries[-1][0])
+            if signalled > seen or not (events or signalled or deadline > time.monotonic()):
+                return await self._take(stream_id, keys, after)  # state changed, or time up
+            if events:
+                record.last_seq = max(record.last_seq, events[-1][0])
+                record.producer_alive = record.producer_alive or not record.finished
+            signals = max(signals, seen, signalled)
+            self._keep(record, signals)
+            if events or signalled or record.finished:
+                return events, record
+
+    async def _take(
+        self, stream_id: str, keys: list[str], after: int
+    ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
+        """One snapshot script that marks the reader seen: the events after ``after`` (at
+        most ``read_count``) and the record; keeps the stream's signal count."""
+        reply = await self._snapshot(
+            keys=keys[:3], args=[after, repr(time.time()), self.read_count]
+        )
+        if reply is None:
+            self._signals.pop(stream_id, None)
+            return [], None
+        record, signals = self._record(stream_id, reply)
+        self._keep(record, signals)
+        return [self._event(entry) for entry in reply[3]], record
+
+    async def _wait(
+        self, keys: list[str], after: int, signals: int, wait: float
+    ) -> tuple[Any, Any]:
+        """One round trip: the snapshot script (no events; marks the reader seen) and an
+        ``XREAD BLOCK`` of ``wait`` seconds on the events after ``after`` and the signals
+        after ``signals``, pipelined; their two replies. An ``XREAD`` that its node cut short
+        as it turned replica (``UNBLOCKED``: a failover) answers nothing: the next one goes to
+        the new master (``RedisCluster`` follows the ``MOVED`` that the old one answers)."""
+        from redis.exceptions import NoScriptError, ResponseError
+
+        streams: dict[Any, Any] = {keys[1]: f"0-{after}", keys[3]: f"0-{signals}"}
+        for attempt in (0, 1):
+            pipe = self.client.pipeline(transaction=False)
+            # by name: ClusterPipeline's evalsha() refuses, its execute_command routes by key
+            pipe.execute_command("EVALSHA", self._snapshot.sha, 3, *keys[:3], "", time.time(), 0)
+            pipe.xread(streams, count=self.read_count, block=_ms(wait))
+            reply, woken = await pipe.execute(raise_on_error=False)
+            if isinstance(reply, NoScriptError) and not attempt:  # a restarted Redis: load
+                await self._snapshot(keys=keys[:3], args=["", "", 0])  # it (the plain call does)
+                continue
+            if isinstance(woken, ResponseError) and str(woken).startswith("UNBLOCKED"):
+                woken = None
+            for result in (reply, woken):
+                if isinstance(result, Exception):
+                    raise result
+            return reply, woken
+        raise AssertionError("unreachable")
+
+    def _keep(self, record: StreamRecord, signals: int) -> None:
+        """Keep ``signals`` as this store's count of the stream's signals (the next read waits
+        for one after it); forget it once the stream finished (the next read is one
+        snapshot, which returns at once)."""
+        if record.finished:
+            self._signals.pop(record.stream_id, None)
+            return
+        if len(self._signals) >= _MAX_TRACKED and record.stream_id not in self._signals:
+            self._signals.clear()  # streams read once and never again: start afresh
+        self._signals[record.stream_id] = signals
 
     async def record(self, stream_id: str) -> StreamRecord | None:
         with self._reachable():
-            reply = await self._snapshot(keys=self._keys(stream_id)[:3], args=["", ""])
+            reply = await self._snapshot(keys=self._keys(stream_id)[:3], args=["", "", 0])
         return None if reply is None else self._record(stream_id, reply)[0]
 
     def _record(self, stream_id: str, reply: list[Any]) -> tuple[StreamRecord, int]:
@@ -728,8 +909,11 @@ class RedisEventStore:
         event = ServerSentEvent(fields.get("data", ""), fields.get("event", "message"))
         return self._seq(entry[0]), event
 
-    def _fields(self, flat: list[Any]) -> dict[str, str]:
-        """A hash or stream entry's ``[field, value, ...]`` as a dict."""
+    def _fields(self, flat: list[Any] | dict[Any, Any]) -> dict[str, str]:
+        """A hash or stream entry's ``[field, value, ...]`` (a script's reply), or its fields
+        as redis-py parsed them (a dict), as a dict of str."""
+        if isinstance(flat, dict):
+            return {self._text(name): self._text(value) for name, value in flat.items()}
         items = [self._text(item) for item in flat]
         return dict(zip(items[::2], items[1::2], strict=True))
 

