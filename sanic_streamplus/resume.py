@@ -203,7 +203,7 @@ class Resumer:
             logger.warning("stream %s: the event store lost events; failing it", stream_id)
             lost = StoreUnavailable("the event store lost events of this stream; start it again")
             with contextlib.suppress(Exception):
-                await self.store.finish(stream_id, token, "failed", error_body(lost)["error"])
+                await self.store.finish(stream_id, token, "failed", error_record(lost))
             return
         if downstream.state is None:  # the store failed, or the lease was lost: not ours
             if isinstance(pump.failure, StoreUnavailable):
