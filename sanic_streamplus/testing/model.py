@@ -271,10 +271,8 @@ class FakeModel:
         if self.error_status:
             if self.stall:
                 first.append(Stall(self.stall))
-            error = self.error_body
-            if error is None:
-                error = {"error": {"message": "fake upstream error", "type": "fake_error"}}
-            return FaultPlan([*first, Status(self.error_status, error, self.retry_after)])
+            status = Status(self.error_status, self.error_body, self.retry_after)
+            return FaultPlan([*first, status])
         if plain_stall and self.stall and not self.comment_every:
             first.append(Stall(self.stall))
         first.append(Headers())

@@ -30,6 +30,7 @@ from .model import FakeModel
 __all__ = ["FakeUpstream", "UpstreamRequest"]
 
 _FOREVER = 1e9  # seconds: asyncio.sleep() does not take math.inf
+_STATUS_BODY = {"error": {"message": "fake upstream error", "type": "fake_error"}}  # Status's
 _MODELS = {
     "object": "list",
     "data": [{"id": "fake-model", "object": "model", "created": 0, "owned_by": "sanic-streamplus"}],
@@ -262,7 +263,8 @@ class _Response:
             elif isinstance(action, Hold):
                 await self.hold()
             elif isinstance(action, Status):
-                await self.connection.simple(action.status, action.body, action.retry_after)
+                body = _STATUS_BODY if action.body is None else action.body
+                await self.connection.simple(action.status, body, action.retry_after)
             elif isinstance(action, End):
                 await self.headers()
                 await self.connection.send(h11.EndOfMessage())
