@@ -53,6 +53,8 @@ MALFORMED_BYTES = b"\xff\xfe\xe2\x82"  # never UTF-8 twice, then a 3-byte sequen
 U2028_TOKEN = 2  # the token whose content u2028 extends
 _U2028_SUFFIX = "\u2028line\u2029para"
 _MALFORMED_MARK = "{malformed}"  # ASCII placeholder swapped for MALFORMED_BYTES once encoded
+_SLOT = "{slot}"  # a token's place in the template of its chunk
+_SLOT_JSON = json.dumps(_SLOT).encode()
 _LINE_ENDINGS = {"lf": b"\n", "crlf": b"\r\n", "cr": b"\r"}
 ERROR_EVENT = {  # the data of an error event (ErrorEvent, error_event_after)
     "error": {"message": "fake upstream error event", "type": "server_error", "code": "fake_error"}
@@ -197,13 +199,14 @@ class FakeModel:
             tokens[MALFORMED_TOKEN] += _MALFORMED_MARK
         if self.u2028 and len(tokens) > U2028_TOKEN:
             tokens[U2028_TOKEN] += _U2028_SUFFIX
+        before, after = _chunk_event({"content": _SLOT}, None).split(_SLOT_JSON)
         blocks = [_chunk_event({"role": "assistant", "content": ""}, None)]
-        blocks += [
-            _chunk_event({"content": token}, None).replace(
-                _MALFORMED_MARK.encode(), MALFORMED_BYTES
-            )
-            for token in tokens
+        blocks += [  # what _chunk_event() gives, without a dict and a dumps() per token
+            before + json.dumps(token, ensure_ascii=False).encode() + after for token in tokens
         ]
+        if self.malformed_utf8 and len(tokens) > MALFORMED_TOKEN:
+            mark = _MALFORMED_MARK.encode()
+            blocks[1 + MALFORMED_TOKEN] = blocks[1 + MALFORMED_TOKEN].replace(mark, MALFORMED_BYTES)
         if self.finish_reason:
             blocks.append(_chunk_event({}, "stop"))
         if self.usage:
