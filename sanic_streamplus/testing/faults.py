@@ -53,6 +53,12 @@ __all__ = [
 ]
 
 
+def _check_count(value: Any, what: str) -> None:
+    """Raises ValueError unless ``value`` is an int, 0 or more (``what`` names it)."""
+    if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+        raise ValueError(f"{what} must be a whole number, 0 or more, not {value!r}")
+
+
 @dataclass(frozen=True)
 class Step:
     """A step of a :class:`FaultPlan`; ``name`` is its JSON name."""
@@ -86,8 +92,8 @@ class Events(Step):
     count: int | None = None
 
     def __post_init__(self) -> None:
-        if self.count is not None and (not isinstance(self.count, int) or self.count < 0):
-            raise ValueError("events: count must be a number of blocks, 0 or more")
+        if self.count is not None:
+            _check_count(self.count, "events: count")
 
 
 @dataclass(frozen=True)
@@ -123,6 +129,9 @@ class Comments(Step):
     name: ClassVar[str] = "comments"
     count: int = 1
 
+    def __post_init__(self) -> None:
+        _check_count(self.count, "comments: count")
+
 
 @dataclass(frozen=True)
 class Hold(Step):
@@ -143,6 +152,8 @@ class Block(Step):
     def __post_init__(self) -> None:
         if isinstance(self.data, str):  # from JSON
             object.__setattr__(self, "data", self.data.encode("latin-1"))
+        if not isinstance(self.data, bytes):
+            raise ValueError(f"block: data must be bytes, not {self.data!r}")
 
     def to_json(self) -> Any:
         return {self.name: self.data.decode("latin-1")}
@@ -155,6 +166,9 @@ class OversizedEvent(Step):
 
     name: ClassVar[str] = "oversized_event"
     size: int = 0
+
+    def __post_init__(self) -> None:
+        _check_count(self.size, "oversized_event: size")
 
 
 @dataclass(frozen=True)
@@ -176,6 +190,9 @@ class LongLine(Step):
     ends: ClassVar[bool] = True
     size: int = 0
 
+    def __post_init__(self) -> None:
+        _check_count(self.size, "long_line: size")
+
 
 @dataclass(frozen=True)
 class Reset(Step):
@@ -187,6 +204,10 @@ class Reset(Step):
     name: ClassVar[str] = "reset"
     ends: ClassVar[bool] = True
     at_byte: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.at_byte is not None:
+            _check_count(self.at_byte, "reset: at_byte")
 
 
 @dataclass(frozen=True)
@@ -398,6 +419,40 @@ class Layout:
     actions: list[Action]
 
 
+class _Builder:
+    """A layout under way: the blocks laid out, the model's blocks left, the actions so far."""
+
+    def __init__(self, content: Sequence[bytes]) -> None:
+        self.blocks: list[bytes] = []
+        self.actions: list[Action] = []
+        self.left = list(content)  # the model's blocks not laid out yet
+        self.size = 0  # bytes in blocks
+        self.written = 0  # bytes the actions so far write
+        self.head = False  # the actions so far send the response head
+
+    def add(self, block: bytes) -> None:
+        self.blocks.append(block)
+        self.size += len(block)
+
+    def take(self, count: int | None = None) -> None:
+        """Lay out the model's next ``count`` blocks (None: all it has left)."""
+        count = len(self.left) if count is None else count
+        for block in self.left[:count]:
+            self.add(block)
+        del self.left[:count]
+
+    def write(self, end: int) -> None:
+        if end > self.written:
+            self.actions.append(Write(end))
+            self.written, self.head = end, True
+
+    def end(self, action: Action) -> None:
+        """The response head if it is not out yet, then ``action``."""
+        if not self.head:
+            self.actions.append(Headers())
+        self.actions.append(action)
+
+
 def lay_out(plan: FaultPlan, content: Sequence[bytes], render: Callable[[Step], bytes]) -> Layout:
     """The body and the actions of ``plan`` over the model's ``content`` blocks; ``render``
     gives the bytes of the blocks a step puts in (:class:`OversizedEvent`, :class:`ErrorEvent`,
@@ -406,76 +461,45 @@ def lay_out(plan: FaultPlan, content: Sequence[bytes], render: Callable[[Step], 
     Raises:
         ValueError: a :class:`Status` comes after something was written.
     """
-    blocks: list[bytes] = []
-    actions: list[Action] = []
-    left = list(content)  # the model's blocks not laid out yet
-    size = 0  # bytes in blocks
-    written = 0  # bytes the actions so far write
-    head = False  # the actions so far send the response head
-
-    def add(block: bytes) -> None:
-        nonlocal size
-        blocks.append(block)
-        size += len(block)
-
-    def write(end: int) -> None:
-        nonlocal written, head
-        if end > written:
-            actions.append(Write(end))
-            written, head = end, True
-
+    out = _Builder(content)
     for step in plan.steps:
         if isinstance(step, Events):
-            count = len(left) if step.count is None else step.count
-            if written < size and count:  # the rest of a cut block
+            count = step.count
+            if out.written < out.size and count:  # the rest of a cut block is one
                 count -= 1
-            for block in left[:count]:
-                add(block)
-            del left[:count]
-            write(size)
+            out.take(count)
+            out.write(out.size)
         elif isinstance(step, PartialEvent):
-            if written == size and left:
-                add(left.pop(0))
-            write(written + (size - written) // 2)
+            if out.written == out.size:
+                out.take(1)
+            out.write(out.written + (out.size - out.written) // 2)
         elif isinstance(step, (Block, OversizedEvent, ErrorEvent, LongLine)):
             if isinstance(step, (ErrorEvent, LongLine)):
-                left.clear()
-            add(step.data if isinstance(step, Block) else render(step))
-            write(size)
+                out.left.clear()  # instead of the rest of the body
+            out.add(step.data if isinstance(step, Block) else render(step))
+            out.write(out.size)
             if isinstance(step, LongLine):
-                actions.append(Hang())
+                out.actions.append(Hang())
         elif isinstance(step, Reset) and step.at_byte is not None:
-            for block in left:
-                add(block)
-            left.clear()
-            if step.at_byte > written:
-                write(min(step.at_byte, size))
-            if not head:
-                actions.append(Headers())
-            actions.append(Reset())
+            out.take()
+            out.write(min(step.at_byte, out.size))
+            out.end(Reset())
         elif isinstance(step, Status):
-            if head:
+            if out.head:
                 raise ValueError("status: a plan answers a status before anything is written")
-            actions.append(step)
+            out.actions.append(step)
         elif isinstance(step, Truncate):
-            if not head:
-                actions.append(Headers())
-            actions.append(End())
-        else:
-            if isinstance(step, (Headers, Comments)) or (
-                isinstance(step, Stall) and step.comment_every
-            ):
-                head = True
-            if isinstance(step, (Reset, Close, Hang)):
-                for block in left:  # the body that would have come
-                    add(block)
-                left.clear()
-            actions.append(step)  # type: ignore[arg-type]
+            out.end(End())
+        elif isinstance(step, (Reset, Close, Hang)):
+            out.take()  # the body that would have come, for frames()
+            out.actions.append(step)
+        else:  # Headers, Stall, Comments, Hold
+            out.head |= isinstance(step, (Headers, Comments)) or (
+                isinstance(step, Stall) and step.comment_every is not None
+            )
+            out.actions.append(step)  # type: ignore[arg-type]
     if not (plan.steps and plan.steps[-1].ends):
-        for block in left:
-            add(block)
-        write(size)
-        if not head:
-            actions.append(Headers())
-        actions.append(End())
-    return Layout(blocks, actions)
+        out.take()
+        out.write(out.size)
+        out.end(End())
+    return Layout(out.blocks, out.actions)
