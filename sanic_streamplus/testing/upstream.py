@@ -168,6 +168,13 @@ class _Connection(asyncio.Protocol):
             await self.write(data)
 
     async def serve(self) -> None:
+        try:
+            await self.exchanges()
+        except h11.LocalProtocolError:  # what the settings asked for is not HTTP/1.1
+            if self.transport is not None:
+                self.transport.abort()
+
+    async def exchanges(self) -> None:
         with contextlib.suppress(asyncio.CancelledError, ConnectionError):
             while not self.lost:
                 request = await self.read_request()
