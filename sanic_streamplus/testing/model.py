@@ -269,6 +269,8 @@ class FakeModel:
     def _plan(self, content: list[bytes]) -> FaultPlan:
         if self.plan is not None:
             return self.plan
+        if not self._knobs_set():
+            return FaultPlan()  # the whole stream
         first: list[Step] = []
         plain_stall = self.stall_after is None and self.stall_mid_frame is None
         if self.error_status:
@@ -285,6 +287,7 @@ class FakeModel:
 
     def _numbered_steps(self, content: list[bytes]) -> list[Step]:
         """The knobs that name a block number, as steps, in the order of the old body."""
+        marks = {self.fail_after, self.error_event_after, self.stall_after, self.hold_before}
         items: list[bytes | Step] = list(content[:2])
         if self.id_only_block:
             items.insert(1, Block(self._endings(b"id: 42\n\n")))
@@ -296,7 +299,18 @@ class FakeModel:
             items += content[2:]
         steps: list[Step] = []
         end = 0  # byte offset of the end of the item
+        run = 0  # the model's blocks in a row, not yet in steps
+
+        def flush() -> list[Step]:
+            nonlocal run
+            if run:
+                steps.append(Events(run))
+            run = 0
+            return steps
+
         for number, item in enumerate(items):
+            if number in marks:
+                flush()
             if number == self.fail_after:
                 return [*steps, Reset()]
             if number == self.error_event_after:
@@ -307,17 +321,16 @@ class FakeModel:
                 steps.append(Hold())
             end += len(item if isinstance(item, bytes) else self._bytes(item))
             if self.reset_at_byte is not None and end >= self.reset_at_byte:
-                return [*steps, Reset(at_byte=self.reset_at_byte)]
+                return [*flush(), Reset(at_byte=self.reset_at_byte)]
             if number == self.stall_mid_frame:
-                steps += [PartialEvent(), Stall(self.stall)]
-            if not isinstance(item, bytes):
-                steps.append(item)
-            elif steps and isinstance(steps[-1], Events) and steps[-1].count is not None:
-                steps[-1] = Events(steps[-1].count + 1)
-            else:
-                steps.append(Events(1))
+                flush().extend([PartialEvent(), Stall(self.stall)])
+            if isinstance(item, bytes):
+                run += 1
+                continue
+            flush().append(item)
             if isinstance(item, LongLine):
                 return steps
+        flush()
         if self.reset_at_byte is not None:
             return [*steps, Reset(at_byte=self.reset_at_byte)]
         if self.error_event_after is not None:
