@@ -6,10 +6,12 @@ say), ``-p no:streamplus`` turns it off. Fixtures:
 
 ``fake_upstream``
     a started :class:`~sanic_streamplus.testing.FakeUpstream` on 127.0.0.1, closed after the
-    test. Its knobs come from ``@pytest.mark.fake_upstream(tokens=5, delay=0.01, ...)`` (any
-    ``FakeUpstream`` keyword argument, ``answer=`` included), or from indirect parametrization
-    with a dict (``@pytest.mark.parametrize("fake_upstream", [{...}], indirect=True)``), which
-    wins over the marker.
+    test. Its plan and settings come from ``@pytest.mark.fake_upstream(plan, tokens=5, ...)``
+    (a :class:`~sanic_streamplus.testing.FaultPlan`, its steps or their JSON, first if at all;
+    then any ``FakeUpstream`` keyword argument, ``plan=`` and ``answer=`` included), or from
+    indirect parametrization with a plan or a dict of keyword arguments
+    (``@pytest.mark.parametrize("fake_upstream", [FaultPlan()...], indirect=True)``), which wins
+    over the marker.
 ``stream_client``
     a factory: ``client = await stream_client(app)`` (or ``server="uvicorn"``, ``"granian"``)
     serves the app on 127.0.0.1 and gives a
@@ -40,6 +42,7 @@ clients do), so one process can build many apps.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import AsyncIterator, Callable, Iterator
 from typing import TYPE_CHECKING, Any, TypeVar, cast
 
@@ -69,33 +72,55 @@ def _async_fixture(function: _F) -> _F:
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "fake_upstream(**knobs): the knobs of the fake_upstream fixture's FakeUpstream "
-        "(tokens=, delay=, fail_after=, stall=, error_status=, answer=, ...)",
+        "fake_upstream(plan=None, **settings): the fake_upstream fixture's FaultPlan and "
+        "FakeUpstream settings (tokens=, delay=, answer=, ...; the old fault knobs too)",
     )
 
 
-def _fake_upstream_knobs(request: pytest.FixtureRequest) -> dict[str, Any]:
+def _fake_upstream_layers(request: pytest.FixtureRequest) -> list[dict[str, Any]]:
+    """The ``FakeUpstream`` keyword arguments of the marker, then of an indirect parameter (a
+    plan as ``plan=``), applied in that order by ``FakeModel.override``: a later plan replaces
+    the earlier fault knobs, a later fault knob the earlier plan."""
+    layers: list[dict[str, Any]] = []
     marker = request.node.get_closest_marker("fake_upstream")
-    if marker is not None and marker.args:
-        raise pytest.UsageError("@pytest.mark.fake_upstream takes keyword arguments only")
-    knobs = dict(marker.kwargs) if marker is not None else {}
+    if marker is not None:
+        if len(marker.args) > 1:
+            raise pytest.UsageError(
+                "@pytest.mark.fake_upstream takes one positional argument, the plan"
+            )
+        layers.append({**({"plan": marker.args[0]} if marker.args else {}), **marker.kwargs})
     param = getattr(request, "param", None)
     if param is not None:
+        from .testing import FaultPlan
+
+        if isinstance(param, (FaultPlan, list)):
+            param = {"plan": param}
         if not isinstance(param, dict):
             raise pytest.UsageError(
-                f"an indirect fake_upstream parameter is a dict of knobs, not {param!r}"
+                f"an indirect fake_upstream parameter is a plan or a dict, not {param!r}"
             )
-        knobs.update(param)
-    return knobs
+        layers.append(param)
+    return layers
 
 
 @_async_fixture
 async def fake_upstream(request: pytest.FixtureRequest) -> AsyncIterator[FakeUpstream]:
     """A started :class:`~sanic_streamplus.testing.FakeUpstream`, closed after the test; its
-    knobs from ``@pytest.mark.fake_upstream(...)`` and an indirect dict parameter."""
-    from .testing import FakeUpstream
+    plan and settings from ``@pytest.mark.fake_upstream(...)`` and an indirect parameter.
 
-    async with FakeUpstream(**_fake_upstream_knobs(request)) as upstream:
+    Raises:
+        pytest.UsageError: the marker or the parameter is not of that shape.
+    """
+    from .testing import FakeModel, FakeUpstream
+
+    model, answer = FakeModel(), None
+    for layer in _fake_upstream_layers(request):
+        answer = layer.pop("answer", answer)
+        unknown = layer.keys() - {f.name for f in dataclasses.fields(FakeModel)}
+        if unknown:
+            raise pytest.UsageError(f"fake_upstream: unknown settings {sorted(unknown)}")
+        model = model.override(layer)
+    async with FakeUpstream(model, answer=answer) as upstream:
         yield upstream
 
 

@@ -1,9 +1,11 @@
 """Every fault of the shipped kit, end to end over real sockets: FakeUpstream -> the example proxy
--> ``stream_request``. Each test checks what the client receives and what became of the upstream
-connection; the last ones check the kit itself (the fake's exact bytes, the client's reports)."""
+-> ``stream_request``. Each test tells the upstream's story as a ``FaultPlan`` sent with the
+request, and checks what the client receives and what became of the upstream connection; the last
+ones check the kit itself (the fake's exact bytes, the client's reports, the old knobs' plans)."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import math
@@ -16,17 +18,24 @@ from conftest import app_name, chat_body, completions_body
 
 from sanic_streamplus import SSEDecoder
 from sanic_streamplus.testing import (
+    FakeModel,
     FakeUpstream,
+    FaultPlan,
+    Headers,
     StreamResult,
     UpstreamRequest,
     serve_app,
     stream_request,
 )
+from sanic_streamplus.testing.faults import Write
 
 ROUTES = ["/chat", "/v1/chat/completions"]
 
 
-def body(route: str, **fake: Any) -> dict[str, Any]:
+def body(route: str, plan: FaultPlan | list[Any] | None = None, **fake: Any) -> dict[str, Any]:
+    """The route's request body; ``plan`` and the model's ``fake`` settings in its ``"fake"``."""
+    if plan is not None:
+        fake["plan"] = FaultPlan.from_json(plan).to_json()
     return chat_body(**fake) if route == "/chat" else completions_body(**fake)
 
 
@@ -42,12 +51,16 @@ async def proxy_with(upstream: FakeUpstream, **config: Any) -> AsyncIterator[str
 
 
 async def relay(
-    url: str, upstream: FakeUpstream, route: str, **fake: Any
+    url: str,
+    upstream: FakeUpstream,
+    route: str,
+    plan: FaultPlan | list[Any] | None = None,
+    **fake: Any,
 ) -> tuple[StreamResult, UpstreamRequest]:
-    """POST ``fake``'s knobs through the proxy; return what the client got and the upstream's
-    record of the request."""
+    """POST ``plan`` and the ``fake`` settings through the proxy; return what the client got and
+    the upstream's record of the request."""
     before = len(upstream.requests)
-    result = await stream_request(url, route, body(route, **fake), timeout=5)
+    result = await stream_request(url, route, body(route, plan, **fake), timeout=5)
     assert len(upstream.requests) == before + 1
     return result, upstream.requests[-1]
 
@@ -122,7 +135,7 @@ async def test_reset_mid_stream_is_an_error_frame_after_the_tokens_before_it(
 ) -> None:
     at, blocks = RESETS[where]
     cut = at(upstream.model.frames())
-    result, record = await relay(proxy, upstream, route, reset_at_byte=cut)
+    result, record = await relay(proxy, upstream, route, FaultPlan().reset(at_byte=cut))
     assert record.sent == cut and record.reset
     error = error_frame(result, route)
     assert error["type"] == "upstream_disconnected"
@@ -134,15 +147,23 @@ async def test_reset_mid_stream_is_an_error_frame_after_the_tokens_before_it(
 
 
 @pytest.mark.parametrize("route", ROUTES)
-@pytest.mark.parametrize("cut", ["no-byte", "half-the-first-event"])
+@pytest.mark.parametrize("cut", ["before-the-headers", "no-byte", "half-the-first-event"])
 async def test_reset_before_any_event_is_a_502(
     proxy: str, upstream: FakeUpstream, route: str, cut: str
 ) -> None:
-    at = 0 if cut == "no-byte" else len(upstream.model.frames()[0]) // 2
-    result, record = await relay(proxy, upstream, route, reset_at_byte=at)
+    plans = {
+        "before-the-headers": FaultPlan().reset(),
+        "no-byte": FaultPlan().headers().reset(),
+        "half-the-first-event": FaultPlan().partial_event().reset(),
+    }
+    result, record = await relay(proxy, upstream, route, plans[cut])
+    assert record.reset and record.events == 0
     assert result.status == 502 and result.complete
     assert result.headers["content-type"].startswith("application/json")
-    assert result.json["error"]["type"] == "upstream_disconnected"
+    no_answer = cut == "before-the-headers"  # the connection broke before any answer
+    assert result.json["error"]["type"] == (
+        "upstream_unreachable" if no_answer else "upstream_disconnected"
+    )
     assert result.events == []
     await upstream_closed(upstream, record)
 
@@ -150,8 +171,8 @@ async def test_reset_before_any_event_is_a_502(
 # --- the upstream goes silent ---------------------------------------------------------------
 
 FIRST_EVENT_STALLS = {
-    "before-the-headers": {"stall": 5},
-    "keep-alives-after-the-headers": {"stall": 5, "comment_every": 0.05},
+    "before-the-headers": FaultPlan().stall(5),
+    "keep-alives-after-the-headers": FaultPlan().headers().stall(5, comment_every=0.05),
 }
 
 
@@ -161,19 +182,19 @@ async def test_no_first_event_in_time_is_a_504(
     upstream: FakeUpstream, route: str, stall: str
 ) -> None:
     async with proxy_with(upstream, STREAMPLUS_FIRST_EVENT_TIMEOUT=0.3) as url:
-        result, record = await relay(url, upstream, route, **FIRST_EVENT_STALLS[stall])
+        result, record = await relay(url, upstream, route, FIRST_EVENT_STALLS[stall])
         await upstream_closed(upstream, record)
     assert result.status == 504 and result.complete
     assert result.json["error"]["type"] == "first_event_timeout"
     assert 0.25 <= result.elapsed < 3
     assert record.events == 0
-    if "comment_every" in FIRST_EVENT_STALLS[stall]:
+    if stall.startswith("keep-alives"):
         assert record.comments >= 2, "the fake sent no keep-alive while the timer ran"
 
 
 IDLE_STALLS = {
-    "mid-frame": {"stall": 5, "stall_mid_frame": 3},
-    "keep-alives-between-events": {"stall": 5, "stall_after": 3, "comment_every": 0.05},
+    "mid-frame": FaultPlan().events(3).partial_event().stall(5),
+    "keep-alives-between-events": FaultPlan().events(3).stall(5, comment_every=0.05),
 }
 
 
@@ -183,14 +204,14 @@ async def test_silence_after_events_is_an_idle_timeout_frame_that_keep_alives_do
     upstream: FakeUpstream, route: str, stall: str
 ) -> None:
     async with proxy_with(upstream, STREAMPLUS_IDLE_TIMEOUT=0.3) as url:
-        result, record = await relay(url, upstream, route, **IDLE_STALLS[stall])
+        result, record = await relay(url, upstream, route, IDLE_STALLS[stall])
         await upstream_closed(upstream, record)
     error = error_frame(result, route)
     assert error["type"] == "idle_timeout"
     assert texts(result, route) == upstream.model.expected_tokens()[:2]  # blocks 1 and 2
     silence = result.event_times[-1] - result.event_times[-3 if route != "/chat" else -2]
     assert 0.25 <= silence < 3, f"the idle timeout fired after {silence:.2f} s of silence"
-    if "comment_every" in IDLE_STALLS[stall]:
+    if stall.startswith("keep-alives"):
         assert record.comments >= 2, "the fake sent no keep-alive while the timer ran"
 
 
@@ -202,7 +223,7 @@ DECODING = {
     "cr-line-endings": {"line_ending": "cr"},
     "crlf-line-endings": {"line_ending": "crlf"},
     "u2028-u2029-in-json": {"u2028": True},
-    "id-only-block": {"id_only_block": True},
+    "id-only-block": {"plan": FaultPlan().events(1).block(b"id: 42\n\n").to_json()},
 }
 
 
@@ -260,7 +281,8 @@ async def test_an_oversized_event_is_an_event_too_large_frame(
     upstream: FakeUpstream, route: str
 ) -> None:
     async with proxy_with(upstream, STREAMPLUS_MAX_EVENT_SIZE=4096) as url:
-        result, record = await relay(url, upstream, route, oversized_event=8192)
+        plan = FaultPlan().events(2).oversized_event(8192)
+        result, record = await relay(url, upstream, route, plan)
         await upstream_closed(upstream, record)
     error = error_frame(result, route)
     assert error["type"] == "event_too_large"
@@ -274,7 +296,7 @@ async def test_a_line_that_never_ends_is_a_line_too_long_frame(
     # the idle timeout only bounds the test: the line limit must fire first
     config = {"STREAMPLUS_MAX_LINE_LENGTH": 1024, "STREAMPLUS_IDLE_TIMEOUT": 1}
     async with proxy_with(upstream, **config) as url:
-        result, record = await relay(url, upstream, route, long_line=16384)
+        result, record = await relay(url, upstream, route, FaultPlan().events(2).long_line(16384))
         await upstream_closed(upstream, record)
     error = error_frame(result, route)
     assert error["type"] == "line_too_long"
@@ -286,7 +308,7 @@ async def test_a_line_that_never_ends_is_a_line_too_long_frame(
 async def test_the_stream_ends_at_done_when_the_upstream_holds_its_body_open(
     proxy: str, upstream: FakeUpstream, route: str
 ) -> None:
-    result, record = await relay(proxy, upstream, route, hold_after_done=True)
+    result, record = await relay(proxy, upstream, route, FaultPlan().events().hang())
     completed(result, route)
     assert texts(result, route) == upstream.model.expected_tokens()
     assert result.elapsed < 2
@@ -349,28 +371,61 @@ async def test_a_client_that_stops_reading_is_reported_and_closes_the_upstream_o
     await upstream_closed(upstream, upstream.requests[-1])
 
 
+# --- the upstream ends its body early, properly or not --------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("plan", "end", "error"),
+    [
+        (FaultPlan().events(4).truncate(), "complete", "upstream_truncated"),
+        (FaultPlan().events(4).close(), "closed", "upstream_disconnected"),
+    ],
+    ids=["truncated", "closed-mid-body"],
+)
+async def test_a_body_that_ends_before_its_done_is_an_error_frame(
+    proxy: str, upstream: FakeUpstream, plan: FaultPlan, end: str, error: str
+) -> None:
+    route = "/v1/chat/completions"  # the openai dialect knows its end: finish_reason, [DONE]
+    result, record = await relay(proxy, upstream, route, plan)
+    assert error_frame(result, route)["type"] == error
+    assert texts(result, route) == upstream.model.expected_tokens()[:3]  # blocks 1 to 3
+    assert record.events == 4 and record.completed == (end == "complete") and not record.reset
+    direct = await stream_request(
+        f"http://127.0.0.1:{upstream.port}", route, {"fake": {"plan": plan.to_json()}}
+    )
+    assert direct.end == end and len(direct.events) == 4
+
+
 # --- the kit itself: the fake's exact bytes, the client's reports ---------------------------
 
-KIT = {
-    "complete": ({}, {}, "complete"),
-    "reset-at-byte": ({"reset_at_byte": 300}, {}, "reset"),
-    "hold-after-done": ({"hold_after_done": True}, {"timeout": 0.3}, "timeout"),
-    "long-line": ({"long_line": 1000}, {"timeout": 0.3}, "timeout"),
-    "stop-reading-then-reset": ({"reset_at_byte": 1000}, {"stop_reading_after": 1}, "reset"),
-    "stop-reading-then-end": ({}, {"stop_reading_after": 1}, "complete"),
-    "trickle": ({"trickle": 3, "delay": 0, "line_ending": "crlf"}, {}, "complete"),
-    "slow-reader": ({"delay": 0}, {"read_size": 7, "read_delay": 0.001}, "complete"),
-    "stall-mid-frame": (
-        {"stall": 0.1, "stall_mid_frame": 2, "comment_every": 0.02},
+KIT: dict[str, tuple[dict[str, Any], FaultPlan, dict[str, Any], str]] = {
+    # (the model's settings, the plan, stream_request's options, how the client says it ended)
+    "complete": ({}, FaultPlan(), {}, "complete"),
+    "reset-at-byte": ({}, FaultPlan().reset(at_byte=300), {}, "reset"),
+    "hang-after-done": ({}, FaultPlan().events().hang(), {"timeout": 0.3}, "timeout"),
+    "long-line": ({}, FaultPlan().events(2).long_line(1000), {"timeout": 0.3}, "timeout"),
+    "stop-reading-then-reset": (
         {},
-        "complete",
+        FaultPlan().reset(at_byte=1000),
+        {"stop_reading_after": 1},
+        "reset",
     ),
+    "stop-reading-then-end": ({}, FaultPlan(), {"stop_reading_after": 1}, "complete"),
+    "trickle": ({"trickle": 3, "delay": 0, "line_ending": "crlf"}, FaultPlan(), {}, "complete"),
+    "slow-reader": ({"delay": 0}, FaultPlan(), {"read_size": 7, "read_delay": 0.001}, "complete"),
+    "stall-mid-frame": ({}, FaultPlan().events(2).partial_event().stall(0.1), {}, "complete"),
     "bom-malformed-u2028-id": (
-        {"bom": True, "malformed_utf8": True, "u2028": True, "id_only_block": True},
+        {"bom": True, "malformed_utf8": True, "u2028": True},
+        FaultPlan().events(1).block(b"id: 42\n\n"),
         {},
         "complete",
     ),
-    "oversized-event": ({"oversized_event": 5000, "line_ending": "cr"}, {}, "complete"),
+    "oversized-event": (
+        {"line_ending": "cr"},
+        FaultPlan().events(2).oversized_event(5000),
+        {},
+        "complete",
+    ),
 }
 
 
@@ -378,40 +433,45 @@ KIT = {
 async def test_the_fake_writes_exactly_its_frames_and_the_client_reports_how_it_ended(
     case: str,
 ) -> None:
-    knobs, options, end = KIT[case]
+    settings, plan, options, end = KIT[case]
     async with FakeUpstream(tokens=5, delay=0.001) as fake:
-        model = fake.model.override(knobs)
+        model = fake.model.override({**settings, "plan": plan})
         frames = model.frames()
         whole = b"".join(frames)
+        fake_json = {**settings, "plan": plan.to_json()}
         result = await stream_request(
-            f"http://127.0.0.1:{fake.port}", "/v1/chat/completions", {"fake": knobs}, **options
+            f"http://127.0.0.1:{fake.port}", "/v1/chat/completions", {"fake": fake_json}, **options
         )
         record = fake.requests[-1]
         assert await fake.wait_closed(record, 2) is not None  # Connection: close, or we left
+    reset = plan.steps[-1] if plan.steps and plan.steps[-1].name == "reset" else None
     assert result.status == 200
     assert result.headers["content-type"] == "text/event-stream"
     assert result.end == end
-    expected = whole[: knobs["reset_at_byte"]] if "reset_at_byte" in knobs else whole
+    expected = whole[: getattr(reset, "at_byte", None)]
     assert result.body == expected and record.sent == len(expected)
-    assert record.reset == ("reset_at_byte" in knobs)
+    assert record.reset == (reset is not None)
     assert record.completed == (end == "complete")
     assert [e.data for e in result.events] == [e.data for e in SSEDecoder().feed(expected)]
-    assert result.comments == record.comments == 0  # none mid-line, even with comment_every
-    if "trickle" in knobs:
-        assert result.chunks == math.ceil(len(whole) / knobs["trickle"])
-    elif not {"reset_at_byte", "stall_mid_frame"} & set(knobs):
+    assert result.comments == record.comments == 0
+    if "trickle" in settings:
+        assert result.chunks == math.ceil(len(whole) / settings["trickle"])
+    elif case != "stall-mid-frame" and reset is None:
         assert result.chunks == len(frames)
 
 
 async def test_the_client_reports_keep_alives_and_a_json_error_answer() -> None:
     async with FakeUpstream(tokens=3, delay=0.001) as fake:
         url = f"http://127.0.0.1:{fake.port}"
-        knobs = {"stall": 0.2, "stall_after": 1, "comment_every": 0.03}
-        stalled = await stream_request(url, "/v1/chat/completions", {"fake": knobs})
-        refused = await stream_request(
-            url, "/v1/chat/completions", {"fake": {"error_status": 429, "retry_after": "7"}}
-        )
-        bad_knob = await stream_request(url, "/v1/chat/completions", {"fake": {"trickle": 0}})
+
+        async def ask(**fake_json: Any) -> StreamResult:
+            return await stream_request(url, "/v1/chat/completions", {"fake": fake_json})
+
+        stalled = await ask(plan=FaultPlan().events(1).stall(0.2, comment_every=0.03).to_json())
+        refused = await ask(plan=FaultPlan().status(429, retry_after="7").to_json())
+        bad_knob = await ask(trickle=0)
+        bad_step = await ask(plan=[{"explode": 1}])
+        late_status = await ask(plan=[{"events": 1}, {"status": 503}])
     assert stalled.complete and stalled.comments == fake.requests[0].comments >= 3
     assert len(stalled.events) == 3 + 3
     assert stalled.event_times[1] - stalled.event_times[0] >= 0.15
@@ -419,3 +479,96 @@ async def test_the_client_reports_keep_alives_and_a_json_error_answer() -> None:
     assert refused.headers["retry-after"] == "7"
     assert refused.json == {"error": {"message": "fake upstream error", "type": "fake_error"}}
     assert bad_knob.status == 400 and "trickle" in bad_knob.json["error"]["message"]
+    assert bad_step.status == 400 and "explode" in bad_step.json["error"]["message"]
+    assert late_status.status == 400 and "status" in late_status.json["error"]["message"]
+
+
+async def test_a_held_stream_waits_for_release_then_ends() -> None:
+    plan = FaultPlan().events(2).hold().comments(2)
+    async with FakeUpstream(tokens=3, delay=0, plan=plan) as fake:
+        url = f"http://127.0.0.1:{fake.port}"
+        pending = asyncio.ensure_future(stream_request(url, "/v1/chat/completions", {}))
+        record = await fake.wait_requests(1, 2)
+        for _ in range(200):  # until the fake waits at its hold
+            if record.held:
+                break
+            await asyncio.sleep(0.01)
+        assert record.held and record.events == 2 and not pending.done()
+        fake.release()
+        result = await asyncio.wait_for(pending, 5)
+    assert result.complete and len(result.events) == 3 + 3 and result.comments == 2
+    assert not record.held and record.completed
+
+
+# --- the old knobs: a thin translation into plans -------------------------------------------
+
+COMPAT: dict[str, tuple[dict[str, Any], FaultPlan]] = {
+    # (old knobs, the plan they mean) over tokens=5: blocks 0 role, 1-5 tokens, 6 stop, 7 [DONE]
+    "fail_after": ({"fail_after": 3}, FaultPlan().headers().events(3).reset()),
+    "reset_at_byte": ({"reset_at_byte": 250}, FaultPlan().reset(at_byte=250)),
+    "stall_after": (
+        {"stall": 0.1, "stall_after": 2, "comment_every": 0.02},
+        FaultPlan().events(2).stall(0.1, comment_every=0.02),
+    ),
+    "stall_mid_frame": (
+        {"stall": 0.1, "stall_mid_frame": 3},
+        FaultPlan().events(3).partial_event().stall(0.1),
+    ),
+    "error_status": (
+        {"error_status": 503, "retry_after": "2", "error_body": "busy"},
+        FaultPlan().status(503, "busy", retry_after="2"),
+    ),
+    "id_only_block-oversized_event": (
+        {"id_only_block": True, "oversized_event": 400},
+        FaultPlan().events(1).block(b"id: 42\n\n").events(1).oversized_event(400),
+    ),
+    "error_event_after": ({"error_event_after": 4}, FaultPlan().events(4).error_event()),
+    "long_line": ({"long_line": 300}, FaultPlan().events(2).long_line(300)),
+}
+
+
+def program(model: FakeModel) -> list[Any]:
+    """The model's laid-out actions, the head left out (the first write sends it) and writes in
+    a row merged: what is written where, and what happens between."""
+    actions: list[Any] = []
+    for action in model.layout().actions:
+        if isinstance(action, Write) and actions and isinstance(actions[-1], Write):
+            actions[-1] = action
+        elif not isinstance(action, Headers):
+            actions.append(action)
+    return actions
+
+
+@pytest.mark.parametrize("case", COMPAT)
+async def test_an_old_knob_writes_the_bytes_of_its_plan(case: str) -> None:
+    knobs, plan = COMPAT[case]
+    old, new = FakeModel(tokens=5, **knobs), FakeModel(tokens=5, plan=plan)
+    assert old.frames() == new.frames() and program(old) == program(new)
+    results = []
+    async with FakeUpstream(tokens=5, delay=0) as fake:
+        url = f"http://127.0.0.1:{fake.port}"
+        for fake_json in (knobs, {"plan": plan.to_json()}):
+            result = await stream_request(
+                url, "/v1/chat/completions", {"fake": fake_json}, timeout=1
+            )
+            record = fake.requests[-1]
+            body = result.body.replace(b": keep-alive\n\n", b"")  # how many: a matter of time
+            results.append((result.status, result.end, body, result.comments > 0))
+            results.append((record.sent, record.events, record.reset, record.completed))
+    assert results[:2] == results[2:]
+
+
+def test_a_plan_reads_back_from_its_json_and_refuses_steps_after_its_end() -> None:
+    plan = FaultPlan().headers().events(3).partial_event().stall(1.5, comment_every=0.5)
+    plan = plan.comments(2).hold().block(b"id: 1\r\n\r\n").error_event().hang()
+    assert FaultPlan.from_json(json.loads(json.dumps(plan.to_json()))) == plan
+    assert (
+        FaultPlan([{"events": 3}, {"stall": 1.0}, "reset"])
+        == FaultPlan().events(3).stall(1.0).reset()
+    )
+    with pytest.raises(ValueError, match="nothing can follow 'reset'"):
+        FaultPlan().reset().events(1)
+    with pytest.raises(ValueError, match="plan replaces the fault knobs"):
+        FakeModel(fail_after=2, plan=FaultPlan().reset())
+    model = FakeModel(fail_after=2).override({"plan": [{"events": 1}]})  # a request's own
+    assert model.fail_after is None and model.fault_plan() == FaultPlan().events(1)

@@ -26,7 +26,7 @@ from sanic import Request, Sanic
 
 from sanic_streamplus import stream_post, upstream_events
 from sanic_streamplus.testclient import SERVERS, StreamClient
-from sanic_streamplus.testing import FakeUpstream, fake_tokens
+from sanic_streamplus.testing import FakeUpstream, FaultPlan, fake_tokens
 from sanic_streamplus.testredis import RedisUnavailable, redis_server_binary
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -79,7 +79,7 @@ def check_ending_answers(answers: dict[str, Any], upstream: FakeUpstream) -> Non
     assert len(chats) == 1  # only the 429's request went upstream: no HEAD, no refused body
 
 
-REFUSED = {"fake": {"error_status": 429, "retry_after": "7"}}
+REFUSED = {"fake": {"plan": FaultPlan().status(429, retry_after="7").to_json()}}
 
 
 @contextlib.contextmanager
@@ -132,12 +132,12 @@ async def test_sanic_testing_asgi_client_gets_the_answers_that_end(
 
 
 @pytest.mark.parametrize("server", SERVERS)
-@pytest.mark.fake_upstream(tokens=8, delay=0, hold_before=4)
+@pytest.mark.fake_upstream(FaultPlan().events(4).hold(), tokens=8, delay=0)
 async def test_the_stream_client_reads_events_while_the_stream_is_still_open(
     server: str, fake_upstream: FakeUpstream, stream_client: MakeClient, streamplus_app: MakeApp
 ) -> None:
-    """The upstream holds its stream after three tokens: the client has them already (a
-    buffering client would wait for an end that never comes), then gets the rest."""
+    """The upstream holds its stream after the role chunk and three tokens: the client has them
+    already (a buffering client would wait for an end that never comes), then gets the rest."""
     client = await stream_client(kit_app(streamplus_app, fake_upstream.url), server=server)
     tokens: list[str] = []
     async with client.stream("POST", "/chat", json={"stream": True}) as response:
@@ -221,6 +221,24 @@ async def test_the_marker_sets_the_fake_upstreams_knobs(fake_upstream: FakeUpstr
 @pytest.mark.parametrize("fake_upstream", [{"tokens": 5}], indirect=True)
 async def test_an_indirect_parameter_wins_over_the_marker(fake_upstream: FakeUpstream) -> None:
     assert (fake_upstream.model.tokens, fake_upstream.model.delay) == (5, 0.5)
+
+
+@pytest.mark.fake_upstream(FaultPlan().events(2).truncate(), tokens=3, delay=0)
+@pytest.mark.parametrize(
+    "fake_upstream", [None, FaultPlan().events(3).close()], indirect=True, ids=["marker", "param"]
+)
+async def test_the_marker_and_an_indirect_parameter_take_a_plan(
+    fake_upstream: FakeUpstream, request: pytest.FixtureRequest
+) -> None:
+    """A parameter's plan replaces the marker's. Over the wire: two blocks then a proper end, or
+    three then a FIN."""
+    from sanic_streamplus.testing import stream_request
+
+    param = request.node.callspec.params["fake_upstream"]
+    expected = FaultPlan().events(2).truncate() if param is None else param
+    assert fake_upstream.model.fault_plan() == expected and fake_upstream.model.tokens == 3
+    result = await stream_request(fake_upstream.url.removesuffix("/v1"), "/v1/chat/completions", {})
+    assert (len(result.events), result.end) == ((2, "complete") if param is None else (3, "closed"))
 
 
 async def test_redis_server_is_a_real_redis(redis_server: str) -> None:
