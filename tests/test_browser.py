@@ -144,6 +144,32 @@ async def test_the_first_tokens_are_on_screen_while_the_stream_is_still_open(
         assert errors == []
 
 
+async def test_an_upstream_that_dies_mid_answer_is_continued_on_the_next_one(
+    browser: BrowserContext,
+) -> None:
+    """The failover demo: ``chat_proxy.py --upstream A --upstream B``; A dies after three
+    tokens and the page shows one uninterrupted answer (A's three tokens, then B's
+    continuation), ending ``done``, with no error."""
+    async with (
+        FakeUpstream(tokens=12, delay=0.01, fail_after=4) as primary,
+        FakeUpstream(tokens=12, delay=0.01) as backup,
+        run_example("--upstream", primary.url, "--upstream", backup.url) as (_, url),
+    ):
+        page, errors = await open_chat(browser, url)
+        await send(page, "Say hello, token by token")
+        answer = page.locator(ANSWER)
+        await expect(answer).to_have_attribute("data-state", "done")
+        so_far = "".join(fake_tokens(12)[:3])
+        await expect(answer.locator(".bubble")).to_have_text(so_far + "".join(fake_tokens(12)))
+        assert await page.locator("#log .error").count() == 0
+        continued = chats(backup)[-1].json["messages"]
+        assert continued[:2] == [
+            {"role": "user", "content": "Say hello, token by token"},
+            {"role": "assistant", "content": so_far},
+        ]
+        assert errors == []
+
+
 @pytest.mark.parametrize(
     ("fault", "shown", "message"),
     [
