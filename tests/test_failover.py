@@ -17,6 +17,7 @@ import openai
 import pytest
 from conftest import app_name, free_port, run_example
 from sanic import Request, Sanic
+from sanic.response import json as json_response
 from test_dialects import ROUTES, SCRIPTS, TOKENS, script_app
 
 from sanic_streamplus import StreamInfo, StreamPlus, stream_post, upstream_events
@@ -378,6 +379,20 @@ def cutting_app(events: int, extra: ServerSentEvent | None = None) -> Sanic[Any,
     return app
 
 
+def refusing_app(status: int) -> Sanic[Any, Any]:
+    """An upstream that refuses every request with ``status`` (``Retry-After: 5`` on a 429),
+    an Anthropic-shaped JSON error."""
+    app: Sanic[Any, Any] = Sanic(app_name(f"refusing{status}"))
+
+    @app.post("/v1/<name:path>")
+    async def refuse(request: Request, name: str) -> Any:
+        error = {"type": "error", "error": {"type": "overloaded_error", "message": "busy"}}
+        headers = {"Retry-After": "5"} if status == 429 else {}
+        return json_response(error, status=status, headers=headers)
+
+    return app
+
+
 BACKUP_IDS = {"chatcmpl-fake": "chatcmpl-backup", "msg_fake": "msg_backup", "resp_fake": "resp_b"}
 
 
@@ -426,10 +441,11 @@ async def dialect_proxy(
         yield url
 
 
-@pytest.mark.parametrize("primary", ["dead", "cut_in_preamble"])
+@pytest.mark.parametrize("primary", ["dead", "cut_in_preamble", "503", "429"])
 async def test_anthropic_sdk_gets_one_message_from_the_backup(primary: str) -> None:
     ask: Any = {"model": "claude-fake", "max_tokens": 100, "messages": MESSAGES}
-    async with serve_app(script_app()) as backup, serve_app(cutting_app(2)) as cutting:
+    first_app = refusing_app(int(primary)) if primary.isdigit() else cutting_app(2)
+    async with serve_app(script_app()) as backup, serve_app(first_app) as cutting:
         first = dead_url() if primary == "dead" else cutting + "/v1"
         async with dialect_proxy(first, backup + "/v1") as url:
             sdk = anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0, timeout=WAIT)
@@ -441,9 +457,10 @@ async def test_anthropic_sdk_gets_one_message_from_the_backup(primary: str) -> N
     assert message.content[0].text == "".join(fake_tokens(TOKENS))
 
 
-@pytest.mark.parametrize("primary", ["dead", "cut_in_preamble"])
+@pytest.mark.parametrize("primary", ["dead", "cut_in_preamble", "503", "429"])
 async def test_openai_sdk_gets_one_response_from_the_backup(primary: str) -> None:
-    async with serve_app(script_app()) as backup, serve_app(cutting_app(4)) as cutting:
+    first_app = refusing_app(int(primary)) if primary.isdigit() else cutting_app(4)
+    async with serve_app(script_app()) as backup, serve_app(first_app) as cutting:
         first = dead_url() if primary == "dead" else cutting + "/v1"
         async with dialect_proxy(first, backup + "/v1") as url, openai_sdk(url) as sdk:
             async with sdk.responses.stream(model="gpt-fake", input="hi") as stream:
