@@ -358,12 +358,13 @@ async def failover_events(
 ) -> AsyncIterator[ServerSentEvent]:
     """Yield the events of the first of ``members`` that streams (see the module docstring).
 
+    ``method``, ``url``, ``json``, ``content`` and ``headers`` are the request, as for
+    :func:`~sanic_streamplus.upstream.stream_events` (``url`` joined to each upstream's base
+    URL unless absolute), sent with each member's settings (timeouts, limits; its key masked in
+    its error bodies).
+
     Args:
         members: the upstreams to try, in order.
-        method, url, json, content, headers: the request, as for
-            :func:`~sanic_streamplus.upstream.stream_events` (``url`` joined to each upstream's
-            base URL unless absolute), with each member's settings (timeouts, limits; its key
-            masked in its error bodies).
         dialect: the upstreams' dialect name, by which their streams are checked, their first
             content event found and a continuation spliced.
         attempts: the list the attempts are appended to (``StreamInfo.attempts``).
