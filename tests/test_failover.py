@@ -18,7 +18,7 @@ import pytest
 from conftest import app_name, free_port, run_example
 from sanic import Request, Sanic
 from sanic.response import json as json_response
-from test_dialects import ROUTES, SCRIPTS, TOKENS, script_app
+from test_dialects import ROUTES, SCRIPTS, TOKENS, openai_sdk, script_app
 
 from sanic_streamplus import StreamInfo, StreamPlus, stream_post, upstream_events
 from sanic_streamplus.failover import Breaker
@@ -58,16 +58,6 @@ async def proxy(
 
     async with serve_app(app) as url:
         yield url
-
-
-def openai_sdk(url: str) -> openai.AsyncOpenAI:
-    return openai.AsyncOpenAI(
-        base_url=url + "/v1",
-        api_key="client-key",
-        max_retries=0,
-        timeout=WAIT,
-        _strict_response_validation=True,
-    )
 
 
 async def chat(url: str) -> tuple[str, list[Any]]:
