@@ -85,8 +85,9 @@ class Breaker:
 
     Closed, it counts failures; ``failures`` of them within ``window`` seconds open it for
     ``cooldown`` seconds (:meth:`failed` with a ``retry_after`` opens it at once, for that
-    long). Once the cooldown is over the upstream is tried again (half-open): a success closes
-    the breaker, a failure opens it again at once.
+    long). Once the cooldown is over the upstream is tried again (half-open) by one request at
+    a time, the trial (:meth:`admits`): a success closes the breaker, a failure opens it again
+    at once; while the trial runs, other requests skip the upstream as if it were open.
 
     Args:
         failures: failures that open it (at least 1).
@@ -94,7 +95,7 @@ class Breaker:
         cooldown: seconds it stays open; None: it never opens but for a ``Retry-After``.
     """
 
-    __slots__ = ("cooldown", "failures", "open_until", "recent", "tripped", "window")
+    __slots__ = ("cooldown", "failures", "open_until", "recent", "trial", "tripped", "window")
 
     def __init__(self, failures: int, window: float | None, cooldown: float | None) -> None:
         self.failures = max(1, failures)
@@ -103,10 +104,25 @@ class Breaker:
         self.recent: deque[float] = deque()
         self.open_until = 0.0
         self.tripped = False  # opened since the last success: half-open once the cooldown ends
+        self.trial = False  # half-open and one request is trying the upstream
 
     def is_open(self, now: float) -> bool:
-        """True while the upstream must not be tried (``now``: ``time.monotonic()``)."""
+        """True while the cooldown runs (``now``: the event loop's time, seconds)."""
         return now < self.open_until
+
+    def admits(self, now: float) -> bool:
+        """True if a request may try the upstream at ``now``: the breaker is closed, or it is
+        half-open and no trial runs (this request becomes the trial: end it with
+        :meth:`succeeded`, :meth:`failed` or :meth:`released`)."""
+        if now < self.open_until or self.trial:
+            return False
+        self.trial = self.tripped
+        return True
+
+    def released(self) -> None:
+        """A request admitted by :meth:`admits` ended with no verdict on the upstream (it was
+        cancelled, or the upstream refused the request itself): a trial may run again."""
+        self.trial = False
 
     def remaining(self, now: float) -> float:
         """Seconds until the breaker lets the upstream be tried again (0: now)."""
@@ -117,6 +133,7 @@ class Breaker:
         if retry_after is not None and retry_after > 0:
             self._open(now, min(retry_after, MAX_RETRY_AFTER))
             return
+        self.trial = False
         if self.cooldown is None:
             return
         if self.tripped:  # half-open: the trial failed
@@ -133,7 +150,7 @@ class Breaker:
     def succeeded(self) -> None:
         """The upstream streamed: the breaker closes and forgets its failures."""
         self.recent.clear()
-        self.tripped = False
+        self.tripped = self.trial = False
 
     def _open(self, now: float, seconds: float) -> None:
         self.open_until = max(self.open_until, now + seconds)
@@ -307,7 +324,7 @@ async def _first_content(
         if member.name in skip:
             continue
         now = loop.time()
-        if member.breaker.is_open(now):
+        if not member.breaker.admits(now):
             attempts.append(Attempt(member.name, "circuit_open", continuation))
             continue
         attempt = Attempt(member.name, continuation=continuation)
@@ -327,12 +344,14 @@ async def _first_content(
             await events.aclose()  # type: ignore[attr-defined]
             if _refused(error):
                 attempt.outcome = "refused"
+                member.breaker.released()
                 raise
             attempt.outcome = error.type
             member.breaker.failed(loop.time(), _retry_after(error))
             last = error
             logger.warning("upstream %s failed before streaming (%s)", member.name, error.type)
         except BaseException:
+            member.breaker.released()
             await events.aclose()  # type: ignore[attr-defined]
             raise
     if last is not None:

@@ -6,6 +6,7 @@ Anthropic upstream of ``test_dialects``), the proxy app, and the official SDK as
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
@@ -688,6 +689,43 @@ def test_the_breaker_counts_failures_in_its_window_and_reopens_on_a_failed_trial
     breaker.succeeded()
     breaker.failed(80.0)
     assert not breaker.is_open(80.0)  # closed again: counting from zero
+
+
+def test_a_half_open_breaker_admits_one_trial_at_a_time() -> None:
+    breaker = Breaker(failures=1, window=None, cooldown=10.0)
+    assert breaker.admits(0.0) and breaker.admits(0.0)  # closed: every request
+    breaker.failed(1.0)
+    assert not breaker.admits(10.9)
+    assert breaker.admits(11.0)  # the trial
+    assert not breaker.admits(11.0) and not breaker.admits(12.0)  # the others skip it meanwhile
+    breaker.released()  # the trial was cancelled: no verdict
+    assert breaker.admits(12.0) and not breaker.admits(12.0)
+    breaker.failed(13.0)  # the trial failed: open again for the cooldown
+    assert not breaker.admits(22.9) and breaker.admits(23.0)
+    breaker.succeeded()  # the trial streamed: closed, every request again
+    assert breaker.admits(23.0) and breaker.admits(23.0)
+
+
+async def test_after_the_cooldown_one_request_tries_the_primary_the_others_fail_over() -> None:
+    infos: list[StreamInfo] = []
+    config = {"STREAMPLUS_BREAKER_FAILURES": 1, "STREAMPLUS_BREAKER_COOLDOWN": 0.5}
+    async with (
+        FakeUpstream(error_status=502) as primary,
+        FakeUpstream(answer=answering(BACKUP_TEXT)) as backup,
+    ):
+        upstreams = [("primary", primary.url), ("backup", backup.url)]
+        async with proxy(upstreams, infos, **config) as url:
+            assert (await chat(url))[0] == BACKUP_TEXT  # the primary failed: its breaker opens
+            await asyncio.sleep(0.6)  # the cooldown is over: half-open
+            # the primary is back, slow to its first event: the trial is still running when
+            # the other four requests come
+            primary.model = primary.model.override({"error_status": None, "stall": 0.5})
+            texts = await asyncio.gather(*(chat(url) for _ in range(5)))
+    assert [text for text, _ in texts].count(BACKUP_TEXT) == 4
+    assert len(primary.requests) == 2  # the first failure, then the one trial
+    assert sorted(outcomes(info)[0][1] for info in infos[1:]) == ["circuit_open"] * 4 + [
+        "completed"
+    ]
 
 
 def test_a_retry_after_opens_the_breaker_at_once_for_that_long_and_no_longer_than_an_hour() -> None:
