@@ -1,4 +1,5 @@
-"""Resumable streams across processes: two example proxies share one real redis-server.
+"""Resumable streams across processes: two example proxies share one real redis-server (or
+valkey-server, or Redis Cluster).
 
 A stream starts on one process and resumes on the other; an idempotent retry on the other
 attaches to it; a cancel on the other stops the producer; a producer process killed outright
@@ -67,13 +68,15 @@ def elsewhere() -> str:
     raise AssertionError("unreachable: half the slots are above the middle")
 
 
-@pytest.mark.parametrize("redis", ["server", "cluster"])
+@pytest.mark.parametrize("redis", ["server", "cluster", "valkey"])
 async def test_a_stream_started_on_one_process_resumes_on_the_other(
     redis: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On one redis-server, and on a Redis Cluster of three masters (STREAMPLUS_REDIS_CLUSTER)."""
+    """On one redis-server, on a Redis Cluster of three masters (STREAMPLUS_REDIS_CLUSTER), and
+    on one valkey-server."""
     cluster = redis == "cluster"
-    url = request.getfixturevalue("redis_cluster" if cluster else "redis_url")
+    fixture = {"server": "redis_url", "cluster": "redis_cluster", "valkey": "valkey_server"}
+    url = request.getfixturevalue(fixture[redis])
     async with (
         two_proxies(url, monkeypatch, cluster, tokens=TOKENS, delay=0.01) as (
             upstream,
