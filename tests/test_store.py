@@ -208,6 +208,20 @@ async def test_failed_keeps_its_error(store: EventStore) -> None:
     assert record is not None and record.state == "failed" and record.error == error
 
 
+async def test_finish_with_last_seq_only_at_that_sequence_number(store: EventStore) -> None:
+    """A producer ends the stream only if the store has its last append (a failover may have
+    lost it): a mismatch leaves the stream running, under the same lease."""
+    await running(store)
+    await store.append("s1", "t1", event(1), event(2))
+    with pytest.raises(SequenceMismatch):
+        await store.finish("s1", "t1", "completed", last_seq=3)
+    record = await store.record("s1")
+    assert record is not None and record.state == "running" and record.producer_alive
+    await store.finish("s1", "t1", "completed", last_seq=2)
+    record = await store.record("s1")
+    assert record is not None and record.state == "completed"
+
+
 async def test_append_numbers_events_and_read_returns_the_rest(store: EventStore) -> None:
     await running(store)
     sent = [
