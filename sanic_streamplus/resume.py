@@ -30,8 +30,8 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator
-from typing import Any
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable
+from typing import Any, TypeVar
 
 from ._aio import close_completely
 from .errors import (
@@ -65,6 +65,7 @@ _BATCH = 1024  # events a producer may have waiting for the store before it wait
 _STORED = Format("stored", "", lambda event: b"", None, False)
 # what new_stream_id() makes (the time in ms in base 36, 8 digits until 2059; 64 random bits in
 # hex), and a sequence number (ASCII digits, below 2**63 as Redis stream IDs need)
+_T = TypeVar("_T")
 _STREAM_ID = re.compile(r"[0-9a-z]{1,10}-[0-9a-f]{16}")
 _SEQ = re.compile(r"[0-9]{1,18}")
 
@@ -200,10 +201,7 @@ class Resumer:
             watcher.cancel()
         downstream: Any = pump.downstream
         if isinstance(pump.failure, SequenceMismatch):  # the store lost events: say so
-            logger.warning("stream %s: the event store lost events; failing it", stream_id)
-            lost = StoreUnavailable("the event store lost events of this stream; start it again")
-            with contextlib.suppress(Exception):
-                await self.store.finish(stream_id, token, "failed", error_record(lost))
+            await _fail_lost(self.store, stream_id, token)
             return
         if downstream.state is None:  # the store failed, or the lease was lost: not ours
             if isinstance(pump.failure, StoreUnavailable):
@@ -380,6 +378,24 @@ def _raise_ending(stream_id: str, record: StreamRecord) -> None:
         raise _replayed(record)
 
 
+async def _to_the_end(operation: Awaitable[_T]) -> _T:
+    """Run a store operation to its end even if the caller is cancelled meanwhile (as
+    :func:`~sanic_streamplus._aio.close_completely`), and return its result or raise its
+    error (a cancelled caller gets ``CancelledError`` once it has ended)."""
+    task = asyncio.ensure_future(operation)
+    await close_completely(task)
+    return task.result()
+
+
+async def _fail_lost(store: EventStore, stream_id: str, token: str) -> None:
+    """Fail ``stream_id`` with ``store_unavailable``: the store lost appends of its producer (a
+    failover to a replica that had not got them), so it cannot be ended as if it had them."""
+    logger.warning("stream %s: the event store lost events; failing it", stream_id)
+    lost = StoreUnavailable("the event store lost events of this stream; start it again")
+    with contextlib.suppress(Exception):
+        await _to_the_end(store.finish(stream_id, token, "failed", error_record(lost)))
+
+
 class _StoreDownstream:
     """The producer's :class:`~sanic_streamplus.downstream.Downstream`: the event store.
 
@@ -438,7 +454,7 @@ class _StoreDownstream:
     async def finish(self, frame: FinalFrame, ending: Ending) -> int:
         if ending.error is None and frame.events:
             with contextlib.suppress(Exception):  # what was stored before is kept
-                await close_completely(
+                self.seq = await _to_the_end(
                     self.resumer.store.append(
                         self.stream_id, self.token, *frame.events, last_seq=self.seq
                     )
@@ -457,16 +473,17 @@ class _StoreDownstream:
             state = "completed"
         else:
             state, error = "failed", error_record(ending.error)
-        try:
-            await close_completely(
-                self.resumer.store.finish(self.stream_id, self.token, state, error)
-            )
+        store, stream_id = self.resumer.store, self.stream_id
+        try:  # only if the store has every event of ours (a failover may have lost the last)
+            await _to_the_end(store.finish(stream_id, self.token, state, error, last_seq=self.seq))
+        except SequenceMismatch:
+            await _fail_lost(store, stream_id, self.token)
+            self.state = "failed"
+            return
         except FencingError:
             return
-        except StoreUnavailable:  # its readers learn it from the store they cannot read either
-            logger.warning(
-                "stream %s: the event store is unreachable; end not stored", self.stream_id
-            )
+        except Exception as exc:  # StoreUnavailable: its readers learn it from the store too
+            logger.warning("stream %s: the end was not stored (%r)", stream_id, exc)
             return
         self.state = state
 

