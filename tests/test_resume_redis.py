@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
 import pytest
 from conftest import completions_body, run_example
 from redis.asyncio import Redis
@@ -260,3 +261,68 @@ async def test_a_cluster_failover_during_a_stream_is_transparent_or_clear(
         await resumer.close()
         for process in processes:
             stop_redis(process)
+
+
+# ------------------------------------------------------------ handover on a graceful stop
+
+HANDOVER_TOKENS = 150  # 1.5 s at 0.01 s a token: the producer's worker stops in the middle
+
+
+def chunk_text(chunks: list[Any]) -> str:
+    return "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+
+
+async def test_a_gracefully_stopped_producer_hands_its_stream_over(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """SIGTERM to the producer's process mid-stream: the other process adopts the stream and
+    continues it (the upstream gets the continuation request); a client that resumed there
+    through the openai SDK with ``Last-Event-ID`` reads one whole answer: one role delta, one
+    finish, ids with no gap, no error."""
+    async with (
+        two_proxies(redis_url, monkeypatch, tokens=HANDOVER_TOKENS, delay=0.01) as (
+            upstream,
+            producer,
+            one,
+            two,
+        ),
+    ):
+        first = await stream_request(one, ROUTE, completions_body(), disconnect_after=5)
+        stream_id = first.headers["x-stream-id"]
+        sdk = openai.AsyncOpenAI(
+            base_url=two + "/resumable/v1", api_key="client-key", max_retries=0, timeout=20
+        )
+        async with sdk:
+            raw = await sdk.chat.completions.with_raw_response.create(
+                model="fake",
+                messages=completions_body()["messages"],
+                stream=True,
+                extra_headers={"Last-Event-ID": first.events[-1].id},
+            )
+            chunks = []
+            async for chunk in raw.parse():
+                chunks.append(chunk)
+                if len(chunks) == 10:
+                    producer.send_signal(signal.SIGTERM)  # a graceful stop, mid-stream
+        assert await asyncio.wait_for(producer.wait(), 20) == 0
+        # the whole stream, replayed from the store: one stream, one end
+        replayed, replay = await get_stream(two, f"/streams/{stream_id}")
+    assert raw.headers["x-stream-id"] == stream_id
+    assert len(upstream.requests) == 2  # the answer, then its continuation
+    so_far = upstream.requests[1].json["messages"][-2]
+    assert so_far["role"] == "assistant" and len(so_far["content"]) > 0
+    whole = "".join(fake_tokens(HANDOVER_TOKENS))
+    assert whole.startswith(so_far["content"]) and so_far["content"] != whole
+    assert contents(first.events) + chunk_text(chunks) == so_far["content"] + whole
+    deltas = [c.choices[0].delta for c in chunks if c.choices]
+    assert sum(1 for e in first.events if '"role"' in e.data) == 1  # in the part read on one
+    assert not any(delta.role for delta in deltas)  # and none after the seam
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "stop"
+    assert sum(1 for c in chunks if c.choices and c.choices[0].finish_reason) == 1
+    assert {c.id for c in chunks} == {json.loads(first.events[0].data)["id"]}
+    assert replayed.status_code == 200
+    ids = [event.id for event in replay if event.id]
+    assert ids == [f"{stream_id}:{n}" for n in range(1, len(ids) + 1)]
+    assert contents(replay) == so_far["content"] + whole
+    assert [event.data for event in replay].count("[DONE]") == 1
+    assert not any('"error"' in event.data for event in replay)
