@@ -24,6 +24,7 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 from test_resume import ROUTE, contents, get_stream
 
+from sanic_streamplus import SSEDecoder
 from sanic_streamplus.errors import EventsExpired, ProducerLost, ReplayedError, StoreUnavailable
 from sanic_streamplus.framing import get_dialect
 from sanic_streamplus.resume import Resumer, new_stream_id
@@ -326,3 +327,47 @@ async def test_a_gracefully_stopped_producer_hands_its_stream_over(
     assert contents(replay) == so_far["content"] + whole
     assert [event.data for event in replay].count("[DONE]") == 1
     assert not any('"error"' in event.data for event in replay)
+
+
+async def test_sanic_workers_2_a_stream_started_on_one_worker_resumes_on_the_other(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One server, ``workers=2`` (Sanic's worker processes on one port, the example's
+    ``--workers 2``): connections are found on each worker by ``X-Worker-Pid``; the stream
+    started on one resumes through the other with ``Last-Event-ID``, no gap, no duplicate."""
+    monkeypatch.setenv("SANIC_STREAMPLUS_RESUME_STORE", "redis")
+    monkeypatch.setenv("SANIC_STREAMPLUS_REDIS_URL", redis_url)
+    async with (
+        FakeUpstream(tokens=TOKENS, delay=0.01) as upstream,
+        run_example("--upstream", upstream.url, "--workers", "2") as (_, url),
+        contextlib.AsyncExitStack() as stack,
+    ):
+        workers: dict[str, httpx.AsyncClient] = {}  # pid -> a client whose connection is there
+        for _ in range(60):  # each new connection lands on either worker
+            limits = httpx.Limits(max_connections=1)
+            client = await stack.enter_async_context(httpx.AsyncClient(timeout=10, limits=limits))
+            answer = await client.get(url + "/")  # the chat page
+            workers.setdefault(answer.headers["x-worker-pid"], client)
+            if len(workers) == 2:
+                break
+            await asyncio.sleep(0.05)
+        assert len(workers) == 2, "no connection reached the second worker"
+        (one, starter), (other, resumer) = workers.items()
+        async with starter.stream("POST", url + ROUTE, json=completions_body()) as started:
+            assert started.headers["x-worker-pid"] == one
+            decoder, first = SSEDecoder(), []
+            async for chunk in started.aiter_raw():
+                first += decoder.feed(chunk)
+                if len(first) >= 5:
+                    break
+        stream_id = started.headers["x-stream-id"]
+        resumed = await resumer.get(
+            f"{url}/streams/{stream_id}", headers={"Last-Event-ID": first[-1].id}
+        )
+    assert resumed.headers["x-worker-pid"] == other != one
+    rest = SSEDecoder().feed(resumed.content)
+    ids = [event.id for event in first + rest if event.id]
+    assert ids == [f"{stream_id}:{n}" for n in range(1, TOKENS + 3)]
+    assert contents(first + rest) == "".join(fake_tokens(TOKENS))
+    assert rest[-1].data == "[DONE]"
+    assert len(upstream.requests) == 1
