@@ -625,16 +625,17 @@ def handover_events(
     (:meth:`Handover.request_json`) continued on ``pool``'s upstreams of that name, after the
     events ``delivered`` so far (read back from the store), as :func:`failover_events` continues
     a cut stream (the seams hidden); and the :class:`Handover` of the new producer. None when
-    it cannot be continued: its budget is spent, nothing was delivered, a tool call is in
-    flight or the answer is complete (:attr:`~sanic_streamplus.splice.Splice.can_continue`),
-    or this worker has no upstream of a name it names."""
+    it cannot be continued: nothing was delivered, a tool call is in flight or the answer is
+    complete (:attr:`~sanic_streamplus.splice.Splice.can_continue`), or this worker has no
+    upstream of a name it names. (The budget was checked by the worker that handed it
+    over: :attr:`Handover.continuable`.)"""
     spec = jsonlib.loads(request)
     handover = Handover(spec, [])
     dialect = get_dialect(spec["dialect"])
     splice = Splice(dialect, instruction=instruction)
     for event in delivered:
         splice.delivered(event)
-    if not handover.continuable or not splice.can_continue:
+    if not splice.can_continue:
         return None
     try:
         members = pool.select(spec["upstreams"])

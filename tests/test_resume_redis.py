@@ -12,7 +12,9 @@ import contextlib
 import hashlib
 import json
 import signal
+import time
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +26,12 @@ from redis.asyncio import Redis
 from redis.crc import key_slot
 from test_resume import ROUTE, contents, get_stream
 
-from sanic_streamplus import SSEDecoder
+from sanic_streamplus import SSEDecoder, resume
+from sanic_streamplus.config import Settings
 from sanic_streamplus.errors import EventsExpired, ProducerLost, ReplayedError, StoreUnavailable
+from sanic_streamplus.failover import Handover, UpstreamPool, handover_events
 from sanic_streamplus.framing import get_dialect
+from sanic_streamplus.observe import Attempt
 from sanic_streamplus.resume import Resumer, new_stream_id
 from sanic_streamplus.sse import ServerSentEvent
 from sanic_streamplus.store import RedisEventStore
@@ -371,3 +376,116 @@ async def test_sanic_workers_2_a_stream_started_on_one_worker_resumes_on_the_oth
     assert contents(first + rest) == "".join(fake_tokens(TOKENS))
     assert rest[-1].data == "[DONE]"
     assert len(upstream.requests) == 1
+
+
+# two workers in one process: two Resumers, each with its own client of the same redis-server
+
+CHUNK = {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 0, "model": "m"}
+TOOL = {"index": 0, "id": "call_1", "type": "function", "function": {"name": "f"}}
+
+
+def chunk(delta: dict[str, Any]) -> ServerSentEvent:
+    return ServerSentEvent(json.dumps({**CHUNK, "choices": [{"index": 0, "delta": delta}]}))
+
+
+async def stalled(tool_call: bool) -> AsyncIterator[ServerSentEvent]:
+    """An answer that stops after "ab" (and a tool call's start): its worker stops meanwhile."""
+    yield chunk({"role": "assistant", "content": ""})
+    yield chunk({"content": "a"})
+    yield chunk({"content": "b"})
+    if tool_call:
+        yield chunk({"tool_calls": [TOOL]})
+    await asyncio.sleep(30)
+
+
+def worker(redis_url: str, prefix: str, **options: Any) -> Resumer:
+    store = RedisEventStore(Redis.from_url(redis_url), prefix=prefix)
+    return Resumer(store, ttl=600, grace=float("inf"), window=5000, **options)
+
+
+@pytest.mark.parametrize("case", ["continued", "custom_handler", "tool_call", "budget_spent"])
+async def test_what_a_stopping_worker_hands_over_and_what_it_ends(
+    case: str, redis_url: str, redis_prefix: str
+) -> None:
+    """Continued on the other worker (the upstream asked for the rest, the text so far as the
+    prefill); or a ``shutdown`` frame for every reader, the upstream never asked: a handler
+    whose events are its own (no :class:`Handover`), a tool call in flight (the adopter cannot
+    prefill it), the continuation budget spent (the stopping worker does not hand it over)."""
+    body = completions_body()
+    call = {"method": "POST", "url": "/chat/completions", "json": body, "dialect": "openai"}
+    spent = [Attempt("up", continuation=True, events=3)] if case == "budget_spent" else []
+    handover = None if case == "custom_handler" else Handover.of(call, "fallback", 1, spent)
+    async with FakeUpstream(tokens=5) as upstream:
+        pool = UpstreamPool(Settings(upstream_url=upstream.url))
+        stopping = worker(redis_url, redis_prefix, handover=30.0)
+        live = worker(redis_url, redis_prefix, continuer=partial(handover_events, pool, None))
+        try:
+            stream_id = new_stream_id()
+            await stopping.store.open(stream_id, None, {"dialect": "openai"})
+            source = stalled(case == "tool_call")
+            await stopping.start(source, get_dialect("openai"), stream_id, handover)
+            got: list[ServerSentEvent] = []
+
+            async def read() -> None:
+                async for event in live.events(stream_id, 0):
+                    got.append(event)
+
+            reading = asyncio.ensure_future(read())
+            for _ in range(200):
+                if len(got) >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            await stopping.close()  # the server stops
+            ended: Exception | None = None
+            try:
+                await asyncio.wait_for(reading, 10)
+            except ReplayedError as exc:
+                ended = exc
+        finally:
+            await live.close()
+            await pool.aclose()
+    text = contents(got)
+    if case == "continued":
+        assert ended is None
+        assert text == "ab" + "".join(fake_tokens(5))
+        assert [event.id for event in got] == [f"{stream_id}:{n}" for n in range(1, len(got) + 1)]
+        assert sum(1 for event in got if '"role"' in event.data) == 1
+        assert upstream.requests[0].json["messages"][-1] == {"role": "assistant", "content": "ab"}
+        return
+    assert ended is not None and ended.type == "shutdown"
+    assert text == "ab"
+    assert upstream.requests == []
+
+
+async def test_a_handover_no_worker_adopts_ends_with_producer_lost(
+    redis_url: str, redis_prefix: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The only other worker cannot continue streams (no continuer): once the handover's time
+    is up, its reader ends with ``producer_lost`` after two leases, not a hang."""
+    monkeypatch.setattr(resume, "_LEASE", 0.5)
+    call = {"method": "POST", "url": "/chat/completions", "json": {}, "dialect": "openai"}
+    stopping = worker(redis_url, redis_prefix, handover=0.5)
+    other = worker(redis_url, redis_prefix)
+    try:
+        stream_id = new_stream_id()
+        await stopping.store.open(stream_id, None, {"dialect": "openai"})
+        handover = Handover.of(call, "fallback", 1, [])
+        await stopping.start(stalled(False), get_dialect("openai"), stream_id, handover)
+        got: list[ServerSentEvent] = []
+
+        async def read() -> None:
+            async for event in other.events(stream_id, 0):
+                got.append(event)
+
+        reading = asyncio.ensure_future(read())
+        await asyncio.sleep(0.3)
+        stopped = time.monotonic()
+        await stopping.close()
+        with pytest.raises(ProducerLost):
+            await asyncio.wait_for(reading, 10)
+        assert time.monotonic() - stopped < 10 * (0.5 + 2 * 0.5)
+        record = await other.store.record(stream_id)
+    finally:
+        await other.close()
+    assert contents(got) == "ab"
+    assert record is not None and record.state == "running" and record.handover_until > 0
