@@ -21,12 +21,13 @@ from typing import Any
 import httpx
 import openai
 import pytest
-from conftest import completions_body, run_example
+from conftest import app_name, completions_body, run_example
 from redis.asyncio import Redis
 from redis.crc import key_slot
+from sanic import Request, Sanic
 from test_resume import ROUTE, contents, get_stream
 
-from sanic_streamplus import SSEDecoder, resume
+from sanic_streamplus import SSEDecoder, StreamPlus, resume, stream_post, upstream_events
 from sanic_streamplus.config import Settings
 from sanic_streamplus.errors import EventsExpired, ProducerLost, ReplayedError, StoreUnavailable
 from sanic_streamplus.failover import Handover, UpstreamPool, handover_events
@@ -35,7 +36,7 @@ from sanic_streamplus.observe import Attempt
 from sanic_streamplus.resume import Resumer, new_stream_id
 from sanic_streamplus.sse import ServerSentEvent
 from sanic_streamplus.store import RedisEventStore
-from sanic_streamplus.testing import FakeUpstream, fake_tokens, stream_request
+from sanic_streamplus.testing import FakeUpstream, fake_tokens, serve_app, stream_request
 from sanic_streamplus.testredis import (
     CLUSTER_SLOTS,
     RedisUnavailable,
@@ -489,3 +490,68 @@ async def test_a_handover_no_worker_adopts_ends_with_producer_lost(
         await other.close()
     assert contents(got) == "ab"
     assert record is not None and record.state == "running" and record.handover_until > 0
+
+
+async def test_only_a_pass_through_route_is_handed_over_and_never_with_a_secret(
+    redis_url: str,
+) -> None:
+    """A server (in this process) with three resumable routes stops mid-stream: the one whose
+    handler returns ``upstream_events(...)`` as it is is handed over (running, waiting for an
+    adopter); one whose handler yields the events itself, and one that sends a header
+    upstream (it may be a credential), end with ``shutdown``. The upstream's API key is in no
+    key of the stream."""
+    app: Sanic[Any, Any] = Sanic(app_name("handover"))
+    app.config.update(
+        STREAMPLUS_RESUME_STORE="redis",
+        STREAMPLUS_REDIS_URL=redis_url,
+        STREAMPLUS_UPSTREAM_API_KEY="sk-secret-4242",
+    )
+    app.extend(extensions=[StreamPlus])
+
+    @app.post("/pass")
+    @stream_post(dialect="openai", resumable=True)
+    async def passing(request: Request) -> Any:
+        return upstream_events(request, "/chat/completions", json=request.json)
+
+    @app.post("/own")
+    @stream_post(dialect="openai", resumable=True)
+    async def own(request: Request) -> Any:
+        upstream = upstream_events(request, "/chat/completions", json=request.json)
+
+        async def events() -> AsyncIterator[ServerSentEvent]:  # its own events, made of those
+            async for event in upstream:
+                yield event
+
+        return events()
+
+    @app.post("/header")
+    @stream_post(dialect="openai", resumable=True)
+    async def header(request: Request) -> Any:
+        headers = {"X-Tenant-Token": "t-1"}
+        return upstream_events(request, "/chat/completions", json=request.json, headers=headers)
+
+    ids: dict[str, str] = {}
+    async with FakeUpstream(tokens=1000, delay=0.01) as upstream:
+        app.config.STREAMPLUS_UPSTREAM_URL = upstream.url
+        async with serve_app(app) as url:
+            for route in ("/pass", "/own", "/header"):
+                started = await stream_request(url, route, completions_body(), disconnect_after=3)
+                ids[route] = started.headers["x-stream-id"]
+    store = RedisEventStore(Redis.from_url(redis_url))
+    try:
+        records = {route: await store.record(stream_id) for route, stream_id in ids.items()}
+        values = [
+            value
+            for stream_id in ids.values()
+            for value in (await store.client.hgetall(store._keys(stream_id)[0])).values()
+        ]
+    finally:
+        await store.close()
+    handed = records["/pass"]
+    assert handed is not None and handed.state == "running" and handed.handover_until > 0
+    for route in ("/own", "/header"):
+        record = records[route]
+        assert record is not None and record.state == "failed"
+        assert record.error is not None and record.error["type"] == "shutdown"
+    assert values and not any(b"sk-secret-4242" in value for value in values)
+    assert all(request.closed is not None for request in upstream.requests)
