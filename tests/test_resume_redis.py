@@ -555,3 +555,43 @@ async def test_only_a_pass_through_route_is_handed_over_and_never_with_a_secret(
         assert record.error is not None and record.error["type"] == "shutdown"
     assert values and not any(b"sk-secret-4242" in value for value in values)
     assert all(request.closed is not None for request in upstream.requests)
+
+
+async def test_a_reader_of_the_stopping_process_resumes_the_handed_over_stream_elsewhere(
+    redis_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The client reads on the process that gets SIGTERM: its connection ends with the
+    ``shutdown`` frame as before; it resumes on the other process with ``Last-Event-ID`` and
+    gets the rest of the one answer, continued there."""
+    async with (
+        two_proxies(redis_url, monkeypatch, tokens=HANDOVER_TOKENS, delay=0.01) as (
+            upstream,
+            producer,
+            one,
+            two,
+        ),
+        httpx.AsyncClient(timeout=20) as client,
+    ):
+        first: list[ServerSentEvent] = []
+        stopped = False
+        async with client.stream("POST", one + ROUTE, json=completions_body()) as started:
+            decoder = SSEDecoder()
+            async for data in started.aiter_raw():
+                first += decoder.feed(data)
+                if len(first) >= 10 and not stopped:
+                    producer.send_signal(signal.SIGTERM)
+                    stopped = True
+        stream_id = started.headers["x-stream-id"]
+        last = [event for event in first if event.id][-1]
+        resumed, rest = await get_stream(two, f"/streams/{stream_id}", **{"Last-Event-ID": last.id})
+        assert await asyncio.wait_for(producer.wait(), 20) == 0
+    assert json.loads(first[-2].data)["error"]["type"] == "shutdown"  # the stopping one's frame
+    assert resumed.status_code == 200
+    read = [event for event in first if event.id] + rest
+    ids = [event.id for event in read if event.id]
+    assert ids == [f"{stream_id}:{n}" for n in range(1, len(ids) + 1)]
+    assert len(upstream.requests) == 2
+    so_far = upstream.requests[1].json["messages"][-2]["content"]
+    assert contents(read) == so_far + "".join(fake_tokens(HANDOVER_TOKENS))
+    assert sum(1 for event in read if '"role"' in event.data) == 1
+    assert [event.data for event in rest].count("[DONE]") == 1 and rest[-1].data == "[DONE]"
