@@ -586,13 +586,16 @@ class RedisEventStore:
     - ``<prefix>stream:{<id>}:meta``: a hash: ``state``, ``last_seq``, ``error`` (JSON),
       ``cancel`` (``0``/``1``), ``reader_seen`` (seconds since the epoch), ``signals`` (see
       below), ``key`` (the idempotency key's Redis name, to refresh its TTL) and ``key_at``
-      (when that TTL was last refreshed, ms since the epoch), ``info:<name>`` (the info).
+      (when that TTL was last refreshed, ms since the epoch), ``info:<name>`` (the info);
+      while the stream is handed over and not adopted, ``handover`` (the request kept) and
+      ``handover_until`` (ms since the epoch).
     - ``<prefix>stream:{<id>}:producer``: the producer's token, with a ``PX <lease>`` expiry:
       the lease. :meth:`claim` sets it only if it is absent (or already this token: a
-      refresh) and the stream is running; :meth:`finish` deletes it.
+      refresh) and the stream is running, :meth:`adopt` only if it is absent and the stream
+      is handed over; :meth:`finish` and :meth:`handover` delete it.
     - ``<prefix>stream:{<id>}:signal``: a Redis Stream of one entry, ``0-<n>``, added when the
-      stream finishes or a cancel is requested (``n`` counts them; it is also ``signals`` in
-      the meta).
+      stream finishes, a cancel is requested or the stream is handed over (``n`` counts them;
+      it is also ``signals`` in the meta).
     - ``<prefix>idem:<sha256 of the idempotency key, hex>``: the stream ID the key is bound
       to, in a slot of its own (the key names the stream, so the stream's tag cannot be
       derived from it). :meth:`open` registers the stream first, then binds the key if it is
