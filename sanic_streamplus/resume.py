@@ -398,7 +398,11 @@ class Resumer:
             if request is None:
                 return
             stored = await self._stored(stream_id)
-            continued = None if stored is None else continuer(request, stored[1])
+            continued = None
+            try:
+                continued = None if stored is None else continuer(request, stored[1])
+            except Exception:  # a request this worker cannot read: end it, not a lapsed lease
+                logger.exception("stream %s: the handed-over request is unreadable", stream_id)
             if stored is None or continued is None:
                 logger.warning("stream %s: handed over, cannot be continued", stream_id)
                 await self.store.finish(stream_id, token, "failed", error_record(ServerShutdown()))
