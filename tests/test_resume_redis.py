@@ -595,3 +595,44 @@ async def test_a_reader_of_the_stopping_process_resumes_the_handed_over_stream_e
     assert contents(read) == so_far + "".join(fake_tokens(HANDOVER_TOKENS))
     assert sum(1 for event in read if '"role"' in event.data) == 1
     assert [event.data for event in rest].count("[DONE]") == 1 and rest[-1].data == "[DONE]"
+
+
+@pytest.mark.parametrize(
+    ("change", "handed"),
+    [
+        ({}, True),
+        ({"content": b"{}", "json": None}, False),  # a raw body
+        ({"json": ["not", "an", "object"]}, False),
+        ({"headers": {"X-Api-Key": "k"}}, False),  # a header may be a credential
+        ({"url": "https://api.example.com/v1/chat?key=k"}, False),  # a URL may carry one
+        ({"dialect": "plain"}, False),  # no splice knows its text
+        ({"budget": 0}, False),
+    ],
+    ids=["pass-through", "content", "not-object", "headers", "absolute-url", "plain", "no-budget"],
+)
+def test_which_upstream_requests_can_be_handed_over(change: dict[str, Any], handed: bool) -> None:
+    call: dict[str, Any] = {
+        "method": "POST",
+        "url": "/chat/completions",
+        "json": completions_body(),
+        "content": None,
+        "headers": None,
+        "dialect": "openai",
+        "upstreams": ("primary",),
+    }
+    budget = change.pop("budget", 1)
+    handover = Handover.of({**call, **change}, "continue", budget, [])
+    assert (handover is not None) is handed
+    if handover is not None:
+        assert json.loads(handover.request_json()) == {
+            "method": "POST",
+            "url": "/chat/completions",
+            "json": completions_body(),
+            "dialect": "openai",
+            "upstreams": ["primary"],
+            "failover": "continue",
+            "max_continuations": 1,
+            "continued": 0,
+        }
+        handover.attempts.append(Attempt("primary", continuation=True, events=2))
+        assert handover.continued == 1 and not handover.continuable
