@@ -383,7 +383,8 @@ class Resumer:
         (:attr:`continuer`), appending to the same stream; if it cannot be continued (see
         :func:`~sanic_streamplus.failover.handover_events`), finish it ``failed`` with
         :class:`~sanic_streamplus.errors.ServerShutdown` (its readers get a ``shutdown``
-        frame). Nothing when another worker adopts it first, or this one has no continuer.
+        frame), and if it was cancelled meanwhile, ``cancelled``. Nothing when another worker
+        adopts it first, or this one has no continuer.
 
         Raises:
             StoreUnavailable: the store cannot be reached.
@@ -396,6 +397,9 @@ class Resumer:
             token = secrets.token_hex(8)
             request = await self.store.adopt(stream_id, token, _LEASE)
             if request is None:
+                return
+            if record.cancel_requested:  # cancelled while no worker produced it
+                await self.store.finish(stream_id, token, "cancelled")
                 return
             stored = await self._stored(stream_id)
             continued = None

@@ -29,7 +29,13 @@ from test_resume import ROUTE, contents, get_stream
 
 from sanic_streamplus import SSEDecoder, StreamPlus, resume, stream_post, upstream_events
 from sanic_streamplus.config import Settings
-from sanic_streamplus.errors import EventsExpired, ProducerLost, ReplayedError, StoreUnavailable
+from sanic_streamplus.errors import (
+    EventsExpired,
+    ProducerLost,
+    ReplayedError,
+    StoreUnavailable,
+    StreamCancelled,
+)
 from sanic_streamplus.failover import Handover, UpstreamPool, handover_events
 from sanic_streamplus.framing import get_dialect
 from sanic_streamplus.observe import Attempt
@@ -636,3 +642,36 @@ def test_which_upstream_requests_can_be_handed_over(change: dict[str, Any], hand
         }
         handover.attempts.append(Attempt("primary", continuation=True, events=2))
         assert handover.continued == 1 and not handover.continuable
+
+
+async def test_a_stream_cancelled_while_handed_over_ends_cancelled(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """Handed over with no reader, then cancelled (``DELETE``) before any worker adopted it: the
+    reader that comes next ends with ``cancelled``, and no continuation is asked for."""
+    call = {"method": "POST", "url": "/chat/completions", "json": {}, "dialect": "openai"}
+    async with FakeUpstream(tokens=5) as upstream:
+        pool = UpstreamPool(Settings(upstream_url=upstream.url))
+        stopping = worker(redis_url, redis_prefix, handover=30.0)
+        live = worker(redis_url, redis_prefix, continuer=partial(handover_events, pool, None))
+        try:
+            stream_id = new_stream_id()
+            await stopping.store.open(stream_id, None, {"dialect": "openai"})
+            handover = Handover.of(call, "fallback", 1, [])
+            await stopping.start(stalled(False), get_dialect("openai"), stream_id, handover)
+            for _ in range(200):
+                record = await live.store.record(stream_id)
+                if record is not None and record.last_seq >= 3:
+                    break
+                await asyncio.sleep(0.01)
+            await stopping.close()
+            assert await live.cancel(stream_id)
+            got = []
+            with pytest.raises(StreamCancelled):
+                async for event in live.events(stream_id, 0):
+                    got.append(event)
+        finally:
+            await live.close()
+            await pool.aclose()
+    assert contents(got) == "ab"
+    assert upstream.requests == []
