@@ -339,7 +339,10 @@ def main() -> None:
     }
     if args.workers > 1:  # each worker process builds its own app with the loader
         loader = AppLoader(factory=functools.partial(worker_app, options))
-        app = loader.load()
+        try:
+            app = loader.load()
+        except ValueError as exc:  # a bad STREAMPLUS_* value, as below
+            fail(str(exc))
         app.prepare(
             host=args.host, port=args.port, workers=args.workers, access_log=False, motd=False
         )
