@@ -2,7 +2,7 @@
 
     python examples/chat_proxy.py [--host 127.0.0.1] [--port 8000] [--upstream URL ...]
         [--api-key KEY] [--model NAME] [--heartbeat SECONDS] [--first-event-timeout SECONDS]
-        [--failover continue|fallback]
+        [--failover continue|fallback] [--workers N]
 
 Without ``--upstream`` (or ``UPSTREAM_URL``) it starts an embedded fake model that streams
 deterministic tokens, so it works offline. ``--upstream`` given more than once: the upstreams
@@ -11,7 +11,9 @@ that dies in the middle of an answer is continued by the next (``--failover cont
 default; ``fallback``: only before the first token; see ``docs/failover.md``). ``--api-key`` goes
 to every upstream. It prints ``chat page: http://HOST:PORT/`` once it
 listens; a bad ``--upstream`` (not http:// or https:// with a host) or a port in use is one line
-on stderr and exit status 1. Routes:
+on stderr and exit status 1. ``--workers N`` (N > 1) runs N Sanic worker processes on the port
+(the kernel spreads connections over them), each answer with an ``X-Worker-Pid`` header: with
+the Redis store, a stream started on one worker resumes on any other. Routes:
 
 - ``POST /v1/chat/completions``: OpenAI-compatible pass-through (point the ``openai`` SDK's
   ``base_url`` at ``http://HOST:PORT/v1``);
@@ -35,6 +37,7 @@ with a markdown list or a code block when the prompt asks for one; a request tha
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import os
@@ -49,8 +52,10 @@ from typing import Any, NoReturn
 
 import httpx
 from sanic import HTTPResponse, Request, Sanic, html, raw
+from sanic.response import BaseHTTPResponse
 from sanic.response import json as json_response
 from sanic.server.socket import bind_socket
+from sanic.worker.loader import AppLoader
 
 from sanic_streamplus import ServerSentEvent, StreamPlus, stream_post, upstream_events
 from sanic_streamplus.errors import UpstreamBadResponse
@@ -260,6 +265,27 @@ def create_app(
     return app
 
 
+def worker_app(options: dict[str, Any]) -> Sanic[Any, Any]:
+    """The app of one worker of ``--workers N``: :func:`create_app` with ``options``, every
+    answer marked with the worker's pid (``X-Worker-Pid``), its log lines on stderr."""
+    log()
+    app = create_app(**options)
+
+    def mark(request: Request, response: BaseHTTPResponse) -> None:
+        response.headers["X-Worker-Pid"] = str(os.getpid())
+
+    app.register_middleware(mark, "response")
+    return app
+
+
+def log() -> None:
+    """The package's INFO lines on stderr."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
+    logging.getLogger("sanic_streamplus").addHandler(handler)
+    logging.getLogger("sanic_streamplus").setLevel(logging.INFO)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--host", default="127.0.0.1")
@@ -290,29 +316,41 @@ def main() -> None:
     )
     parser.add_argument("--heartbeat", type=float, default=15.0, help="seconds (default 15)")
     parser.add_argument(
+        "--workers", type=int, default=1, help="Sanic worker processes (default 1)"
+    )
+    parser.add_argument(
         "--first-event-timeout", type=float, default=120.0, help="seconds (default 120)"
     )
     args = parser.parse_args()
     if args.upstream is None and os.environ.get("UPSTREAM_URL"):
         args.upstream = [os.environ["UPSTREAM_URL"]]
-    handler = logging.StreamHandler()
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s: %(message)s"))
-    logging.getLogger("sanic_streamplus").addHandler(handler)
-    logging.getLogger("sanic_streamplus").setLevel(logging.INFO)
     if args.upstream is not None and not all(url.strip() for url in args.upstream):
         fail(
             "--upstream is empty: give an http:// or https:// URL, or leave it out for the "
             "embedded fake model"
         )
-    try:
-        app = create_app(
-            args.upstream,
-            api_key=args.api_key,
-            model=args.model,
-            heartbeat=args.heartbeat,
-            first_event_timeout=args.first_event_timeout,
-            failover=args.failover,
+    options = {
+        "upstream": args.upstream,
+        "api_key": args.api_key,
+        "model": args.model,
+        "heartbeat": args.heartbeat,
+        "first_event_timeout": args.first_event_timeout,
+        "failover": args.failover,
+    }
+    if args.workers > 1:  # each worker process builds its own app with the loader
+        loader = AppLoader(factory=functools.partial(worker_app, options))
+        try:
+            app = loader.load()
+        except ValueError as exc:  # a bad STREAMPLUS_* value, as below
+            fail(str(exc))
+        app.prepare(
+            host=args.host, port=args.port, workers=args.workers, access_log=False, motd=False
         )
+        Sanic.serve(primary=app, app_loader=loader)
+        return
+    log()
+    try:
+        app = create_app(**options)
     except ValueError as exc:  # a bad STREAMPLUS_* value, e.g. --upstream localhost:8741
         fail(str(exc))
     try:

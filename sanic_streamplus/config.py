@@ -46,7 +46,14 @@ HOP_BY_HOP = frozenset(
         "content-length",
     }
 )
-_DURATIONS = ("heartbeat", "resume_ttl", "resume_grace", "breaker_window", "breaker_cooldown")
+_DURATIONS = (
+    "heartbeat",
+    "resume_ttl",
+    "resume_grace",
+    "resume_handover",
+    "breaker_window",
+    "breaker_cooldown",
+)
 _POSITIVE_INTS = (
     "high_water_mark",
     "max_event_size",
@@ -266,6 +273,10 @@ class Settings:
         resume_max_events: events kept per resumable stream; a reader further behind gets an
             ``events_expired`` error.
         resume_grace: seconds a producer goes on with no reader before it stops.
+        resume_handover: with the ``redis`` store, seconds a stream handed over by a worker
+            that stops gracefully waits for another worker to claim and continue it (the
+            first reader of it on a live worker does); None or 0: no handover, its readers
+            end with a ``shutdown`` frame (see docs/resume.md, "Handover").
         resume_path: the path prefix of the resume (``GET <path>/<stream_id>``) and cancel
             (``DELETE <path>/<stream_id>``) routes the extension registers.
         forward_headers: names of downstream request headers forwarded upstream by
@@ -319,6 +330,7 @@ class Settings:
     resume_ttl: float | None = 600.0
     resume_max_events: int = 10_000
     resume_grace: float | None = 120.0
+    resume_handover: float | None = 30.0
     resume_path: str = "/streams"
     metrics: bool = False
     metrics_path: str = "/metrics"

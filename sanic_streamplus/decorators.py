@@ -26,6 +26,7 @@ from .errors import (
     TooManyProducers,
     TooManyStreams,
 )
+from .failover import Handover
 from .framing import get_dialect, get_format
 from .machine import Outcome, outcome_for
 from .observe import Hook, Watch
@@ -167,10 +168,21 @@ async def _resumable(
             if isinstance(source, HTTPResponse):
                 await resumer.fail(stream_id, InvalidRequest("the handler refused the request"))
                 return source
-            await resumer.start(source, options.dialect, stream_id)
+            await resumer.start(source, options.dialect, stream_id, _handover(request, source))
     finally:
         resumer.release(place)
     return resumer.events(stream_id, 0), {"X-Stream-Id": stream_id}
+
+
+def _handover(request: Request, source: Any) -> Handover | None:
+    """The upstream request of a pass-through route (the handler returned what
+    :func:`~sanic_streamplus.upstream.upstream_events` made, as it is), for a handover when
+    the worker stops; None for any other handler (its events cannot be asked for again)."""
+    noted = getattr(request.ctx, "streamplus_upstream", None)
+    if noted is None or noted[0] is not source:
+        return None
+    mode, budget = request.ctx.streamplus_failover
+    return Handover.of(noted[1], mode, budget, request.ctx.streamplus_attempts)
 
 
 def _watch(

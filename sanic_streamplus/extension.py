@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +14,7 @@ from sanic_ext.extensions.base import Extension
 from .config import Settings
 from .decorators import cancel_stream, resume_stream
 from .errors import ExtensionMissing
-from .failover import UpstreamPool
+from .failover import UpstreamPool, handover_events
 from .observe import H, Hook, Observer, metrics_response_body
 from .openapi import prepare_stream_routes
 from .relay import shutdown_streams
@@ -74,6 +75,8 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
     error frame in its dialect and its upstream closed, within half of Sanic's
     ``GRACEFUL_SHUTDOWN_TIMEOUT`` (native server; ASGI servers run the lifespan shutdown only
     once their open responses ended: see :func:`~sanic_streamplus.relay.relay` for uvicorn).
+    With the ``redis`` store, its resumable producers are then handed over to other workers
+    where they can be (``STREAMPLUS_RESUME_HANDOVER``, see ``docs/resume.md``).
 
     Raises:
         ValueError: at server start, for a malformed ``STREAMPLUS_*`` value.
@@ -112,6 +115,7 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
     state.pool = UpstreamPool(settings)
     state.client = state.pool.members[0].client
     store: EventStore
+    handover, continuer = None, None  # with the memory store, no other worker continues
     if settings.resume_store == "redis":
         from .store import RedisEventStore
 
@@ -123,6 +127,10 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
             max_events=settings.resume_max_events,
             ttl=settings.resume_ttl or 600.0,
         )
+        handover = settings.resume_handover
+        continuer = functools.partial(
+            handover_events, state.pool, settings.continue_instruction
+        )
     else:
         store = MemoryEventStore(settings.resume_max_events, settings.resume_ttl or 600.0)
     state.resumer = Resumer(
@@ -131,6 +139,8 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
         grace=settings.resume_grace or float("inf"),
         window=max(1, settings.resume_max_events // 2),
         max_producers=settings.max_producers or settings.max_streams,
+        handover=handover,
+        continuer=continuer,
     )
 
 

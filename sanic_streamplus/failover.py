@@ -27,12 +27,17 @@ breaker is open is skipped (``circuit_open``); when all are, the stream is refus
 Every upstream asked (or skipped) is an :class:`~sanic_streamplus.observe.Attempt` in
 ``StreamInfo.attempts``; each attempt but the last is counted in the
 ``streamplus_failovers_total`` metric, by route and reason (the attempt's outcome).
+
+A resumable stream whose worker stops gracefully is continued the same way on another worker
+(``docs/resume.md``, "Handover"): :class:`Handover` is the upstream request its producer keeps
+in the store, and :func:`handover_events` the continuation the adopting worker runs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import functools
 import json as jsonlib
 import logging
 import math
@@ -60,7 +65,16 @@ from .splice import Splice
 from .sse import ServerSentEvent
 from .upstream import create_client, stream_events
 
-__all__ = ["CONTINUED", "Breaker", "Member", "UpstreamPool", "failover_events", "is_content"]
+__all__ = [
+    "CONTINUED",
+    "Breaker",
+    "Handover",
+    "Member",
+    "UpstreamPool",
+    "failover_events",
+    "handover_events",
+    "is_content",
+]
 
 logger = logging.getLogger("sanic_streamplus")
 MAX_HELD = 64  # events held before the first content event; past it, the upstream has begun
@@ -374,6 +388,8 @@ async def failover_events(
     failover: str = "fallback",
     max_continuations: int = 0,
     instruction: str | None = None,
+    splice: Splice | None = None,
+    continued: int = 0,
 ) -> AsyncIterator[ServerSentEvent]:
     """Yield the events of the first of ``members`` that streams (see the module docstring).
 
@@ -393,6 +409,11 @@ async def failover_events(
             object and no tool call is in flight.
         max_continuations: how many times the stream may be continued.
         instruction: the user message after the prefill of an OpenAI continuation, or None.
+        splice: a stream handed over (:func:`handover_events`): the splice that was told of
+            every event delivered already; the first upstream is asked for the continuation
+            (``json`` plus the text so far) and its events are rewritten, as a continuation's.
+        continued: with ``splice``, how many times the stream was continued before (its
+            budget left for a later cut: ``max_continuations - continued - 1``).
 
     Yields:
         :class:`ServerSentEvent`, in stream order: one upstream's, or one upstream's then its
@@ -420,11 +441,18 @@ async def failover_events(
         )
 
     continuing = failover == "continue" and max_continuations > 0 and isinstance(json, dict)
-    relay = _Relay(checker, Splice(checker, instruction=instruction) if continuing else None)
+    if splice is None and continuing:
+        splice = Splice(checker, instruction=instruction)
+    relay = _Relay(checker, splice)
+    resumed = splice is not None and splice.can_continue and isinstance(json, dict)
+    body: Callable[[], Any] = lambda: json  # noqa: E731
+    if resumed:
+        assert splice is not None and isinstance(json, dict)
+        relay.continuations = continued + 1
+        body = functools.partial(splice.continuation_body, json)
+    budget = max_continuations if continuing else 0
     skip: set[str] = set()
-    opened = await _first_content(
-        members, skip, open_stream, lambda: json, checker, attempts, False
-    )
+    opened = await _first_content(members, skip, open_stream, body, checker, attempts, resumed)
     while True:
         events = opened.events
         relay.attempt = opened.attempt
@@ -442,7 +470,7 @@ async def failover_events(
         except UpstreamError as error:
             opened.attempt.outcome = error.type
             opened.member.breaker.failed(asyncio.get_running_loop().time())
-            if not relay.may_continue(error, max_continuations):
+            if not relay.may_continue(error, budget):
                 raise
             await events.aclose()  # type: ignore[attr-defined]
             skip.add(opened.member.name)
@@ -529,3 +557,120 @@ class _Relay:
             )
         except UpstreamError:
             raise error from None
+
+
+@dataclass
+class Handover:
+    """A resumable stream's upstream request, kept by its producer so that another worker can
+    continue the stream when this one stops (``docs/resume.md``, "Handover").
+
+    Never a secret: the upstreams by their config name (the URL and key come from the
+    adopting worker's ``STREAMPLUS_UPSTREAMS``), no header, and a URL relative to the
+    upstream's base URL (an absolute one may carry a key in its query).
+
+    Attributes:
+        request: ``method``, ``url`` (relative), ``json`` (the body: a JSON object),
+            ``dialect`` (the upstream's), ``upstreams`` (names, or None: all), ``failover`` and
+            ``max_continuations`` (the route's), ``continued`` (continuations before this
+            producer's upstream: a failover's or a handover's).
+        attempts: the upstreams this producer asked (``StreamInfo.attempts``): the
+            continuations among them count against the budget too.
+    """
+
+    request: dict[str, Any]
+    attempts: list[Attempt]
+
+    @classmethod
+    def of(
+        cls,
+        call: Mapping[str, Any],
+        failover: str,
+        max_continuations: int,
+        attempts: list[Attempt],
+    ) -> Handover | None:
+        """The handover of the upstream request ``call`` (what
+        :func:`~sanic_streamplus.upstream.upstream_events` was called with: ``method``,
+        ``url``, ``json``, ``content``, ``headers``, ``dialect``, ``upstreams``), or None when
+        it cannot be continued elsewhere: a raw ``content`` body or one that is not a JSON
+        object, headers to send (forwarded or the handler's: they may hold a secret), an
+        absolute URL, the ``plain`` dialect (no splice knows its text), or a budget of 0."""
+        url, body = str(call["url"]), call.get("json")
+        if (
+            call.get("content") is not None
+            or not isinstance(body, dict)
+            or call.get("headers")
+            or not httpx.URL(url).is_relative_url
+            or call["dialect"] == "plain"
+            or max_continuations <= 0
+        ):
+            return None
+        upstreams = call.get("upstreams")
+        request = {
+            "method": str(call["method"]),
+            "url": url,
+            "json": body,
+            "dialect": str(call["dialect"]),
+            "upstreams": None if upstreams is None else list(upstreams),
+            "failover": failover,
+            "max_continuations": max_continuations,
+            "continued": 0,
+        }
+        return cls(request, attempts)
+
+    @property
+    def continued(self) -> int:
+        """Continuations so far: the stored count and this producer's upstreams' (an
+        attempt that continued the stream and streamed)."""
+        own = sum(1 for attempt in self.attempts if attempt.continuation and attempt.events)
+        return int(self.request["continued"]) + own
+
+    @property
+    def continuable(self) -> bool:
+        """The stream may be continued once more: its budget is not spent."""
+        return self.continued < int(self.request["max_continuations"])
+
+    def request_json(self) -> str:
+        """:attr:`request` as JSON, with ``continued`` as it stands now."""
+        return jsonlib.dumps({**self.request, "continued": self.continued})
+
+
+def handover_events(
+    pool: UpstreamPool,
+    instruction: str | None,
+    request: str,
+    delivered: list[ServerSentEvent],
+) -> tuple[AsyncIterator[ServerSentEvent], Handover] | None:
+    """The continuation of a stream another worker handed over: ``request``
+    (:meth:`Handover.request_json`) continued on ``pool``'s upstreams of that name, after the
+    events ``delivered`` so far (read back from the store), as :func:`failover_events` continues
+    a cut stream (the seams hidden); and the :class:`Handover` of the new producer. None when
+    it cannot be continued: nothing was delivered, a tool call is in flight or the answer is
+    complete (:attr:`~sanic_streamplus.splice.Splice.can_continue`), or this worker has no
+    upstream of a name it names. (The budget was checked by the worker that handed it
+    over: :attr:`Handover.continuable`.)"""
+    spec = jsonlib.loads(request)
+    handover = Handover(spec, [])
+    dialect = get_dialect(spec["dialect"])
+    splice = Splice(dialect, instruction=instruction)
+    for event in delivered:
+        splice.delivered(event)
+    if not splice.can_continue:
+        return None
+    try:
+        members = pool.select(spec["upstreams"])
+    except ValueError:
+        return None
+    source = failover_events(
+        members,
+        spec["method"],
+        spec["url"],
+        dialect=dialect.name,
+        attempts=handover.attempts,
+        json=spec["json"],
+        failover=spec["failover"],
+        max_continuations=int(spec["max_continuations"]),
+        instruction=instruction,
+        splice=splice,
+        continued=int(spec["continued"]),
+    )
+    return source, handover

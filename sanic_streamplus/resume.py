@@ -17,7 +17,13 @@ connection is a *reader* of the store, as is every later connection that resumes
   stops the producer in whatever worker runs it, closes the upstream, and readers end with a
   ``cancelled`` frame;
 - **exactly one producer**: the store's lease with a fencing token; a producer that dies (its
-  process killed) lets its lease lapse, and readers end with a ``producer_lost`` frame.
+  process killed) lets its lease lapse, and readers end with a ``producer_lost`` frame;
+- **handover**: a worker that stops gracefully (with a :attr:`Resumer.continuer`: the Redis
+  store) hands over the producers it can (a pass-through upstream route, see
+  :class:`~sanic_streamplus.failover.Handover`): each stops reading its upstream, closes it
+  and gives its lease up with the upstream request kept in the store; the first reader of the
+  stream on a live worker adopts it and continues it there (the splice continuation, appended
+  to the same stream), so every reader sees one stream.
 
 It knows nothing of Redis or of Sanic's responses: the store and the relay do that.
 """
@@ -30,14 +36,15 @@ import logging
 import re
 import secrets
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable
-from typing import Any, TypeVar
+from collections.abc import AsyncGenerator, AsyncIterable, AsyncIterator, Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from ._aio import close_completely
 from .errors import (
     EventsExpired,
     ProducerLost,
     ReplayedError,
+    ServerShutdown,
     StoreUnavailable,
     StreamCancelled,
     StreamExpired,
@@ -46,11 +53,21 @@ from .errors import (
     UpstreamTruncated,
     error_record,
 )
-from .framing import Dialect, Format
+from .framing import Dialect, Format, get_dialect
 from .machine import Commit, Cut, Ending, FinalFrame, Outcome, Refuse, StreamMachine
 from .pump import Pump
 from .sse import ServerSentEvent
 from .store import EventStore, FencingError, SequenceMismatch, StreamRecord
+
+if TYPE_CHECKING:
+    from .failover import Handover
+
+Continuer = Callable[
+    [str, list[ServerSentEvent]], "tuple[AsyncIterator[ServerSentEvent], Handover] | None"
+]
+"""What continues a stream handed over: given the request its producer kept (JSON) and the
+stream's events so far, the source of the rest and what to hand over next; or None when the
+stream cannot be continued (see :func:`~sanic_streamplus.failover.handover_events`)."""
 
 __all__ = ["Resumer", "is_stream_id", "new_stream_id", "parse_last_event_id"]
 
@@ -128,6 +145,10 @@ class Resumer:
             in other workers, and the ones that left, do not hold it back.
         max_producers: the most producers running or starting in this worker (see
             :meth:`reserve`), or None for no limit.
+        handover: seconds a stream handed over by this worker when it stops may wait for
+            another worker to adopt it, or None: no handover (its readers get ``shutdown``).
+        continuer: what continues, in this worker, a stream another worker handed over
+            (:data:`Continuer`), or None: this worker adopts none.
     """
 
     def __init__(
@@ -138,8 +159,13 @@ class Resumer:
         grace: float,
         window: int,
         max_producers: int | None = None,
+        handover: float | None = None,
+        continuer: Continuer | None = None,
     ) -> None:
         self.store = store
+        self.handover = handover
+        self.continuer = continuer
+        self._adopting: set[str] = set()  # streams this worker is adopting
         self.ttl = ttl
         self.grace = grace
         self.window = window
@@ -167,8 +193,15 @@ class Resumer:
         """Give back a place :meth:`reserve` held."""
         self._starting.discard(place)
 
-    async def start(self, source: AsyncIterable[Any], dialect: Dialect, stream_id: str) -> None:
-        """Claim ``stream_id`` (just opened in the store) and run its producer on ``source``.
+    async def start(
+        self,
+        source: AsyncIterable[Any],
+        dialect: Dialect,
+        stream_id: str,
+        handover: Handover | None = None,
+    ) -> None:
+        """Claim ``stream_id`` (just opened in the store) and run its producer on ``source``;
+        ``handover``: the upstream request, when the stream may be handed over.
 
         Raises:
             FencingError: another producer holds the stream (the caller attaches instead).
@@ -176,7 +209,20 @@ class Resumer:
         token = secrets.token_hex(8)
         if not await self.store.claim(stream_id, token, _LEASE):
             raise FencingError(f"stream {stream_id} has a producer")
-        downstream = _StoreDownstream(self, stream_id, token)
+        self._run(source, dialect, stream_id, token, 0, handover)
+
+    def _run(
+        self,
+        source: AsyncIterable[Any],
+        dialect: Dialect,
+        stream_id: str,
+        token: str,
+        seq: int,
+        handover: Handover | None,
+    ) -> None:
+        """Run the producer of ``stream_id``, whose lease ``token`` holds, on ``source``, its
+        events appended after ``seq``."""
+        downstream = _StoreDownstream(self, stream_id, token, seq, handover)
         limit = max(1, min(_BATCH, self.window))  # events read ahead of the store
         pump = Pump(StreamMachine(dialect, _STORED), downstream, high_water_mark=limit)
         self.pumps[stream_id] = pump
@@ -322,10 +368,66 @@ class Resumer:
                 return
             if record.producer_alive or record.finished or events:
                 lost_since = None
+            elif record.handover_until > time.time() and not self.closing:
+                await self._adopt(stream_id, record)  # handed over: continue it here
+                lost_since = None
             elif lost_since is None:
                 lost_since = time.monotonic()
             elif time.monotonic() - lost_since > 2 * _LEASE:
                 raise ProducerLost(stream_id)
+
+    async def _adopt(self, stream_id: str, record: StreamRecord) -> None:
+        """Adopt ``stream_id``, handed over by a worker that stopped, and continue it here
+        (:attr:`continuer`), appending to the same stream; if it cannot be continued (see
+        :func:`~sanic_streamplus.failover.handover_events`), finish it ``failed`` with
+        :class:`~sanic_streamplus.errors.ServerShutdown` (its readers get a ``shutdown``
+        frame), and if it was cancelled meanwhile, ``cancelled``. Nothing when another worker
+        adopts it first, or this one has no continuer.
+
+        Raises:
+            StoreUnavailable: the store cannot be reached.
+        """
+        continuer = self.continuer
+        if continuer is None or stream_id in self._adopting or stream_id in self.producers:
+            return
+        self._adopting.add(stream_id)
+        try:
+            token = secrets.token_hex(8)
+            request = await self.store.adopt(stream_id, token, _LEASE)
+            if request is None:
+                return
+            if record.cancel_requested:  # cancelled while no worker produced it
+                await self.store.finish(stream_id, token, "cancelled")
+                return
+            stored = await self._stored(stream_id)
+            continued = None
+            try:
+                continued = None if stored is None else continuer(request, stored[1])
+            except Exception:  # a request this worker cannot read: end it, not a lapsed lease
+                logger.exception("stream %s: the handed-over request is unreadable", stream_id)
+            if stored is None or continued is None:
+                logger.warning("stream %s: handed over, cannot be continued", stream_id)
+                await self.store.finish(stream_id, token, "failed", error_record(ServerShutdown()))
+                return
+            logger.info("stream %s: adopted, continuing after %d events", stream_id, stored[0])
+            dialect = get_dialect(record.info.get("dialect") or "plain")
+            self._run(continued[0], dialect, stream_id, token, stored[0], continued[1])
+        finally:
+            self._adopting.discard(stream_id)
+
+    async def _stored(self, stream_id: str) -> tuple[int, list[ServerSentEvent]] | None:
+        """The last sequence number and every event of ``stream_id``, read from the store;
+        None when the oldest were dropped by its cap (the text so far is not all there)."""
+        events: list[ServerSentEvent] = []
+        after = 0
+        while True:
+            read, record = await self.store.read(stream_id, after, 0)
+            if record is None or (read and read[0][0] != after + 1):
+                return None
+            events += (event for _, event in read)
+            after = read[-1][0] if read else after
+            if not read or after >= record.last_seq:
+                return (after, events) if after == record.last_seq else None
 
     async def cancel(self, stream_id: str) -> bool:
         """Cancel a running stream, in whatever worker produces it: its producer stops and
@@ -343,7 +445,8 @@ class Resumer:
         return True
 
     async def close(self) -> None:
-        """Cancel this worker's producers and close the store."""
+        """Stop this worker's producers (the server stops): each is handed over (see
+        :attr:`handover`) or ends with a ``shutdown`` frame; then close the store."""
         self.closing = True
         tasks = list(self.producers.values())
         for pump in list(self.pumps.values()):
@@ -412,12 +515,29 @@ class _StoreDownstream:
             lease was lost: a :class:`~sanic_streamplus.store.FencingError` ends the pump).
     """
 
-    __slots__ = ("_pending", "queued", "resumer", "seq", "state", "stream_id", "token")
+    __slots__ = (
+        "_pending",
+        "handover",
+        "queued",
+        "resumer",
+        "seq",
+        "state",
+        "stream_id",
+        "token",
+    )
 
-    def __init__(self, resumer: Resumer, stream_id: str, token: str) -> None:
+    def __init__(
+        self,
+        resumer: Resumer,
+        stream_id: str,
+        token: str,
+        seq: int = 0,
+        handover: Handover | None = None,
+    ) -> None:
         self.resumer, self.stream_id, self.token = resumer, stream_id, token
+        self.handover = handover
         self.queued = 0
-        self.seq = 0  # this producer is the stream's only writer: the n-th event is seq n
+        self.seq = seq  # this producer is the stream's only writer: the n-th event is seq n
         self.state: str | None = None
         self._pending: list[ServerSentEvent] = []
 
@@ -466,6 +586,8 @@ class _StoreDownstream:
         await self._finish(ending)
 
     async def _finish(self, ending: Ending) -> None:
+        if await self._hand_over(ending):
+            return
         error = None
         if ending.outcome is Outcome.CANCELLED:
             state = "cancelled"
@@ -486,6 +608,33 @@ class _StoreDownstream:
             logger.warning("stream %s: the end was not stored (%r)", stream_id, exc)
             return
         self.state = state
+
+    async def _hand_over(self, ending: Ending) -> bool:
+        """Hand the stream over instead of finishing it, when the server stops and another
+        worker can continue it: after an event, with the upstream request known
+        (:attr:`handover`) and its continuation budget not spent. True: done (or not ours)."""
+        resumer, handover = self.resumer, self.handover
+        if (
+            not isinstance(ending.error, ServerShutdown)
+            or resumer.handover is None
+            or handover is None
+            or not handover.continuable
+            or self.seq == 0
+        ):
+            return False
+        until = time.time() + resumer.handover
+        try:
+            await resumer.store.handover(
+                self.stream_id, self.token, handover.request_json(), until, self.seq
+            )
+        except FencingError:  # not ours any more
+            return True
+        except StoreUnavailable:
+            logger.warning("stream %s: the event store is unreachable", self.stream_id)
+            return True
+        logger.info("stream %s: handed over after %d events", self.stream_id, self.seq)
+        self.state = "handed_over"
+        return True
 
     async def cut(self, cut: Cut) -> None:
         pass

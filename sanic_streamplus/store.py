@@ -74,6 +74,9 @@ class StreamRecord:
         reader_seen: when a reader last read, in seconds since the epoch (float), 0.0 if never.
         error: the error body ``{"type", "message", "upstream_status"}`` of a failed stream.
         info: what the stream's opener said of it (str to str), e.g. its format and dialect.
+        handover_until: while the stream is handed over and not claimed yet (its producer's
+            worker stopped, see :meth:`EventStore.handover`), until when another worker may
+            claim it, in seconds since the epoch (float); 0.0 otherwise.
     """
 
     stream_id: str
@@ -85,6 +88,7 @@ class StreamRecord:
     reader_seen: float = 0.0
     error: dict[str, Any] | None = None
     info: dict[str, str] = field(default_factory=dict)
+    handover_until: float = 0.0
 
     @property
     def finished(self) -> bool:
@@ -154,6 +158,27 @@ class EventStore(Protocol):
         """
         ...
 
+    async def handover(
+        self, stream_id: str, token: str, request: str, until: float, last_seq: int
+    ) -> None:
+        """Give the stream up without finishing it (its producer's worker stops): the lease
+        ends, the stream stays ``running``, ``request`` (what a continuation needs, JSON; never
+        a secret) is kept until :meth:`adopt` takes it, which it may until ``until`` (seconds
+        since the epoch), and readers are woken.
+
+        Raises:
+            FencingError: ``token`` does not hold the lease.
+            SequenceMismatch: the stream's last sequence number is not ``last_seq``.
+        """
+        ...
+
+    async def adopt(self, stream_id: str, token: str, lease: float) -> str | None:
+        """Claim a stream handed over (:meth:`handover`) before its ``until``: ``token`` holds
+        the lease for ``lease`` seconds and the ``request`` kept is returned (and removed: one
+        worker adopts it); None if the stream is not handed over, expired, finished, or another
+        producer holds it."""
+        ...
+
     async def read(
         self, stream_id: str, after: int, block: float
     ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
@@ -183,6 +208,7 @@ class _MemoryStream:
     lease_until: float = 0.0
     expires: float = 0.0
     key: str | None = None  # the idempotency key bound to the stream
+    handover: str | None = None  # the request kept by handover(), until adopt() takes it
     changed: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -302,6 +328,26 @@ class MemoryEventStore:
         self._refresh(stream)
         stream.changed.set()
 
+    async def handover(
+        self, stream_id: str, token: str, request: str, until: float, last_seq: int
+    ) -> None:
+        stream = self._fenced(stream_id, token)
+        if last_seq != stream.record.last_seq:
+            raise SequenceMismatch(f"stream {stream_id}: at {stream.record.last_seq}")
+        stream.handover, stream.record.handover_until = request, until
+        stream.token = None
+        stream.changed.set()
+
+    async def adopt(self, stream_id: str, token: str, lease: float) -> str | None:
+        stream = self._get(stream_id)
+        if stream is None or stream.handover is None or stream.record.finished:
+            return None
+        if stream.record.handover_until < time.time() or stream.token is not None:
+            return None
+        request, stream.handover, stream.record.handover_until = stream.handover, None, 0.0
+        stream.token, stream.lease_until = token, time.monotonic() + lease
+        return request
+
     async def read(
         self, stream_id: str, after: int, block: float
     ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
@@ -331,6 +377,7 @@ class MemoryEventStore:
             record.reader_seen,
             record.error,
             record.info,
+            record.handover_until,
         )
 
     async def record(self, stream_id: str) -> StreamRecord | None:
@@ -474,6 +521,36 @@ return key
 """
 )
 
+# ARGV: token, the request JSON, until (ms since the epoch), the caller's last sequence number.
+# Returns 1, or -1 (fenced), or -2 (the stream's last sequence number is not the caller's).
+_LUA_HANDOVER = (
+    _LUA_FENCED
+    + _LUA_SIGNAL
+    + """
+if fenced(ARGV[1]) then return -1 end
+if tonumber(redis.call('HGET', KEYS[1], 'last_seq')) ~= tonumber(ARGV[4]) then return -2 end
+redis.call('HSET', KEYS[1], 'handover', ARGV[2], 'handover_until', ARGV[3])
+redis.call('DEL', KEYS[3])
+signal('handover')
+return 1
+"""
+)
+
+# ARGV: token, lease, now (ms since the epoch). Returns the request kept by _LUA_HANDOVER after
+# claiming the lease for the token (and removes it), or false.
+_LUA_ADOPT = """
+if redis.call('HGET', KEYS[1], 'state') ~= 'running' then return false end
+local request = redis.call('HGET', KEYS[1], 'handover')
+if not request then return false end
+if tonumber(redis.call('HGET', KEYS[1], 'handover_until')) < tonumber(ARGV[3]) then
+  return false
+end
+if redis.call('EXISTS', KEYS[3]) == 1 then return false end
+redis.call('SET', KEYS[3], ARGV[1], 'PX', ARGV[2])
+redis.call('HDEL', KEYS[1], 'handover', 'handover_until')
+return request
+"""
+
 # Returns 1 if the cancel was requested, 0 if the stream is unknown or finished.
 _LUA_CANCEL = (
     _LUA_SIGNAL
@@ -531,13 +608,16 @@ class RedisEventStore:
     - ``<prefix>stream:{<id>}:meta``: a hash: ``state``, ``last_seq``, ``error`` (JSON),
       ``cancel`` (``0``/``1``), ``reader_seen`` (seconds since the epoch), ``signals`` (see
       below), ``key`` (the idempotency key's Redis name, to refresh its TTL) and ``key_at``
-      (when that TTL was last refreshed, ms since the epoch), ``info:<name>`` (the info).
+      (when that TTL was last refreshed, ms since the epoch), ``info:<name>`` (the info);
+      while the stream is handed over and not adopted, ``handover`` (the request kept) and
+      ``handover_until`` (ms since the epoch).
     - ``<prefix>stream:{<id>}:producer``: the producer's token, with a ``PX <lease>`` expiry:
       the lease. :meth:`claim` sets it only if it is absent (or already this token: a
-      refresh) and the stream is running; :meth:`finish` deletes it.
+      refresh) and the stream is running, :meth:`adopt` only if it is absent and the stream
+      is handed over; :meth:`finish` and :meth:`handover` delete it.
     - ``<prefix>stream:{<id>}:signal``: a Redis Stream of one entry, ``0-<n>``, added when the
-      stream finishes or a cancel is requested (``n`` counts them; it is also ``signals`` in
-      the meta).
+      stream finishes, a cancel is requested or the stream is handed over (``n`` counts them;
+      it is also ``signals`` in the meta).
     - ``<prefix>idem:<sha256 of the idempotency key, hex>``: the stream ID the key is bound
       to, in a slot of its own (the key names the stream, so the stream's tag cannot be
       derived from it). :meth:`open` registers the stream first, then binds the key if it is
@@ -644,6 +724,8 @@ class RedisEventStore:
         self._append: Any = register(_LUA_APPEND)
         self._finish: Any = register(_LUA_FINISH)
         self._cancel: Any = register(_LUA_CANCEL)
+        self._handover: Any = register(_LUA_HANDOVER)
+        self._adopt: Any = register(_LUA_ADOPT)
         self._snapshot: Any = register(_LUA_SNAPSHOT)
 
     @classmethod
@@ -805,6 +887,24 @@ class RedisEventStore:
                 raise SequenceMismatch(f"stream {stream_id}: at {key[1]}, not {last_seq}")
             await self._refresh_key(key)
 
+    async def handover(
+        self, stream_id: str, token: str, request: str, until: float, last_seq: int
+    ) -> None:
+        args = [token, request, _ms(until), last_seq]
+        with self._reachable():
+            reply = await self._handover(keys=self._keys(stream_id), args=args)
+        if reply == -1:
+            raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
+        if reply == -2:
+            raise SequenceMismatch(f"stream {stream_id}: not at {last_seq}")
+
+    async def adopt(self, stream_id: str, token: str, lease: float) -> str | None:
+        with self._reachable():
+            reply = await self._adopt(
+                keys=self._keys(stream_id), args=[token, _ms(lease), _now_ms()]
+            )
+        return None if reply is None else self._text(reply)
+
     async def read(
         self, stream_id: str, after: int, block: float
     ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
@@ -929,6 +1029,7 @@ class RedisEventStore:
             float(meta.get("reader_seen", 0.0)),
             None if error is None else json.loads(error),
             {name[5:]: value for name, value in meta.items() if name.startswith("info:")},
+            float(meta.get("handover_until", 0)) / 1000,
         )
         return record, int(meta.get("signals", 0))
 

@@ -557,6 +557,10 @@ def upstream_events(
     next (:func:`~sanic_streamplus.failover.failover_events`; ``docs/failover.md``), and each one
     asked is an ``Attempt`` in ``StreamInfo.attempts``.
 
+    The request is noted on ``request.ctx.streamplus_upstream`` (with the iterator returned):
+    a resumable route that returns this iterator as it is can be handed over to another
+    worker when its own stops (:class:`~sanic_streamplus.failover.Handover`).
+
     Raises:
         ExtensionMissing: the app has not registered the StreamPlus extension, or its server has
             not started.
@@ -575,13 +579,14 @@ def upstream_events(
         headers = {**forwarded, **(headers or {})}
     name = dialect or getattr(request.ctx, "streamplus_dialect", None) or settings.dialect
     members = state.pool.select(upstreams)
+    source: AsyncIterator[ServerSentEvent]
     if len(members) > 1:
         from .failover import failover_events  # it builds on this module
 
         attempts = getattr(request.ctx, "streamplus_attempts", None)
         default = (settings.failover, settings.max_continuations)
         mode, budget = getattr(request.ctx, "streamplus_failover", default)
-        return failover_events(
+        source = failover_events(
             members,
             method,
             url,
@@ -594,13 +599,19 @@ def upstream_events(
             max_continuations=budget,
             instruction=settings.continue_instruction,
         )
-    return stream_events(
-        members[0].client,
-        method,
-        url,
-        settings=settings,
-        json=json,
-        content=content,
-        headers=headers,
-        dialect=get_dialect(name),
-    )
+    else:
+        source = stream_events(
+            members[0].client,
+            method,
+            url,
+            settings=settings,
+            json=json,
+            content=content,
+            headers=headers,
+            dialect=get_dialect(name),
+        )
+    # the request, for a resumable stream's handover when this source is the handler's own
+    call = {"method": method, "url": url, "json": json, "content": content, "headers": headers}
+    call.update(dialect=get_dialect(name).name, upstreams=upstreams)
+    request.ctx.streamplus_upstream = (source, call)
+    return source

@@ -601,3 +601,49 @@ async def test_append_after_a_last_seq_that_is_not_the_streams(store: EventStore
     assert await store.append("s1", "t1", event(3)) == 3  # no last_seq: no check
     events, _ = await store.read("s1", 0, 0)
     assert seqs(events) == [1, 2, 3]
+
+
+async def test_a_handover_gives_the_lease_up_and_one_adopter_takes_it(store: EventStore) -> None:
+    """The old producer is fenced out at once; exactly one adopter gets the request; the
+    stream stays running and goes on at the same sequence number."""
+    await running(store)
+    await store.append("s1", "t1", event(1), event(2))
+    reader = asyncio.ensure_future(timed_read(store, "s1", 2))
+    await asyncio.sleep(0.2)
+    asked = time.monotonic()
+    with pytest.raises(SequenceMismatch):  # not where the stream is: nothing changes
+        await store.handover("s1", "t1", '{"r": 1}', time.time() + 30, 1)
+    await store.handover("s1", "t1", '{"r": "é"}', time.time() + 30, 2)
+    events, record, woke = await asyncio.wait_for(reader, BLOCK)
+    assert woke - asked < PROMPT  # its readers are woken
+    assert events == [] and record is not None
+    assert record.state == "running" and not record.producer_alive
+    assert record.handover_until > time.time() + 20
+    with pytest.raises(FencingError):
+        await store.append("s1", "t1", event(3))
+    with pytest.raises(FencingError):
+        await store.finish("s1", "t1", "completed")
+    assert not await store.renew("s1", "t1", 30)
+    adopted = await asyncio.gather(*(store.adopt("s1", f"a{n}", 30) for n in range(5)))
+    request = '{"r": "é"}'
+    assert [got for got in adopted if got is not None] == [request]
+    winner = f"a{adopted.index(request)}"
+    record = await store.record("s1")
+    assert record is not None and record.producer_alive and record.handover_until == 0.0
+    assert await store.adopt("s1", "other", 30) is None  # taken
+    assert not await store.claim("s1", "other", 30)
+    with pytest.raises(FencingError):
+        await store.append("s1", "t1", event(3))
+    assert await store.append("s1", winner, event(3), last_seq=2) == 3
+    await store.finish("s1", winner, "completed")
+
+
+async def test_a_handover_not_adopted_in_time_is_not_adopted(store: EventStore) -> None:
+    await running(store)
+    assert await store.adopt("s1", "a1", 30) is None  # not handed over
+    await store.append("s1", "t1", event(1))
+    await store.handover("s1", "t1", "{}", time.time() + 0.2, 1)
+    await asyncio.sleep(0.4)
+    assert await store.adopt("s1", "a1", 30) is None
+    record = await store.record("s1")
+    assert record is not None and not record.producer_alive and record.state == "running"
