@@ -24,10 +24,11 @@ import contextlib
 import hashlib
 import json
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import StoreUnavailable
@@ -623,6 +624,10 @@ class RedisEventStore:
         self._finish: Any = register(_LUA_FINISH)
         self._cancel: Any = register(_LUA_CANCEL)
         self._snapshot: Any = register(_LUA_SNAPSHOT)
+        from redis.asyncio.cluster import RedisCluster
+
+        # one XREAD over many streams cannot span Cluster slots: cluster readers read alone
+        self._shared = None if isinstance(client, RedisCluster) else _SharedRead(self)
 
     @classmethod
     def from_url(
@@ -656,8 +661,13 @@ class RedisEventStore:
         Args:
             url: ``redis://``, ``rediss://`` or ``unix://`` URL (``redis://`` or ``rediss://``,
                 database 0, with ``cluster``).
-            max_connections: the pool's size (per node, with ``cluster``): one per reader
-                waiting in ``XREAD BLOCK``, plus the producers'.
+            max_connections: the pool's size. On one Redis, the pool is a
+                ``BlockingConnectionPool``: a command waits (up to 10 s) for a free connection
+                instead of failing; the readers' waits take one connection (the shared
+                ``XREAD``), so the size bounds the store operations in flight at once
+                (appends, lease renewals, snapshots), not the readers. With ``cluster``: per
+                node, and one per reader waiting in ``XREAD BLOCK`` on that node, plus the
+                producers' (a Cluster has no shared read).
             cluster: ``url`` names a node of a Redis Cluster (or a Valkey cluster).
             max_events: events kept per stream, as for the constructor.
             ttl: seconds a stream is kept, as for the constructor.
@@ -666,23 +676,26 @@ class RedisEventStore:
         Raises:
             ValueError: a malformed ``url``, or ``max_events``/``ttl`` out of range.
         """
-        from redis.asyncio import Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
         from redis.asyncio.cluster import RedisCluster
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
         from redis.exceptions import ConnectionError, TimeoutError
 
-        make: Any = RedisCluster.from_url if cluster else Redis.from_url
-        client = make(
-            url,
-            max_connections=max_connections,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
-            retry_on_error=[ConnectionError, TimeoutError],
-            health_check_interval=30,
-            socket_connect_timeout=1.0,
-            socket_timeout=10.0,
-            socket_keepalive=True,
-        )
+        options: dict[str, Any] = {
+            "max_connections": max_connections,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
+            "retry_on_error": [ConnectionError, TimeoutError],
+            "health_check_interval": 30,
+            "socket_connect_timeout": 1.0,
+            "socket_timeout": 10.0,
+            "socket_keepalive": True,
+        }
+        client: Redis | RedisCluster
+        if cluster:
+            client = RedisCluster.from_url(url, **options)
+        else:  # a command waits for a free connection (at most the reply timeout)
+            client = Redis.from_pool(BlockingConnectionPool.from_url(url, timeout=10.0, **options))
         return cls(client, max_events=max_events, ttl=ttl, prefix=prefix)
 
     @contextlib.contextmanager
@@ -781,7 +794,9 @@ class RedisEventStore:
         after = max(after, 0)
         deadline = time.monotonic() + block
         with self._reachable():
-            return await self._read(stream_id, keys, after, deadline)
+            if self._shared is None or block <= 0:
+                return await self._read(stream_id, keys, after, deadline)
+            return await self._shared.read(stream_id, keys, after, deadline)
 
     async def _read(
         self, stream_id: str, keys: list[str], after: int, deadline: float
@@ -923,5 +938,288 @@ class RedisEventStore:
             return bool(await self._cancel(keys=keys, args=[]))
 
     async def close(self) -> None:
+        if self._shared is not None:
+            await self._shared.close()
         with contextlib.suppress(*self._unreachable):
             await self.client.aclose()
+
+
+_LINGER = 5.0  # seconds a stream stays in the shared XREAD after its last reader read
+_MARK_EVERY = 1.0  # seconds between the shared read's reader-seen marks of one stream
+
+
+@dataclass(eq=False)
+class _Watch:
+    """One stream that the shared read watches for the readers of this process.
+
+    ``buffered`` holds the events that came while no reader waited, consecutive from
+    ``base + 1`` up to ``pos`` (a reader at or after ``base`` is served from it; one behind
+    it takes a snapshot); ``waiters`` are the readers waiting now, each with its position."""
+
+    stream_id: str
+    keys: list[str]
+    record: StreamRecord
+    pos: int  # the shared XREAD asks for the events after it
+    signals: int  # ... and for the signals after it
+    base: int = 0
+    stale: bool = False  # a signal came that no reader has seen: the next read takes a snapshot
+    buffered: list[tuple[int, ServerSentEvent]] = field(default_factory=list)
+    waiters: dict[asyncio.Future[list[tuple[int, ServerSentEvent]] | None], int] = field(
+        default_factory=dict
+    )
+    used: float = 0.0  # monotonic time a reader last read
+    marked: float = 0.0  # monotonic time reader_seen was last marked for it
+    unmarked: bool = False  # a reader read since
+
+    def current(self, events: list[tuple[int, ServerSentEvent]]) -> StreamRecord:
+        """The record to answer with ``events`` (the last snapshot's, ``last_seq`` raised)."""
+        record = self.record
+        if not events:
+            return replace(record)
+        alive = record.producer_alive or not record.finished
+        return replace(record, last_seq=max(record.last_seq, events[-1][0]), producer_alive=alive)
+
+
+class _SharedRead:
+    """The blocking read of every reader of one :class:`RedisEventStore` (one process): one
+    ``XREAD BLOCK`` on one pooled connection over the events and signal streams of every
+    stream a reader of this process reads, instead of one connection per waiting reader.
+
+    A reader registers a waiter (a future) with its position on the stream's
+    :class:`_Watch` and awaits it; the loop dispatches what each ``XREAD`` returns to the
+    waiters (events after their position, or a signal: they take a snapshot), and buffers
+    the events that come while no reader of the stream waits (a reader relaying the last
+    batch), so that a reader back for more is served without a round trip. A stream stays
+    in the ``XREAD`` for ``_LINGER`` seconds after its last read (so that a reader back for
+    more needs no new ``XREAD``); a stream not in the ``XREAD`` in flight (a new reader) ends
+    it at once through the loop's wake-up stream, ``<prefix>wake:{<random>}`` (an ``XADD``
+    from another pooled connection). Every ``_MARK_EVERY`` seconds, a snapshot script per
+    stream read since (it marks the reader seen) rides in the same pipeline as the ``XREAD``.
+    An ``XREAD`` that fails fails every waiter with its error, and the loop forgets every
+    stream (the next reads start from snapshots); it runs while a stream is watched.
+
+    Not for a Redis Cluster: one ``XREAD`` must stay in one slot there, and every stream has
+    a slot of its own (its hash tag), so cluster readers each block on their own connection.
+    """
+
+    def __init__(self, store: RedisEventStore) -> None:
+        self.store = store
+        self.watches: dict[str, _Watch] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.inflight: set[_Watch] | None = None  # the watches of the XREAD in flight
+        self.waking: asyncio.Task[None] | None = None
+        self.wake_key = f"{store.prefix}wake:{{{secrets.token_hex(8)}}}"
+        self.wake_id = "0-0"
+
+    async def read(
+        self, stream_id: str, keys: list[str], after: int, deadline: float
+    ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
+        """:meth:`RedisEventStore.read` through the shared ``XREAD``: from the buffered events
+        if they cover ``after``, else a snapshot; then wait as a waiter until ``deadline``
+        (monotonic), and take a snapshot if woken by a signal or when the time is up."""
+        watch = self.watches.get(stream_id)
+        if watch is None or watch.stale or after < watch.base:
+            events, record, watch = await self._snapshot(stream_id, keys, after)
+            if watch is None or events or record is None:
+                return events, record
+        watch.used = time.monotonic()
+        while True:
+            if after > watch.pos:  # ahead of the watch: the events before are of no use
+                watch.pos = watch.base = after
+                watch.buffered.clear()
+            events = [item for item in watch.buffered if item[0] > after]
+            if events:
+                watch.buffered.clear()
+                watch.base = watch.pos
+                watch.unmarked = True
+                self._want(watch)  # paused while its buffer was full
+                return events, watch.current(events)
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                break
+            waiter: asyncio.Future[list[tuple[int, ServerSentEvent]] | None]
+            waiter = asyncio.get_running_loop().create_future()
+            watch.waiters[waiter] = after
+            self._want(watch)
+            try:
+                events_or_signal = await asyncio.wait_for(waiter, wait)
+            except asyncio.TimeoutError:
+                break
+            finally:
+                watch.waiters.pop(waiter, None)
+                watch.used = time.monotonic()
+            if events_or_signal is None or self.watches.get(stream_id) is not watch:
+                break  # a signal (or the watch was dropped): a snapshot says what changed
+            watch.unmarked = True
+            return events_or_signal, watch.current(events_or_signal)
+        events, record, _ = await self._snapshot(stream_id, keys, after)
+        return events, record
+
+    async def _snapshot(
+        self, stream_id: str, keys: list[str], after: int
+    ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None, _Watch | None]:
+        """One snapshot script (it marks the reader seen): the events after ``after`` and the
+        record; keeps the stream watched while it runs (None once finished or gone)."""
+        store = self.store
+        reply = await store._snapshot(
+            keys=keys[:3], args=[after, repr(time.time()), store.read_count]
+        )
+        if reply is None:
+            self._drop(stream_id)
+            return [], None, None
+        record, signals = store._record(stream_id, reply)
+        events = [store._event(entry) for entry in reply[3]]
+        if record.finished:
+            self._drop(stream_id)
+            return events, record, None
+        last = events[-1][0] if events else after
+        watch = self.watches.get(stream_id)
+        if watch is None:
+            watch = self.watches[stream_id] = _Watch(stream_id, keys, record, last, signals, last)
+        watch.record, watch.stale = record, False
+        watch.signals = max(watch.signals, signals)
+        if last > watch.pos:
+            watch.pos = watch.base = last
+            watch.buffered.clear()
+        watch.marked, watch.unmarked = time.monotonic(), False
+        return events, record, watch
+
+    def _drop(self, stream_id: str) -> None:
+        watch = self.watches.pop(stream_id, None)
+        if watch is not None:
+            for waiter in watch.waiters:  # they take a snapshot
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    def _want(self, watch: _Watch) -> None:
+        """Have ``watch`` in the ``XREAD``: start the loop, or end the ``XREAD`` in flight
+        through the wake-up stream if ``watch`` is not in it."""
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._run())
+        elif self.inflight is not None and watch not in self.inflight and self.waking is None:
+            self.waking = asyncio.ensure_future(self._wake())
+
+    async def _wake(self) -> None:
+        """End the ``XREAD`` in flight: an entry on the wake-up stream (its TTL ten blocks)."""
+        pipe = self.store.client.pipeline(transaction=False)
+        pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
+        pipe.pexpire(self.wake_key, _ms(10 * self.store._max_block))
+        with contextlib.suppress(Exception):  # the XREAD ends within _max_block anyway
+            await pipe.execute()
+
+    async def _run(self) -> None:
+        """The loop: one pipeline of due marks and the ``XREAD``, then dispatch, while any
+        stream is watched."""
+        try:
+            while True:
+                now = time.monotonic()
+                watching: list[_Watch] = []
+                for stream_id, watch in list(self.watches.items()):
+                    if not watch.waiters and now - watch.used > _LINGER:
+                        del self.watches[stream_id]
+                    elif watch.waiters or len(watch.buffered) < self.store.read_count:
+                        watching.append(watch)
+                if not watching:
+                    return
+                replies = await self._xread(watching, now)
+                self._dispatch(watching, replies)
+        except Exception as exc:  # every waiter fails with it; every stream is forgotten
+            for watch in self.watches.values():
+                for waiter in watch.waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+            self.watches.clear()
+        finally:
+            self.inflight = None
+            self.task = None
+
+    async def _xread(self, watching: list[_Watch], now: float) -> list[Any]:
+        """One round trip: the due marks (snapshot scripts, no events) and the ``XREAD
+        BLOCK``; their replies (the marks' first; an ``UNBLOCKED`` ``XREAD`` answers None)."""
+        from redis.exceptions import NoScriptError, ResponseError
+
+        store = self.store
+        marks = [w for w in watching if w.unmarked and now - w.marked >= _MARK_EVERY]
+        streams: dict[Any, Any] = {self.wake_key: self.wake_id}
+        for watch in watching:
+            streams[watch.keys[1]] = f"0-{watch.pos}"
+            streams[watch.keys[3]] = f"0-{watch.signals}"
+        pipe = store.client.pipeline(transaction=False)
+        stamp = time.time()
+        for watch in marks:
+            pipe.execute_command("EVALSHA", store._snapshot.sha, 3, *watch.keys[:3], "", stamp, 0)
+            watch.marked, watch.unmarked = now, False
+        pipe.xread(streams, count=store.read_count, block=_ms(store._max_block))
+        self.inflight, self.waking = set(watching), None
+        try:
+            replies: list[Any] = await pipe.execute(raise_on_error=False)
+        finally:
+            self.inflight = None
+        woken = replies[-1]
+        if isinstance(woken, ResponseError) and str(woken).startswith("UNBLOCKED"):
+            replies[-1] = None
+        elif isinstance(woken, Exception):
+            raise woken
+        for watch, reply in zip(marks, replies, strict=False):
+            if isinstance(reply, NoScriptError):  # a restarted Redis: load it for the next
+                await store._snapshot(keys=watch.keys[:3], args=["", "", 0])
+            elif isinstance(reply, Exception):
+                raise reply
+            elif reply is None:  # gone: its waiters take a snapshot (and learn it)
+                self._drop(watch.stream_id)
+            else:
+                watch.record = replace(
+                    store._record(watch.stream_id, reply)[0],
+                    last_seq=max(watch.record.last_seq, watch.pos),
+                )
+        return replies
+
+    def _dispatch(self, watching: list[_Watch], replies: list[Any]) -> None:
+        """Hand what the ``XREAD`` returned to the waiters, or buffer it."""
+        store = self.store
+        named: dict[str, tuple[_Watch, bool]] = {}
+        for watch in watching:
+            named[watch.keys[1]] = (watch, True)
+            named[watch.keys[3]] = (watch, False)
+        woken = replies[-1]
+        for name, entries in woken.items() if isinstance(woken, dict) else woken or ():
+            key = store._text(name)
+            if key == self.wake_key:
+                self.wake_id = store._text(entries[-1][0])
+                continue
+            watch, is_events = named[key]
+            if self.watches.get(watch.stream_id) is not watch:
+                continue  # dropped meanwhile
+            if not is_events:
+                signalled = store._seq(entries[-1][0])
+                if signalled > watch.signals:
+                    watch.signals, watch.stale = signalled, True
+                    for waiter in watch.waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
+                continue
+            events = [item for item in map(store._event, entries) if item[0] > watch.pos]
+            if not events:
+                continue
+            watch.pos = events[-1][0]
+            watch.record.last_seq = max(watch.record.last_seq, watch.pos)
+            taken = False
+            for waiter, after in watch.waiters.items():
+                mine = [item for item in events if item[0] > after]
+                if mine and not waiter.done():
+                    waiter.set_result(mine)
+                    taken = True
+            if taken:
+                watch.buffered.clear()
+                watch.base = watch.pos
+            else:
+                watch.buffered.extend(events)
+
+    async def close(self) -> None:
+        """Stop the loop (its waiters, if any, fail with ``CancelledError``)."""
+        for task in (self.task, self.waking):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self.watches.clear()
