@@ -628,6 +628,7 @@ class RedisEventStore:
 
         # one XREAD over many streams cannot span Cluster slots: cluster readers read alone
         self._shared = None if isinstance(client, RedisCluster) else _SharedRead(self)
+        self._batch = None if isinstance(client, RedisCluster) else _Batch(client)
 
     @classmethod
     def from_url(
@@ -698,6 +699,12 @@ class RedisEventStore:
             client = Redis.from_pool(BlockingConnectionPool.from_url(url, timeout=10.0, **options))
         return cls(client, max_events=max_events, ttl=ttl, prefix=prefix)
 
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """``script(keys=keys, args=args)``, in the next pipeline of calls on one Redis."""
+        if self._batch is None:
+            return await script(keys=keys, args=args)
+        return await self._batch.call(script, keys, args)
+
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
         """Turn redis-py's "cannot reach Redis" errors into :class:`StoreUnavailable`."""
@@ -753,7 +760,7 @@ class RedisEventStore:
 
     async def renew(self, stream_id: str, token: str, lease: float) -> StreamRecord | None:
         with self._reachable():
-            reply = await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)])
+            reply = await self._call(self._renew, self._keys(stream_id), [token, _ms(lease)])
         return self._record(stream_id, reply)[0] if isinstance(reply, list) else None
 
     async def append(
@@ -763,7 +770,7 @@ class RedisEventStore:
         expected = "" if last_seq is None else last_seq
         args = [token, self.max_events, _ms(self.ttl), _now_ms(), expected, *fields]
         with self._reachable():
-            reply = await self._append(keys=self._keys(stream_id), args=args)
+            reply = await self._call(self._append, self._keys(stream_id), args)
             if not isinstance(reply, list):
                 raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
             if reply[0] == -2:
@@ -940,6 +947,8 @@ class RedisEventStore:
     async def close(self) -> None:
         if self._shared is not None:
             await self._shared.close()
+        if self._batch is not None:
+            await self._batch.close()
         with contextlib.suppress(*self._unreachable):
             await self.client.aclose()
 
@@ -967,6 +976,7 @@ class _Watch:
     waiters: dict[asyncio.Future[list[tuple[int, ServerSentEvent]] | None], int] = field(
         default_factory=dict
     )
+    bulks: list[bytes] = field(default_factory=list)  # the keys, RESP-encoded
     used: float = 0.0  # monotonic time a reader last read
     marked: float = 0.0  # monotonic time reader_seen was last marked for it
     unmarked: bool = False  # a reader read since
@@ -1009,6 +1019,7 @@ class _SharedRead:
         self.inflight: set[_Watch] | None = None  # the watches of the XREAD in flight
         self.waking: asyncio.Task[None] | None = None
         self.wake_key = f"{store.prefix}wake:{{{secrets.token_hex(8)}}}"
+        self.wake_bulk = _bulk(self.wake_key.encode(store._encoding))
         self.wake_id = "0-0"
 
     async def read(
@@ -1061,8 +1072,8 @@ class _SharedRead:
         """One snapshot script (it marks the reader seen): the events after ``after`` and the
         record; keeps the stream watched while it runs (None once finished or gone)."""
         store = self.store
-        reply = await store._snapshot(
-            keys=keys[:3], args=[after, repr(time.time()), store.read_count]
+        reply = await store._call(
+            store._snapshot, keys[:3], [after, repr(time.time()), store.read_count]
         )
         if reply is None:
             self._drop(stream_id)
@@ -1075,7 +1086,9 @@ class _SharedRead:
         last = events[-1][0] if events else after
         watch = self.watches.get(stream_id)
         if watch is None:
-            watch = self.watches[stream_id] = _Watch(stream_id, keys, record, last, signals, last)
+            bulks = [_bulk(key.encode(store._encoding)) for key in keys]
+            watch = _Watch(stream_id, keys, record, last, signals, last, bulks=bulks)
+            self.watches[stream_id] = watch
         watch.record, watch.stale = record, False
         watch.signals = max(watch.signals, signals)
         if last > watch.pos:
@@ -1135,24 +1148,34 @@ class _SharedRead:
 
     async def _xread(self, watching: list[_Watch], now: float) -> list[Any]:
         """One round trip: the due marks (snapshot scripts, no events) and the ``XREAD
-        BLOCK``; their replies (the marks' first; an ``UNBLOCKED`` ``XREAD`` answers None)."""
+        BLOCK``, packed here (each watch's keys encoded once) and answered raw; their replies
+        (the marks' first; an ``UNBLOCKED`` ``XREAD`` answers None)."""
         from redis.exceptions import NoScriptError, ResponseError
 
         store = self.store
         marks = [w for w in watching if w.unmarked and now - w.marked >= _MARK_EVERY]
-        streams: dict[Any, Any] = {self.wake_key: self.wake_id}
-        for watch in watching:
-            streams[watch.keys[1]] = f"0-{watch.pos}"
-            streams[watch.keys[3]] = f"0-{watch.signals}"
-        pipe = store.client.pipeline(transaction=False)
-        stamp = time.time()
+        stamp = _bulk(repr(time.time()).encode())
+        head = _bulk(b"EVALSHA") + _bulk(store._snapshot.sha.encode()) + _bulk(b"3")
+        tail = _bulk(b"") + stamp + _bulk(b"0")
+        packed = [b"*9\r\n" + head + b"".join(w.bulks[:3]) + tail for w in marks]
         for watch in marks:
-            pipe.execute_command("EVALSHA", store._snapshot.sha, 3, *watch.keys[:3], "", stamp, 0)
             watch.marked, watch.unmarked = now, False
-        pipe.xread(streams, count=store.read_count, block=_ms(store._max_block))
+        keys, ids = [self.wake_bulk], [_bulk(self.wake_id.encode())]
+        for watch in watching:
+            keys += watch.bulks[1::2]  # events, signal
+            ids += (_bulk(b"0-%d" % watch.pos), _bulk(b"0-%d" % watch.signals))
+        block = str(_ms(store._max_block)).encode()
+        count = str(store.read_count).encode()
+        packed.append(
+            b"*%d\r\n" % (6 + 2 * len(keys))
+            + b"".join(map(_bulk, (b"XREAD", b"COUNT", count, b"BLOCK", block, b"STREAMS")))
+            + b"".join(keys)
+            + b"".join(ids)
+        )
         self.inflight, self.waking = set(watching), None
         try:
-            replies: list[Any] = await pipe.execute(raise_on_error=False)
+            client: Any = store.client  # a Redis: no shared read on a Cluster
+            replies = await _roundtrip(client, b"".join(packed), len(packed))
         finally:
             self.inflight = None
         woken = replies[-1]
@@ -1223,3 +1246,127 @@ class _SharedRead:
                 with contextlib.suppress(BaseException):
                     await task
         self.watches.clear()
+
+
+class _Batch:
+    """Script calls made while a pipeline is in flight go out together in the next one: one
+    round trip (one ``send``, one pooled connection) for the appends, lease renewals and
+    snapshots of every stream of this process, instead of one each. At most one pipeline is
+    in flight; a call waits for it at most one round trip. A script that a restarted Redis
+    lost (``NOSCRIPT``) is loaded and its call made again on its own; a pipeline that fails
+    fails each of its calls with the error. Not for a Redis Cluster (its pipelines split by
+    node, and its failover tests rely on one command per call)."""
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self.queue: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+        self.task: asyncio.Task[None] | None = None
+        self.alone: set[asyncio.Task[None]] = set()  # calls made again on their own
+
+    def call(self, script: Any, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue ``script(keys=keys, args=args)``; its reply, or the error, in the future."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((script, keys, args, future))
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._flush())
+        return future
+
+    async def _flush(self) -> None:
+        from redis.exceptions import NoScriptError
+
+        try:
+            await asyncio.sleep(0)  # the calls of this turn of the event loop join the first
+            while self.queue:
+                batch, self.queue = self.queue, []
+                pool: Any = self.client.connection_pool
+                encode = pool.get_encoder().encode
+                packed = [
+                    _pack([encode(arg) for arg in ("EVALSHA", script.sha, len(keys), *keys, *args)])
+                    for script, keys, args, _ in batch
+                ]
+                try:
+                    replies = await _roundtrip(self.client, b"".join(packed), len(packed))
+                except Exception as exc:
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (script, keys, args, future), reply in zip(batch, replies, strict=True):
+                    if isinstance(reply, NoScriptError):
+                        alone = asyncio.ensure_future(self._alone(script, keys, args, future))
+                        self.alone.add(alone)
+                        alone.add_done_callback(self.alone.discard)
+                    elif future.done():
+                        continue
+                    elif isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            self.task = None
+            for *_, future in self.queue:  # cancelled (the store closes)
+                future.cancel()
+            self.queue.clear()
+
+    async def _alone(
+        self, script: Any, keys: list[str], args: list[Any], future: asyncio.Future[Any]
+    ) -> None:
+        """``script``'s call on its own (redis-py's script call loads it first)."""
+        try:
+            reply = await script(keys=keys, args=args)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(reply)
+
+    async def close(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+
+def _bulk(value: bytes) -> bytes:
+    """``value`` as a RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _pack(args: list[bytes]) -> bytes:
+    """One command of ``args`` (encoded) in RESP, as redis-py packs it."""
+    return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
+
+
+async def _roundtrip(client: Redis, packed: bytes, count: int) -> list[Any]:
+    """Send ``count`` commands packed in ``packed`` on one connection of ``client``'s pool
+    and read their replies: one round trip, replies raw (no response callbacks; an error
+    reply is its exception, in its place). A dead connection is retried as the client's
+    own commands are (its ``Retry``: the whole batch again on a new connection).
+
+    Raises:
+        redis.exceptions.ConnectionError, TimeoutError: the retries are spent.
+    """
+    from redis.exceptions import ResponseError
+
+    pool: Any = client.connection_pool
+    connection: Any = await pool.get_connection()
+
+    async def attempt() -> list[Any]:
+        await connection.send_packed_command(packed)
+        replies: list[Any] = []
+        for _ in range(count):
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def failed(_: Exception) -> None:
+        await connection.disconnect()
+
+    try:
+        result: list[Any] = await connection.retry.call_with_retry(attempt, failed)
+        return result
+    finally:
+        await pool.release(connection)
