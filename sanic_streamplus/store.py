@@ -479,6 +479,7 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+', 
 """
 
 
+_EVENT, _DATA = (b"event", "event"), (b"data", "data")  # an events entry's field names
 _MAX_TRACKED = 100_000  # streams whose signal count a RedisEventStore keeps at most
 
 
@@ -927,9 +928,19 @@ class RedisEventStore:
         return int(self._text(entry_id).partition("-")[2])
 
     def _event(self, entry: list[Any]) -> tuple[int, ServerSentEvent]:
-        fields = self._fields(entry[1])
+        """An events entry as (seq, event); the entry is ``[id, [field, value, ...]]`` (raw)
+        or ``(id, {field: value})`` (as redis-py parsed it)."""
+        entry_id, flat = entry
+        if isinstance(flat, list) and len(flat) == 4 and flat[0] in _EVENT and flat[2] in _DATA:
+            # the append script's own order: event, <type>, data, <data>
+            kind, data = flat[1], flat[3]
+            if isinstance(data, bytes):
+                kind, data = kind.decode(self._encoding), data.decode(self._encoding)
+            seq = int(entry_id[entry_id.index(b"-" if isinstance(entry_id, bytes) else "-") + 1 :])
+            return seq, ServerSentEvent(data, kind)
+        fields = self._fields(flat)
         event = ServerSentEvent(fields.get("data", ""), fields.get("event", "message"))
-        return self._seq(entry[0]), event
+        return self._seq(entry_id), event
 
     def _fields(self, flat: list[Any] | dict[Any, Any]) -> dict[str, str]:
         """A hash or stream entry's ``[field, value, ...]`` (a script's reply), or its fields
@@ -1279,9 +1290,15 @@ class _Batch:
             while self.queue:
                 batch, self.queue = self.queue, []
                 pool: Any = self.client.connection_pool
-                encode = pool.get_encoder().encode
+                encoder = pool.get_encoder()
+                encode, encoding, errors = encoder.encode, encoder.encoding, encoder.encoding_errors
                 packed = [
-                    _pack([encode(arg) for arg in ("EVALSHA", script.sha, len(keys), *keys, *args)])
+                    _pack(
+                        [
+                            arg.encode(encoding, errors) if type(arg) is str else encode(arg)
+                            for arg in ("EVALSHA", script.sha, len(keys), *keys, *args)
+                        ]
+                    )
                     for script, keys, args, _ in batch
                 ]
                 try:
