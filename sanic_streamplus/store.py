@@ -479,6 +479,14 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+', 
 """
 
 
+# KEYS[1] meta. ARGV: now in seconds since the epoch. Marks a reader seen; 0 if the stream is
+# unknown or expired (the shared read's marks: cheaper than a snapshot).
+_LUA_MARK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'reader_seen', ARGV[1])
+return 1
+"""
+
 _EVENT, _DATA = (b"event", "event"), (b"data", "data")  # an events entry's field names
 _MAX_TRACKED = 100_000  # streams whose signal count a RedisEventStore keeps at most
 
@@ -625,6 +633,7 @@ class RedisEventStore:
         self._finish: Any = register(_LUA_FINISH)
         self._cancel: Any = register(_LUA_CANCEL)
         self._snapshot: Any = register(_LUA_SNAPSHOT)
+        self._mark: Any = register(_LUA_MARK)
         from redis.asyncio.cluster import RedisCluster
 
         # one XREAD over many streams cannot span Cluster slots: cluster readers read alone
@@ -964,6 +973,7 @@ class RedisEventStore:
             await self.client.aclose()
 
 
+_GROUP = 64  # streams in one shared XREAD at most
 _LINGER = 5.0  # seconds a stream stays in the shared XREAD after its last reader read
 _MARK_EVERY = 1.0  # seconds between the shared read's reader-seen marks of one stream
 
@@ -981,6 +991,7 @@ class _Watch:
     record: StreamRecord
     pos: int  # the shared XREAD asks for the events after it
     signals: int  # ... and for the signals after it
+    loop: _ReadLoop  # the XREAD loop of its group
     base: int = 0
     stale: bool = False  # a signal came that no reader has seen: the next read takes a snapshot
     buffered: list[tuple[int, ServerSentEvent]] = field(default_factory=list)
@@ -1003,8 +1014,11 @@ class _Watch:
 
 class _SharedRead:
     """The blocking read of every reader of one :class:`RedisEventStore` (one process): one
-    ``XREAD BLOCK`` on one pooled connection over the events and signal streams of every
-    stream a reader of this process reads, instead of one connection per waiting reader.
+    ``XREAD BLOCK`` on one pooled connection over the events and signal streams of up to
+    ``_GROUP`` streams that readers of this process read (a :class:`_ReadLoop` per group of
+    streams, a new group once the others are full), instead of one connection per waiting
+    reader. (One ``XREAD`` over every stream would cost its loop and Redis the whole list of
+    keys on every wake-up: a group bounds that, at one connection per ``_GROUP`` streams.)
 
     A reader registers a waiter (a future) with its position on the stream's
     :class:`_Watch` and awaits it; the loop dispatches what each ``XREAD`` returns to the
@@ -1014,8 +1028,9 @@ class _SharedRead:
     in the ``XREAD`` for ``_LINGER`` seconds after its last read (so that a reader back for
     more needs no new ``XREAD``); a stream not in the ``XREAD`` in flight (a new reader) ends
     it at once through the loop's wake-up stream, ``<prefix>wake:{<random>}`` (an ``XADD``
-    from another pooled connection). Every ``_MARK_EVERY`` seconds, a snapshot script per
-    stream read since (it marks the reader seen) rides in the same pipeline as the ``XREAD``.
+    from another pooled connection). Every ``_MARK_EVERY`` seconds, a mark script per
+    stream read since (``_LUA_MARK``: it marks the reader seen) rides in the same pipeline as
+    the ``XREAD``.
     An ``XREAD`` that fails fails every waiter with its error, and the loop forgets every
     stream (the next reads start from snapshots); it runs while a stream is watched.
 
@@ -1026,12 +1041,7 @@ class _SharedRead:
     def __init__(self, store: RedisEventStore) -> None:
         self.store = store
         self.watches: dict[str, _Watch] = {}
-        self.task: asyncio.Task[None] | None = None
-        self.inflight: set[_Watch] | None = None  # the watches of the XREAD in flight
-        self.waking: asyncio.Task[None] | None = None
-        self.wake_key = f"{store.prefix}wake:{{{secrets.token_hex(8)}}}"
-        self.wake_bulk = _bulk(self.wake_key.encode(store._encoding))
-        self.wake_id = "0-0"
+        self.loops: list[_ReadLoop] = []
 
     async def read(
         self, stream_id: str, keys: list[str], after: int, deadline: float
@@ -1054,7 +1064,7 @@ class _SharedRead:
                 watch.buffered.clear()
                 watch.base = watch.pos
                 watch.unmarked = True
-                self._want(watch)  # paused while its buffer was full
+                watch.loop.want(watch)  # paused while its buffer was full
                 return events, watch.current(events)
             wait = deadline - time.monotonic()
             if wait <= 0:
@@ -1062,7 +1072,7 @@ class _SharedRead:
             waiter: asyncio.Future[list[tuple[int, ServerSentEvent]] | None]
             waiter = asyncio.get_running_loop().create_future()
             watch.waiters[waiter] = after
-            self._want(watch)
+            watch.loop.want(watch)
             try:
                 events_or_signal = await asyncio.wait_for(waiter, wait)
             except asyncio.TimeoutError:
@@ -1098,8 +1108,12 @@ class _SharedRead:
         watch = self.watches.get(stream_id)
         if watch is None:
             bulks = [_bulk(key.encode(store._encoding)) for key in keys]
-            watch = _Watch(stream_id, keys, record, last, signals, last, bulks=bulks)
-            self.watches[stream_id] = watch
+            loop = next((group for group in self.loops if len(group.members) < _GROUP), None)
+            if loop is None:
+                loop = _ReadLoop(self)
+                self.loops.append(loop)
+            watch = _Watch(stream_id, keys, record, last, signals, loop, last, bulks=bulks)
+            self.watches[stream_id] = loop.members[stream_id] = watch
         watch.record, watch.stale = record, False
         watch.signals = max(watch.signals, signals)
         if last > watch.pos:
@@ -1109,13 +1123,37 @@ class _SharedRead:
         return events, record, watch
 
     def _drop(self, stream_id: str) -> None:
+        """Forget ``stream_id``; its waiters take a snapshot."""
         watch = self.watches.pop(stream_id, None)
         if watch is not None:
-            for waiter in watch.waiters:  # they take a snapshot
+            watch.loop.members.pop(stream_id, None)
+            for waiter in watch.waiters:
                 if not waiter.done():
                     waiter.set_result(None)
 
-    def _want(self, watch: _Watch) -> None:
+    async def close(self) -> None:
+        """Stop every loop (their waiters, if any, fail with ``CancelledError``)."""
+        for loop in self.loops:
+            await loop.close()
+        self.watches.clear()
+
+
+class _ReadLoop:
+    """One shared ``XREAD BLOCK`` loop of :class:`_SharedRead` over its ``members``."""
+
+    def __init__(self, shared: _SharedRead) -> None:
+        self.shared = shared
+        self.store = shared.store
+        self.members: dict[str, _Watch] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.inflight: set[_Watch] | None = None  # the watches of the XREAD in flight
+        self.waking: asyncio.Task[None] | None = None
+        self.wake_key = f"{self.store.prefix}wake:{{{secrets.token_hex(8)}}}"
+        self.wake_bulk = _bulk(self.wake_key.encode(self.store._encoding))
+        self.wake_id = "0-0"
+
+
+    def want(self, watch: _Watch) -> None:
         """Have ``watch`` in the ``XREAD``: start the loop, or end the ``XREAD`` in flight
         through the wake-up stream if ``watch`` is not in it."""
         if self.task is None or self.task.done():
@@ -1138,9 +1176,9 @@ class _SharedRead:
             while True:
                 now = time.monotonic()
                 watching: list[_Watch] = []
-                for stream_id, watch in list(self.watches.items()):
+                for stream_id, watch in list(self.members.items()):
                     if not watch.waiters and now - watch.used > _LINGER:
-                        del self.watches[stream_id]
+                        self.shared._drop(stream_id)
                     elif watch.waiters or len(watch.buffered) < self.store.read_count:
                         watching.append(watch)
                 if not watching:
@@ -1148,11 +1186,11 @@ class _SharedRead:
                 replies = await self._xread(watching, now)
                 self._dispatch(watching, replies)
         except Exception as exc:  # every waiter fails with it; every stream is forgotten
-            for watch in self.watches.values():
+            for stream_id, watch in list(self.members.items()):
                 for waiter in watch.waiters:
                     if not waiter.done():
                         waiter.set_exception(exc)
-            self.watches.clear()
+                self.shared._drop(stream_id)
         finally:
             self.inflight = None
             self.task = None
@@ -1165,10 +1203,9 @@ class _SharedRead:
 
         store = self.store
         marks = [w for w in watching if w.unmarked and now - w.marked >= _MARK_EVERY]
+        head = _bulk(b"EVALSHA") + _bulk(store._mark.sha.encode()) + _bulk(b"1")
         stamp = _bulk(repr(time.time()).encode())
-        head = _bulk(b"EVALSHA") + _bulk(store._snapshot.sha.encode()) + _bulk(b"3")
-        tail = _bulk(b"") + stamp + _bulk(b"0")
-        packed = [b"*9\r\n" + head + b"".join(w.bulks[:3]) + tail for w in marks]
+        packed = [b"*5\r\n" + head + w.bulks[0] + stamp for w in marks]
         for watch in marks:
             watch.marked, watch.unmarked = now, False
         keys, ids = [self.wake_bulk], [_bulk(self.wake_id.encode())]
@@ -1196,16 +1233,11 @@ class _SharedRead:
             raise woken
         for watch, reply in zip(marks, replies, strict=False):
             if isinstance(reply, NoScriptError):  # a restarted Redis: load it for the next
-                await store._snapshot(keys=watch.keys[:3], args=["", "", 0])
+                await store._mark(keys=watch.keys[:1], args=[time.time()])
             elif isinstance(reply, Exception):
                 raise reply
-            elif reply is None:  # gone: its waiters take a snapshot (and learn it)
-                self._drop(watch.stream_id)
-            else:
-                watch.record = replace(
-                    store._record(watch.stream_id, reply)[0],
-                    last_seq=max(watch.record.last_seq, watch.pos),
-                )
+            elif not reply:  # gone: its waiters take a snapshot (and learn it)
+                self.shared._drop(watch.stream_id)
         return replies
 
     def _dispatch(self, watching: list[_Watch], replies: list[Any]) -> None:
@@ -1222,7 +1254,7 @@ class _SharedRead:
                 self.wake_id = store._text(entries[-1][0])
                 continue
             watch, is_events = named[key]
-            if self.watches.get(watch.stream_id) is not watch:
+            if self.members.get(watch.stream_id) is not watch:
                 continue  # dropped meanwhile
             if not is_events:
                 signalled = store._seq(entries[-1][0])
@@ -1250,13 +1282,13 @@ class _SharedRead:
                 watch.buffered.extend(events)
 
     async def close(self) -> None:
-        """Stop the loop (its waiters, if any, fail with ``CancelledError``)."""
+        """Stop the loop."""
         for task in (self.task, self.waking):
             if task is not None and not task.done():
                 task.cancel()
                 with contextlib.suppress(BaseException):
                     await task
-        self.watches.clear()
+        self.members.clear()
 
 
 class _Batch:

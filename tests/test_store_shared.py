@@ -193,3 +193,30 @@ async def test_a_redis_restart_during_a_shared_block_never_hangs(
     finally:
         await reader.close()
         await producer.close()
+
+
+async def test_a_reader_woken_by_events_alone_is_still_marked_seen(
+    redis_url: str, redis_prefix: str
+) -> None:
+    """A reader that always has an event waiting never takes a snapshot of its own: the
+    shared read marks it seen (at most about a second late), so its producer's grace holds."""
+    producer = RedisEventStore(Redis.from_url(redis_url), prefix=redis_prefix)
+    reader = RedisEventStore(Redis.from_url(redis_url), prefix=redis_prefix)
+    try:
+        (stream_id,) = await open_streams(producer, 1)
+        await producer.append(stream_id, "t1", ServerSentEvent("0"))
+        _, record = await reader.read(stream_id, 0, BLOCK)  # the first read: a snapshot
+        assert record is not None
+        first_seen = record.reader_seen
+        after, started = 1, time.monotonic()
+        while time.monotonic() - started < 2.5:
+            await producer.append(stream_id, "t1", ServerSentEvent(str(after)))
+            events, _ = await reader.read(stream_id, after, BLOCK)
+            after = events[-1][0]
+            await asyncio.sleep(0.05)
+        record = await producer.record(stream_id)
+        assert record is not None and record.reader_seen > first_seen + 1.0
+        assert time.time() - record.reader_seen < 2.0
+    finally:
+        await reader.close()
+        await producer.close()
