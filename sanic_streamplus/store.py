@@ -150,7 +150,10 @@ class EventStore(Protocol):
     ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
         """The stored events with a sequence number above ``after``, in order, waiting up to
         ``block`` seconds for one when there are none and the stream is running; and the record
-        as it was after the read (None: the stream is unknown or expired). Marks a reader seen."""
+        as it was after the read (None: the stream is unknown or expired), or, for events a
+        shared read had already received, as it was when they came (a finish or cancel request
+        after them shows in the next read, which returns at once). Marks a reader seen (a
+        :class:`RedisEventStore` reading on one Redis: at most about a second late)."""
         ...
 
     async def record(self, stream_id: str) -> StreamRecord | None:
@@ -539,7 +542,17 @@ class RedisEventStore:
     Every write is one Lua script, so a check and its write are atomic: an append or finish
     whose token is not the value of the producer key raises :class:`FencingError`.
 
-    Reading: one round trip per wake-up. A reader blocks in one ``XREAD BLOCK <ms> COUNT
+    Reading on one Redis: the readers of this store share their blocking reads (see
+    :class:`_SharedRead`): one ``XREAD BLOCK`` per group of up to 64 streams on one pooled
+    connection, whose reply is handed to the waiting readers, and the events that came
+    while a reader was away kept for it. A read answered from those comes with the record
+    of when they came (a finish right after them shows in the next read). Script calls
+    (appends, lease renewals, snapshots) made in one turn of the event loop go in one
+    pipeline (:class:`_Batch`).
+
+    Reading on a Cluster (each stream's keys are in a slot of their own, and one ``XREAD``
+    must stay in one slot), and every read with ``block`` 0: one round trip per wake-up. A
+    reader blocks in one ``XREAD BLOCK <ms> COUNT
     <read_count>`` on two streams, the events from ``0-<after>`` and the signal stream from
     ``0-<signals>``, pipelined behind a snapshot script (it marks the reader seen and answers
     the meta, the oldest entry and whether the lease is held: the record): the ``XREAD``'s
@@ -556,10 +569,13 @@ class RedisEventStore:
     A stream that expires while a reader waits is noticed at the end of that ``XREAD``
     (at most 2 s later; an expired stream has no keys to wake it).
 
-    Connections: each blocking read holds one connection of ``client``'s pool for up to
-    ``block`` seconds, so the pool must allow one connection per concurrent reader, plus the
-    producers' (redis-py's asyncio ``ConnectionPool`` allows 100 by default and raises
-    ``MaxConnectionsError`` past it; a ``BlockingConnectionPool`` waits instead). A long
+    Connections: on one Redis, one per group of 64 streams being read (the shared
+    ``XREAD`` calls), plus the operations in flight: a pool of a few dozen serves thousands of
+    readers (a ``BlockingConnectionPool`` makes an operation wait for a free connection
+    rather than fail, as :meth:`from_url` builds it). On a Cluster, each blocking read holds
+    one connection of its node's pool for up to ``block`` seconds, so the pool must allow one
+    connection per concurrent reader, plus the producers' (redis-py's asyncio
+    ``ConnectionPool`` allows 100 by default and raises ``MaxConnectionsError`` past it). A long
     ``block`` is waited out in several ``XREAD``\\ s of at most 2 s, and at most half the
     client's ``socket_timeout``, so that the client never times out a read that is waiting.
 
