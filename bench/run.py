@@ -238,6 +238,7 @@ async def fleet(names: list[str], workdir: str, env: dict[str, str]) -> Any:
                 transport = "httpcore" if name.endswith("httpcore") else "aiohttp"
                 settings = {
                     "SANIC_STREAMPLUS_MAX_CONNECTIONS": "4000",
+                    "SANIC_STREAMPLUS_MAX_STREAMS": "4000",
                     "SANIC_STREAMPLUS_TRANSPORT": transport,
                 }
                 if name == "streamplus-observed":
@@ -393,6 +394,48 @@ async def paced(peer: Peer, fleet_: Fleet, quick: bool, streams: int = 200) -> M
     }
 
 
+SUSTAINED = {"streams": 1000, "seconds": 60.0, "interval": 0.5}  # set by --sustained-*
+
+
+async def sustained(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
+    """``SUSTAINED["streams"]`` streams at once for ``SUSTAINED["seconds"]`` (a tenth with
+    ``--quick``), each one event every ``SUSTAINED["interval"]`` s, started over a ramp of 5 s
+    (for 1,000; 200 a second): does the proxy keep up?
+    The latency of the events of the first and of the last quarter of every stream (by
+    sequence number, so by upstream send time), p50 and p99, and the growth of p50 between
+    them (``lag_growth_ms``): a proxy that keeps up has none; one that falls behind has its
+    lag grow with the run."""
+    interval = SUSTAINED["interval"]
+    streams = int(SUSTAINED["streams"])
+    events = max(8, int(SUSTAINED["seconds"] * (0.1 if quick else 1.0) / interval))
+    knobs = {"events": events, "interval": interval}
+
+    async def start(delay: float) -> client.Result:
+        await asyncio.sleep(delay)
+        return await client.stream(
+            peer.port, peer.path, knobs, transform=peer.transform, stamps=True, read_size=16384
+        )
+
+    ramp = max(interval, streams / 200)  # 200 new streams a second at most (accept backlog)
+    with cpu(peer) as used:
+        results = checked(
+            await asyncio.gather(*(start(ramp * i / streams) for i in range(streams)))
+        )
+    quarter = max(1, events // 4)
+    first = [lat for result in results for lat in result.latencies[:quarter]]
+    last = [lat for result in results for lat in result.latencies[-quarter:]]
+    if len(first) + len(last) < streams * 2 * quarter * 0.9:
+        raise Failed(f"only {len(first) + len(last)} of {streams * 2 * quarter} stamps")
+    total = sum(result.events for result in results)
+    return cpu_per_event(used, total) | {
+        "first_p50_ms": percentile(first, 0.5) * 1e3,
+        "first_p99_ms": percentile(first, 0.99) * 1e3,
+        "last_p50_ms": percentile(last, 0.5) * 1e3,
+        "last_p99_ms": percentile(last, 0.99) * 1e3,
+        "lag_growth_ms": (percentile(last, 0.5) - percentile(first, 0.5)) * 1e3,
+    }
+
+
 async def slow_client(peer: Peer, fleet_: Fleet, quick: bool) -> Metrics:
     """A client reading 128 KB every 4 ms from a fast upstream sending 64 KB events."""
     if peer.pid is None:
@@ -508,6 +551,8 @@ SCENARIOS: dict[str, tuple[Scenario, int]] = {  # name: (function, rounds in a f
 OPTIONAL_SCENARIOS: dict[str, tuple[Scenario, int]] = {  # run only when named in --scenarios
     # a light load: per-event costs without queueing, where a peer saturates under 200x20
     "paced_20x20": (functools.partial(paced, streams=20), 3),
+    # many streams for a long run (--sustained-streams, --sustained-seconds, -interval)
+    "sustained_1000": (sustained, 1),
 }
 
 
@@ -921,7 +966,30 @@ def main() -> None:
         "--scenarios",
         help=f"comma-separated, of {','.join([*SCENARIOS, 'decoder', *OPTIONAL_SCENARIOS])}",
     )
+    parser.add_argument(
+        "--sustained-seconds",
+        type=float,
+        default=SUSTAINED["seconds"],
+        help="length of the sustained_1000 scenario's streams, in seconds (default 60)",
+    )
+    parser.add_argument(
+        "--sustained-streams",
+        type=int,
+        default=int(SUSTAINED["streams"]),
+        help="concurrent streams of the sustained_1000 scenario (default 1000)",
+    )
+    parser.add_argument(
+        "--sustained-interval",
+        type=float,
+        default=SUSTAINED["interval"],
+        help="seconds between two events of one sustained_1000 stream (default 0.5)",
+    )
     args = parser.parse_args()
+    SUSTAINED.update(
+        seconds=args.sustained_seconds,
+        streams=args.sustained_streams,
+        interval=args.sustained_interval,
+    )
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (min(max(soft, 16384), hard), hard))
     random.seed(0)

@@ -108,6 +108,9 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
         return "upstream relay"
 
 
+_REDIS_POOL = 64  # connections to one Redis (STREAMPLUS_REDIS_URL's ?max_connections= wins)
+
+
 async def _open_client(app: Sanic[Any, Any]) -> None:
     state: StreamPlusState = app.ctx.streamplus
     state.settings = settings = Settings.from_config(app.config)
@@ -119,10 +122,12 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
     if settings.resume_store == "redis":
         from .store import RedisEventStore
 
-        # one pooled connection per reader waiting in XREAD BLOCK: room for every stream
+        # one Redis: the readers share one XREAD, so the pool bounds the operations in flight;
+        # a Cluster: one pooled connection per reader waiting in XREAD BLOCK, per node
+        pool = settings.max_streams + 64 if settings.redis_cluster else _REDIS_POOL
         store = RedisEventStore.from_url(
             settings.redis_url or "",
-            max_connections=settings.max_streams + 64,
+            max_connections=pool,
             cluster=settings.redis_cluster,
             max_events=settings.resume_max_events,
             ttl=settings.resume_ttl or 600.0,

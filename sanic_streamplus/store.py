@@ -24,10 +24,11 @@ import contextlib
 import hashlib
 import json
 import math
+import secrets
 import time
 from collections import deque
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Protocol
 
 from .errors import StoreUnavailable
@@ -184,7 +185,10 @@ class EventStore(Protocol):
     ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
         """The stored events with a sequence number above ``after``, in order, waiting up to
         ``block`` seconds for one when there are none and the stream is running; and the record
-        as it was after the read (None: the stream is unknown or expired). Marks a reader seen."""
+        as it was after the read (None: the stream is unknown or expired), or, for events a
+        shared read had already received, as it was when they came (a finish or cancel request
+        after them shows in the next read, which returns at once). Marks a reader seen (a
+        :class:`RedisEventStore` reading on one Redis: at most about a second late)."""
         ...
 
     async def record(self, stream_id: str) -> StreamRecord | None:
@@ -577,6 +581,15 @@ return {redis.call('HGETALL', KEYS[1]), redis.call('XRANGE', KEYS[2], '-', '+', 
 """
 
 
+# KEYS[1] meta. ARGV: now in seconds since the epoch. Marks a reader seen; 0 if the stream is
+# unknown or expired (the shared read's marks: cheaper than a snapshot).
+_LUA_MARK = """
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'reader_seen', ARGV[1])
+return 1
+"""
+
+_EVENT, _DATA = (b"event", "event"), (b"data", "data")  # an events entry's field names
 _MAX_TRACKED = 100_000  # streams whose signal count a RedisEventStore keeps at most
 
 
@@ -631,7 +644,17 @@ class RedisEventStore:
     Every write is one Lua script, so a check and its write are atomic: an append or finish
     whose token is not the value of the producer key raises :class:`FencingError`.
 
-    Reading: one round trip per wake-up. A reader blocks in one ``XREAD BLOCK <ms> COUNT
+    Reading on one Redis: the readers of this store share their blocking reads (see
+    :class:`_SharedRead`): one ``XREAD BLOCK`` per group of up to 64 streams on one pooled
+    connection, whose reply is handed to the waiting readers, and the events that came
+    while a reader was away kept for it. A read answered from those comes with the record
+    of when they came (a finish right after them shows in the next read). Script calls
+    (appends, lease renewals, snapshots) made in one turn of the event loop go in one
+    pipeline (:class:`_Batch`).
+
+    Reading on a Cluster (each stream's keys are in a slot of their own, and one ``XREAD``
+    must stay in one slot), and every read with ``block`` 0: one round trip per wake-up. A
+    reader blocks in one ``XREAD BLOCK <ms> COUNT
     <read_count>`` on two streams, the events from ``0-<after>`` and the signal stream from
     ``0-<signals>``, pipelined behind a snapshot script (it marks the reader seen and answers
     the meta, the oldest entry and whether the lease is held: the record): the ``XREAD``'s
@@ -648,10 +671,13 @@ class RedisEventStore:
     A stream that expires while a reader waits is noticed at the end of that ``XREAD``
     (at most 2 s later; an expired stream has no keys to wake it).
 
-    Connections: each blocking read holds one connection of ``client``'s pool for up to
-    ``block`` seconds, so the pool must allow one connection per concurrent reader, plus the
-    producers' (redis-py's asyncio ``ConnectionPool`` allows 100 by default and raises
-    ``MaxConnectionsError`` past it; a ``BlockingConnectionPool`` waits instead). A long
+    Connections: on one Redis, one per group of 64 streams being read (the shared
+    ``XREAD`` calls), plus the operations in flight: a pool of a few dozen serves thousands of
+    readers (a ``BlockingConnectionPool`` makes an operation wait for a free connection
+    rather than fail, as :meth:`from_url` builds it). On a Cluster, each blocking read holds
+    one connection of its node's pool for up to ``block`` seconds, so the pool must allow one
+    connection per concurrent reader, plus the producers' (redis-py's asyncio
+    ``ConnectionPool`` allows 100 by default and raises ``MaxConnectionsError`` past it). A long
     ``block`` is waited out in several ``XREAD``\\ s of at most 2 s, and at most half the
     client's ``socket_timeout``, so that the client never times out a read that is waiting.
 
@@ -727,6 +753,12 @@ class RedisEventStore:
         self._handover: Any = register(_LUA_HANDOVER)
         self._adopt: Any = register(_LUA_ADOPT)
         self._snapshot: Any = register(_LUA_SNAPSHOT)
+        self._mark: Any = register(_LUA_MARK)
+        from redis.asyncio.cluster import RedisCluster
+
+        # one XREAD over many streams cannot span Cluster slots: cluster readers read alone
+        self._shared = None if isinstance(client, RedisCluster) else _SharedRead(self)
+        self._batch = None if isinstance(client, RedisCluster) else _Batch(client)
 
     @classmethod
     def from_url(
@@ -760,8 +792,13 @@ class RedisEventStore:
         Args:
             url: ``redis://``, ``rediss://`` or ``unix://`` URL (``redis://`` or ``rediss://``,
                 database 0, with ``cluster``).
-            max_connections: the pool's size (per node, with ``cluster``): one per reader
-                waiting in ``XREAD BLOCK``, plus the producers'.
+            max_connections: the pool's size. On one Redis, the pool is a
+                ``BlockingConnectionPool``: a command waits (up to 10 s) for a free connection
+                instead of failing; the readers' waits take one connection (the shared
+                ``XREAD``), so the size bounds the store operations in flight at once
+                (appends, lease renewals, snapshots), not the readers. With ``cluster``: per
+                node, and one per reader waiting in ``XREAD BLOCK`` on that node, plus the
+                producers' (a Cluster has no shared read).
             cluster: ``url`` names a node of a Redis Cluster (or a Valkey cluster).
             max_events: events kept per stream, as for the constructor.
             ttl: seconds a stream is kept, as for the constructor.
@@ -770,24 +807,33 @@ class RedisEventStore:
         Raises:
             ValueError: a malformed ``url``, or ``max_events``/``ttl`` out of range.
         """
-        from redis.asyncio import Redis
+        from redis.asyncio import BlockingConnectionPool, Redis
         from redis.asyncio.cluster import RedisCluster
         from redis.asyncio.retry import Retry
         from redis.backoff import ExponentialBackoff
         from redis.exceptions import ConnectionError, TimeoutError
 
-        make: Any = RedisCluster.from_url if cluster else Redis.from_url
-        client = make(
-            url,
-            max_connections=max_connections,
-            retry=Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
-            retry_on_error=[ConnectionError, TimeoutError],
-            health_check_interval=30,
-            socket_connect_timeout=1.0,
-            socket_timeout=10.0,
-            socket_keepalive=True,
-        )
+        options: dict[str, Any] = {
+            "max_connections": max_connections,
+            "retry": Retry(ExponentialBackoff(cap=0.5, base=0.01), 3),
+            "retry_on_error": [ConnectionError, TimeoutError],
+            "health_check_interval": 30,
+            "socket_connect_timeout": 1.0,
+            "socket_timeout": 10.0,
+            "socket_keepalive": True,
+        }
+        client: Redis | RedisCluster
+        if cluster:
+            client = RedisCluster.from_url(url, **options)
+        else:  # a command waits for a free connection (at most the reply timeout)
+            client = Redis.from_pool(BlockingConnectionPool.from_url(url, timeout=10.0, **options))
         return cls(client, max_events=max_events, ttl=ttl, prefix=prefix)
+
+    async def _call(self, script: Any, keys: list[str], args: list[Any]) -> Any:
+        """``script(keys=keys, args=args)``, in the next pipeline of calls on one Redis."""
+        if self._batch is None:
+            return await script(keys=keys, args=args)
+        return await self._batch.call(script, keys, args)
 
     @contextlib.contextmanager
     def _reachable(self) -> Iterator[None]:
@@ -844,7 +890,7 @@ class RedisEventStore:
 
     async def renew(self, stream_id: str, token: str, lease: float) -> StreamRecord | None:
         with self._reachable():
-            reply = await self._renew(keys=self._keys(stream_id), args=[token, _ms(lease)])
+            reply = await self._call(self._renew, self._keys(stream_id), [token, _ms(lease)])
         return self._record(stream_id, reply)[0] if isinstance(reply, list) else None
 
     async def append(
@@ -854,7 +900,7 @@ class RedisEventStore:
         expected = "" if last_seq is None else last_seq
         args = [token, self.max_events, _ms(self.ttl), _now_ms(), expected, *fields]
         with self._reachable():
-            reply = await self._append(keys=self._keys(stream_id), args=args)
+            reply = await self._call(self._append, self._keys(stream_id), args)
             if not isinstance(reply, list):
                 raise FencingError(f"stream {stream_id}: token {token} does not hold the lease")
             if reply[0] == -2:
@@ -912,7 +958,9 @@ class RedisEventStore:
         after = max(after, 0)
         deadline = time.monotonic() + block
         with self._reachable():
-            return await self._read(stream_id, keys, after, deadline)
+            if self._shared is None or block <= 0:
+                return await self._read(stream_id, keys, after, deadline)
+            return await self._shared.read(stream_id, keys, after, deadline)
 
     async def _read(
         self, stream_id: str, keys: list[str], after: int, deadline: float
@@ -1037,9 +1085,19 @@ class RedisEventStore:
         return int(self._text(entry_id).partition("-")[2])
 
     def _event(self, entry: list[Any]) -> tuple[int, ServerSentEvent]:
-        fields = self._fields(entry[1])
+        """An events entry as (seq, event); the entry is ``[id, [field, value, ...]]`` (raw)
+        or ``(id, {field: value})`` (as redis-py parsed it)."""
+        entry_id, flat = entry
+        if isinstance(flat, list) and len(flat) == 4 and flat[0] in _EVENT and flat[2] in _DATA:
+            # the append script's own order: event, <type>, data, <data>
+            kind, data = flat[1], flat[3]
+            if isinstance(data, bytes):
+                kind, data = kind.decode(self._encoding), data.decode(self._encoding)
+            seq = int(entry_id[entry_id.index(b"-" if isinstance(entry_id, bytes) else "-") + 1 :])
+            return seq, ServerSentEvent(data, kind)
+        fields = self._fields(flat)
         event = ServerSentEvent(fields.get("data", ""), fields.get("event", "message"))
-        return self._seq(entry[0]), event
+        return self._seq(entry_id), event
 
     def _fields(self, flat: list[Any] | dict[Any, Any]) -> dict[str, str]:
         """A hash or stream entry's ``[field, value, ...]`` (a script's reply), or its fields
@@ -1055,5 +1113,457 @@ class RedisEventStore:
             return bool(await self._cancel(keys=keys, args=[]))
 
     async def close(self) -> None:
+        if self._shared is not None:
+            await self._shared.close()
+        if self._batch is not None:
+            await self._batch.close()
         with contextlib.suppress(*self._unreachable):
             await self.client.aclose()
+
+
+_GROUP = 64  # streams in one shared XREAD at most
+_LINGER = 5.0  # seconds a stream stays in the shared XREAD after its last reader read
+_MARK_EVERY = 1.0  # seconds between the shared read's reader-seen marks of one stream
+
+
+@dataclass(eq=False)
+class _Watch:
+    """One stream that the shared read watches for the readers of this process.
+
+    ``buffered`` holds the events that came while no reader waited, consecutive from
+    ``base + 1`` up to ``pos`` (a reader at or after ``base`` is served from it; one behind
+    it takes a snapshot); ``waiters`` are the readers waiting now, each with its position."""
+
+    stream_id: str
+    keys: list[str]
+    record: StreamRecord
+    pos: int  # the shared XREAD asks for the events after it
+    signals: int  # ... and for the signals after it
+    loop: _ReadLoop  # the XREAD loop of its group
+    base: int = 0
+    stale: bool = False  # a signal came that no reader has seen: the next read takes a snapshot
+    buffered: list[tuple[int, ServerSentEvent]] = field(default_factory=list)
+    waiters: dict[asyncio.Future[list[tuple[int, ServerSentEvent]] | None], int] = field(
+        default_factory=dict
+    )
+    bulks: list[bytes] = field(default_factory=list)  # the keys, RESP-encoded
+    used: float = 0.0  # monotonic time a reader last read
+    marked: float = 0.0  # monotonic time reader_seen was last marked for it
+    unmarked: bool = False  # a reader read since
+
+    def current(self, events: list[tuple[int, ServerSentEvent]]) -> StreamRecord:
+        """The record to answer with ``events`` (the last snapshot's, ``last_seq`` raised)."""
+        record = self.record
+        if not events:
+            return replace(record)
+        alive = record.producer_alive or not record.finished
+        return replace(record, last_seq=max(record.last_seq, events[-1][0]), producer_alive=alive)
+
+
+class _SharedRead:
+    """The blocking read of every reader of one :class:`RedisEventStore` (one process): one
+    ``XREAD BLOCK`` on one pooled connection over the events and signal streams of up to
+    ``_GROUP`` streams that readers of this process read (a :class:`_ReadLoop` per group of
+    streams, a new group once the others are full), instead of one connection per waiting
+    reader. (One ``XREAD`` over every stream would cost its loop and Redis the whole list of
+    keys on every wake-up: a group bounds that, at one connection per ``_GROUP`` streams.)
+
+    A reader registers a waiter (a future) with its position on the stream's
+    :class:`_Watch` and awaits it; the loop dispatches what each ``XREAD`` returns to the
+    waiters (events after their position, or a signal: they take a snapshot), and buffers
+    the events that come while no reader of the stream waits (a reader relaying the last
+    batch), so that a reader back for more is served without a round trip. A stream stays
+    in the ``XREAD`` for ``_LINGER`` seconds after its last read (so that a reader back for
+    more needs no new ``XREAD``); a stream not in the ``XREAD`` in flight (a new reader) ends
+    it at once through the loop's wake-up stream, ``<prefix>wake:{<random>}`` (an ``XADD``
+    from another pooled connection). Every ``_MARK_EVERY`` seconds, a mark script per
+    stream read since (``_LUA_MARK``: it marks the reader seen) rides in the same pipeline as
+    the ``XREAD``.
+    An ``XREAD`` that fails fails every waiter with its error, and the loop forgets every
+    stream (the next reads start from snapshots); it runs while a stream is watched.
+
+    Not for a Redis Cluster: one ``XREAD`` must stay in one slot there, and every stream has
+    a slot of its own (its hash tag), so cluster readers each block on their own connection.
+    """
+
+    def __init__(self, store: RedisEventStore) -> None:
+        self.store = store
+        self.watches: dict[str, _Watch] = {}
+        self.loops: list[_ReadLoop] = []
+
+    async def read(
+        self, stream_id: str, keys: list[str], after: int, deadline: float
+    ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None]:
+        """:meth:`RedisEventStore.read` through the shared ``XREAD``: from the buffered events
+        if they cover ``after``, else a snapshot; then wait as a waiter until ``deadline``
+        (monotonic), and take a snapshot if woken by a signal or when the time is up."""
+        watch = self.watches.get(stream_id)
+        if watch is None or watch.stale or after < watch.base:
+            events, record, watch = await self._snapshot(stream_id, keys, after)
+            if watch is None or events or record is None:
+                return events, record
+        watch.used = time.monotonic()
+        while True:
+            if after > watch.pos:  # ahead of the watch: the events before are of no use
+                watch.pos = watch.base = after
+                watch.buffered.clear()
+            events = [item for item in watch.buffered if item[0] > after]
+            if events:
+                watch.buffered.clear()
+                watch.base = watch.pos
+                watch.unmarked = True
+                watch.loop.want(watch)  # paused while its buffer was full
+                return events, watch.current(events)
+            wait = deadline - time.monotonic()
+            if wait <= 0:
+                break
+            waiter: asyncio.Future[list[tuple[int, ServerSentEvent]] | None]
+            waiter = asyncio.get_running_loop().create_future()
+            watch.waiters[waiter] = after
+            watch.loop.want(watch)
+            try:
+                events_or_signal = await asyncio.wait_for(waiter, wait)
+            except asyncio.TimeoutError:
+                break
+            finally:
+                watch.waiters.pop(waiter, None)
+                watch.used = time.monotonic()
+            if events_or_signal is None or self.watches.get(stream_id) is not watch:
+                break  # a signal (or the watch was dropped): a snapshot says what changed
+            watch.unmarked = True
+            return events_or_signal, watch.current(events_or_signal)
+        events, record, _ = await self._snapshot(stream_id, keys, after)
+        return events, record
+
+    async def _snapshot(
+        self, stream_id: str, keys: list[str], after: int
+    ) -> tuple[list[tuple[int, ServerSentEvent]], StreamRecord | None, _Watch | None]:
+        """One snapshot script (it marks the reader seen): the events after ``after`` and the
+        record; keeps the stream watched while it runs (None once finished or gone)."""
+        store = self.store
+        reply = await store._call(
+            store._snapshot, keys[:3], [after, repr(time.time()), store.read_count]
+        )
+        if reply is None:
+            self._drop(stream_id)
+            return [], None, None
+        record, signals = store._record(stream_id, reply)
+        events = [store._event(entry) for entry in reply[3]]
+        if record.finished:
+            self._drop(stream_id)
+            return events, record, None
+        last = events[-1][0] if events else after
+        watch = self.watches.get(stream_id)
+        if watch is None:
+            bulks = [_bulk(key.encode(store._encoding)) for key in keys]
+            loop = next((group for group in self.loops if len(group.members) < _GROUP), None)
+            if loop is None:
+                loop = _ReadLoop(self)
+                self.loops.append(loop)
+            watch = _Watch(stream_id, keys, record, last, signals, loop, last, bulks=bulks)
+            self.watches[stream_id] = loop.members[stream_id] = watch
+        watch.record, watch.stale = record, False
+        watch.signals = max(watch.signals, signals)
+        if last > watch.pos:
+            watch.pos = watch.base = last
+            watch.buffered.clear()
+        watch.marked, watch.unmarked = time.monotonic(), False
+        return events, record, watch
+
+    def _drop(self, stream_id: str) -> None:
+        """Forget ``stream_id``; its waiters take a snapshot."""
+        watch = self.watches.pop(stream_id, None)
+        if watch is not None:
+            watch.loop.members.pop(stream_id, None)
+            for waiter in watch.waiters:
+                if not waiter.done():
+                    waiter.set_result(None)
+
+    async def close(self) -> None:
+        """Stop every loop (their waiters, if any, fail with ``CancelledError``)."""
+        for loop in self.loops:
+            await loop.close()
+        self.watches.clear()
+
+
+class _ReadLoop:
+    """One shared ``XREAD BLOCK`` loop of :class:`_SharedRead` over its ``members``."""
+
+    def __init__(self, shared: _SharedRead) -> None:
+        self.shared = shared
+        self.store = shared.store
+        self.members: dict[str, _Watch] = {}
+        self.task: asyncio.Task[None] | None = None
+        self.inflight: set[_Watch] | None = None  # the watches of the XREAD in flight
+        self.waking: asyncio.Task[None] | None = None
+        self.wake_key = f"{self.store.prefix}wake:{{{secrets.token_hex(8)}}}"
+        self.wake_bulk = _bulk(self.wake_key.encode(self.store._encoding))
+        self.wake_id = "0-0"
+
+
+    def want(self, watch: _Watch) -> None:
+        """Have ``watch`` in the ``XREAD``: start the loop, or end the ``XREAD`` in flight
+        through the wake-up stream if ``watch`` is not in it."""
+        if self.task is None or self.task.done():
+            self.task = asyncio.ensure_future(self._run())
+        elif self.inflight is not None and watch not in self.inflight and self.waking is None:
+            self.waking = asyncio.ensure_future(self._wake())
+
+    async def _wake(self) -> None:
+        """End the ``XREAD`` in flight: an entry on the wake-up stream (its TTL ten blocks)."""
+        pipe = self.store.client.pipeline(transaction=False)
+        pipe.xadd(self.wake_key, {"w": "1"}, maxlen=1, approximate=False)
+        pipe.pexpire(self.wake_key, _ms(10 * self.store._max_block))
+        with contextlib.suppress(Exception):  # the XREAD ends within _max_block anyway
+            await pipe.execute()
+
+    async def _run(self) -> None:
+        """The loop: one pipeline of due marks and the ``XREAD``, then dispatch, while any
+        stream is watched."""
+        try:
+            while True:
+                now = time.monotonic()
+                watching: list[_Watch] = []
+                for stream_id, watch in list(self.members.items()):
+                    if not watch.waiters and now - watch.used > _LINGER:
+                        self.shared._drop(stream_id)
+                    elif watch.waiters or len(watch.buffered) < self.store.read_count:
+                        watching.append(watch)
+                if not watching:
+                    return
+                replies = await self._xread(watching, now)
+                self._dispatch(watching, replies)
+        except Exception as exc:  # every waiter fails with it; every stream is forgotten
+            for stream_id, watch in list(self.members.items()):
+                for waiter in watch.waiters:
+                    if not waiter.done():
+                        waiter.set_exception(exc)
+                self.shared._drop(stream_id)
+        finally:
+            self.inflight = None
+            self.task = None
+
+    async def _xread(self, watching: list[_Watch], now: float) -> list[Any]:
+        """One round trip: the due marks (snapshot scripts, no events) and the ``XREAD
+        BLOCK``, packed here (each watch's keys encoded once) and answered raw; their replies
+        (the marks' first; an ``UNBLOCKED`` ``XREAD`` answers None)."""
+        from redis.exceptions import NoScriptError, ResponseError
+
+        store = self.store
+        marks = [w for w in watching if w.unmarked and now - w.marked >= _MARK_EVERY]
+        head = _bulk(b"EVALSHA") + _bulk(store._mark.sha.encode()) + _bulk(b"1")
+        stamp = _bulk(repr(time.time()).encode())
+        packed = [b"*5\r\n" + head + w.bulks[0] + stamp for w in marks]
+        for watch in marks:
+            watch.marked, watch.unmarked = now, False
+        keys, ids = [self.wake_bulk], [_bulk(self.wake_id.encode())]
+        for watch in watching:
+            keys += watch.bulks[1::2]  # events, signal
+            ids += (_bulk(b"0-%d" % watch.pos), _bulk(b"0-%d" % watch.signals))
+        block = str(_ms(store._max_block)).encode()
+        count = str(store.read_count).encode()
+        packed.append(
+            b"*%d\r\n" % (6 + 2 * len(keys))
+            + b"".join(map(_bulk, (b"XREAD", b"COUNT", count, b"BLOCK", block, b"STREAMS")))
+            + b"".join(keys)
+            + b"".join(ids)
+        )
+        self.inflight, self.waking = set(watching), None
+        try:
+            client: Any = store.client  # a Redis: no shared read on a Cluster
+            replies = await _roundtrip(client, b"".join(packed), len(packed))
+        finally:
+            self.inflight = None
+        woken = replies[-1]
+        if isinstance(woken, ResponseError) and str(woken).startswith("UNBLOCKED"):
+            replies[-1] = None
+        elif isinstance(woken, Exception):
+            raise woken
+        for watch, reply in zip(marks, replies, strict=False):
+            if isinstance(reply, NoScriptError):  # a restarted Redis: load it for the next
+                await store._mark(keys=watch.keys[:1], args=[time.time()])
+            elif isinstance(reply, Exception):
+                raise reply
+            elif not reply:  # gone: its waiters take a snapshot (and learn it)
+                self.shared._drop(watch.stream_id)
+        return replies
+
+    def _dispatch(self, watching: list[_Watch], replies: list[Any]) -> None:
+        """Hand what the ``XREAD`` returned to the waiters, or buffer it."""
+        store = self.store
+        named: dict[str, tuple[_Watch, bool]] = {}
+        for watch in watching:
+            named[watch.keys[1]] = (watch, True)
+            named[watch.keys[3]] = (watch, False)
+        woken = replies[-1]
+        for name, entries in woken.items() if isinstance(woken, dict) else woken or ():
+            key = store._text(name)
+            if key == self.wake_key:
+                self.wake_id = store._text(entries[-1][0])
+                continue
+            watch, is_events = named[key]
+            if self.members.get(watch.stream_id) is not watch:
+                continue  # dropped meanwhile
+            if not is_events:
+                signalled = store._seq(entries[-1][0])
+                if signalled > watch.signals:
+                    watch.signals, watch.stale = signalled, True
+                    for waiter in watch.waiters:
+                        if not waiter.done():
+                            waiter.set_result(None)
+                continue
+            events = [item for item in map(store._event, entries) if item[0] > watch.pos]
+            if not events:
+                continue
+            watch.pos = events[-1][0]
+            watch.record.last_seq = max(watch.record.last_seq, watch.pos)
+            taken = False
+            for waiter, after in watch.waiters.items():
+                mine = [item for item in events if item[0] > after]
+                if mine and not waiter.done():
+                    waiter.set_result(mine)
+                    taken = True
+            if taken:
+                watch.buffered.clear()
+                watch.base = watch.pos
+            else:
+                watch.buffered.extend(events)
+
+    async def close(self) -> None:
+        """Stop the loop."""
+        for task in (self.task, self.waking):
+            if task is not None and not task.done():
+                task.cancel()
+                with contextlib.suppress(BaseException):
+                    await task
+        self.members.clear()
+
+
+class _Batch:
+    """Script calls made while a pipeline is in flight go out together in the next one: one
+    round trip (one ``send``, one pooled connection) for the appends, lease renewals and
+    snapshots of every stream of this process, instead of one each. At most one pipeline is
+    in flight; a call waits for it at most one round trip. A script that a restarted Redis
+    lost (``NOSCRIPT``) is loaded and its call made again on its own; a pipeline that fails
+    fails each of its calls with the error. Not for a Redis Cluster (its pipelines split by
+    node, and its failover tests rely on one command per call)."""
+
+    def __init__(self, client: Redis) -> None:
+        self.client = client
+        self.queue: list[tuple[Any, list[str], list[Any], asyncio.Future[Any]]] = []
+        self.task: asyncio.Task[None] | None = None
+        self.alone: set[asyncio.Task[None]] = set()  # calls made again on their own
+
+    def call(self, script: Any, keys: list[str], args: list[Any]) -> asyncio.Future[Any]:
+        """Queue ``script(keys=keys, args=args)``; its reply, or the error, in the future."""
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.queue.append((script, keys, args, future))
+        if self.task is None:
+            self.task = asyncio.ensure_future(self._flush())
+        return future
+
+    async def _flush(self) -> None:
+        from redis.exceptions import NoScriptError
+
+        try:
+            await asyncio.sleep(0)  # the calls of this turn of the event loop join the first
+            while self.queue:
+                batch, self.queue = self.queue, []
+                pool: Any = self.client.connection_pool
+                encoder = pool.get_encoder()
+                encode, encoding, errors = encoder.encode, encoder.encoding, encoder.encoding_errors
+                packed = [
+                    _pack(
+                        [
+                            arg.encode(encoding, errors) if type(arg) is str else encode(arg)
+                            for arg in ("EVALSHA", script.sha, len(keys), *keys, *args)
+                        ]
+                    )
+                    for script, keys, args, _ in batch
+                ]
+                try:
+                    replies = await _roundtrip(self.client, b"".join(packed), len(packed))
+                except Exception as exc:
+                    for *_, future in batch:
+                        if not future.done():
+                            future.set_exception(exc)
+                    continue
+                for (script, keys, args, future), reply in zip(batch, replies, strict=True):
+                    if isinstance(reply, NoScriptError):
+                        alone = asyncio.ensure_future(self._alone(script, keys, args, future))
+                        self.alone.add(alone)
+                        alone.add_done_callback(self.alone.discard)
+                    elif future.done():
+                        continue
+                    elif isinstance(reply, Exception):
+                        future.set_exception(reply)
+                    else:
+                        future.set_result(reply)
+        finally:
+            self.task = None
+            for *_, future in self.queue:  # cancelled (the store closes)
+                future.cancel()
+            self.queue.clear()
+
+    async def _alone(
+        self, script: Any, keys: list[str], args: list[Any], future: asyncio.Future[Any]
+    ) -> None:
+        """``script``'s call on its own (redis-py's script call loads it first)."""
+        try:
+            reply = await script(keys=keys, args=args)
+        except Exception as exc:
+            if not future.done():
+                future.set_exception(exc)
+            return
+        if not future.done():
+            future.set_result(reply)
+
+    async def close(self) -> None:
+        if self.task is not None and not self.task.done():
+            self.task.cancel()
+            with contextlib.suppress(BaseException):
+                await self.task
+
+
+def _bulk(value: bytes) -> bytes:
+    """``value`` as a RESP bulk string."""
+    return b"$%d\r\n%s\r\n" % (len(value), value)
+
+
+def _pack(args: list[bytes]) -> bytes:
+    """One command of ``args`` (encoded) in RESP, as redis-py packs it."""
+    return b"*%d\r\n" % len(args) + b"".join(map(_bulk, args))
+
+
+async def _roundtrip(client: Redis, packed: bytes, count: int) -> list[Any]:
+    """Send ``count`` commands packed in ``packed`` on one connection of ``client``'s pool
+    and read their replies: one round trip, replies raw (no response callbacks; an error
+    reply is its exception, in its place). A dead connection is retried as the client's
+    own commands are (its ``Retry``: the whole batch again on a new connection).
+
+    Raises:
+        redis.exceptions.ConnectionError, TimeoutError: the retries are spent.
+    """
+    from redis.exceptions import ResponseError
+
+    pool: Any = client.connection_pool
+    connection: Any = await pool.get_connection()
+
+    async def attempt() -> list[Any]:
+        await connection.send_packed_command(packed)
+        replies: list[Any] = []
+        for _ in range(count):
+            try:
+                replies.append(await connection.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+
+    async def failed(_: Exception) -> None:
+        await connection.disconnect()
+
+    try:
+        result: list[Any] = await connection.retry.call_with_retry(attempt, failed)
+        return result
+    finally:
+        await pool.release(connection)
