@@ -74,7 +74,7 @@ __all__ = ["Resumer", "is_stream_id", "new_stream_id", "parse_last_event_id"]
 logger = logging.getLogger("sanic_streamplus")
 
 _LEASE = 3.0  # seconds a producer's lease lasts; renewed every _TICK
-_TICK = 0.5  # seconds between a producer's checks (lease, cancel, readers)
+_TICK = 1.0  # seconds between a producer's checks (lease, cancel, readers): a third of the lease
 _BLOCK = 1.0  # seconds a reader waits in the store before it checks the producer
 _BATCH = 1024  # events a producer may have waiting for the store before it waits too
 # what the producer's machine writes: events, not bytes; a bare end marker ([DONE]) is not
