@@ -63,6 +63,10 @@ class Deadline:
         self._waiting = False
         self._fired = False
 
+    def now(self) -> float:
+        """The loop's time (seconds), the clock deadlines are set in."""
+        return self._loop.time()
+
     def set(self, at: float | None) -> None:
         """Move the deadline to loop time ``at`` (seconds), or remove it with None."""
         self._at = at

@@ -262,36 +262,13 @@ class Pump:
     # ------------------------------------------------------------------ the reader
 
     async def _read(self, source: AsyncIterable[Any]) -> None:
-        machine, downstream, watch, limit = self.machine, self.downstream, self.watch, self.limit
-        put, wake, feed, event_in = downstream.put, self._wake, machine.feed, machine.event
-        kind_of, usage = machine.dialect.end_kind, machine.dialect.usage
-        dialect = machine.dialect.name
-        iterator, pairs = _events(source, dialect)
+        """The reader task: :meth:`_pump` the source, turn how it stopped into the machine's
+        input, close the source (completely), run the hooks; the writer is woken at the end."""
+        machine = self.machine
+        iterator, pairs = _events(source, machine.dialect.name)
         try:
             try:
-                async for item in iterator:
-                    if pairs:  # classified by the source, in this dialect
-                        event, kind = item
-                    else:
-                        event = item if type(item) is ServerSentEvent else to_event(item)
-                        kind = kind_of(event)
-                    if watch is not None:
-                        watch.event(usage(event))
-                    data = feed(event, kind)
-                    if data is not None:  # the hot path: one more write
-                        if not downstream.queued:  # (else the writer knows already)
-                            wake.set()
-                        put(data, event)
-                    else:
-                        if kind is EventKind.UPSTREAM_ERROR:  # yielded, not raised: the same
-                            self.upstream_error = UpstreamErrorEvent.from_event(event, dialect)
-                        self._run(event_in(event, kind))
-                        if machine.phase not in _LIVE:
-                            break
-                    if downstream.queued >= limit and not await self._wait_for_writer():
-                        break
-                else:
-                    self._run(machine.source_ended())
+                await self._pump(iterator, pairs)
             except asyncio.CancelledError:
                 if machine.ending is None:  # not a CloseSource: the loop is going down
                     raise
@@ -303,7 +280,41 @@ class Pump:
                 await close_completely(aclose_iterator(iterator))
             await self._before_final()
         finally:
-            wake.set()
+            self._wake.set()
+
+    async def _pump(self, iterator: AsyncIterator[Any], pairs: bool) -> None:
+        """Feed the machine each event of ``iterator`` (``(event, kind)`` pairs when
+        ``pairs``) until it ends or the stream does; the hot path queues the event's bytes for
+        the writer, waking it only when nothing was queued (else it knows already)."""
+        machine, downstream, watch, limit = self.machine, self.downstream, self.watch, self.limit
+        put, wake, feed = downstream.put, self._wake, machine.feed
+        kind_of, usage = machine.dialect.end_kind, machine.dialect.usage
+        async for item in iterator:
+            if pairs:  # classified by the source, in this dialect
+                event, kind = item
+            else:
+                event = item if type(item) is ServerSentEvent else to_event(item)
+                kind = kind_of(event)
+            if watch is not None:
+                watch.event(usage(event))
+            data = feed(event, kind)
+            if data is not None:  # the hot path: one more write
+                if not downstream.queued:
+                    wake.set()
+                put(data, event)
+            elif not self._event(event, kind):
+                return
+            if downstream.queued >= limit and not await self._wait_for_writer():
+                return
+        self._run(machine.source_ended())
+
+    def _event(self, event: ServerSentEvent, kind: EventKind) -> bool:
+        """An event off the hot path (the first, a START, FINISH, TERMINAL or upstream error
+        event): through :meth:`StreamMachine.event`; False once the stream is ending."""
+        if kind is EventKind.UPSTREAM_ERROR:  # yielded, not raised: the same
+            self.upstream_error = UpstreamErrorEvent.from_event(event, self.machine.dialect.name)
+        self._run(self.machine.event(event, kind))
+        return self.machine.phase in _LIVE
 
     def _inband(self, error: UpstreamErrorEvent) -> None:
         """The upstream reported an error in its stream: its own frame goes through as it came

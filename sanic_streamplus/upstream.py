@@ -248,59 +248,45 @@ async def _events(
     ``dialect``), classified and checked with the dialect's
     :meth:`~sanic_streamplus.framing.Dialect.end_kind`; the idle deadline moves with each
     read that completes an event. The response is closed, completely, whatever happens."""
-    loop = asyncio.get_running_loop()
     deadline = Deadline()
-    idle, total = settings.idle_timeout, settings.total_timeout
-    total_at = None if total is None else loop.time() + total
-    classify = dialect.end_kind if dialect is not None else None
+    total_at = None if settings.total_timeout is None else deadline.now() + settings.total_timeout
     response: httpx.Response | None = None
     body: _Body | None = None
     try:
         response = await _send(client, request, deadline, settings, total_at)
-        body = _Body(response)
-        read, broken, guard = body.read, body.errors, deadline.guard
-        feed = SSEDecoder(settings.max_event_size, settings.max_line_length).feed
-        first = True
+        body = _Body(response, deadline, settings, total_at)
+        read, feed = body.read, SSEDecoder(settings.max_event_size, settings.max_line_length).feed
+        classify = _unchecked if dialect is None else dialect.end_kind  # never UPSTREAM_ERROR
+        name = "" if dialect is None else dialect.name
         finished = False  # a FINISH event went by (OpenAI chat: complete without [DONE])
-        while True:
-            try:
-                chunk = await guard(read())
-            except broken as exc:  # the transport's errors first: some are TimeoutErrors
-                raise UpstreamDisconnected(
-                    f"upstream connection broke mid-stream ({_httpx_name(exc)})",
-                    upstream_status=response.status_code,
-                ) from None
-            except TimeoutError:
-                raise _timeout(settings, total_at, first) from None
-            if not chunk:  # the end of the body
-                if dialect is not None and not dialect.complete_without_end(finished):
-                    raise UpstreamTruncated(dialect.name)
-                return
+        while chunk := await read():
             try:
                 events = feed(chunk)
             except EventTooLarge as exc:
                 for event in exc.events:  # what came before it, unchecked; then the error
-                    yield (event, dialect.end_kind(event)) if pairs and dialect else event
+                    yield (event, classify(event)) if pairs else event
                 raise
+            for event in events:
+                kind = classify(event)
+                if kind is EventKind.UPSTREAM_ERROR:
+                    raise UpstreamErrorEvent.from_event(event, name)
+                finished = finished or kind is EventKind.FINISH
+                yield (event, kind) if pairs else event
+                if kind is EventKind.TERMINAL:
+                    return
             if events:
-                first = False
-                for event in events:
-                    if classify is None:
-                        yield event
-                        continue
-                    kind = classify(event)
-                    if kind is EventKind.UPSTREAM_ERROR:
-                        assert dialect is not None
-                        raise UpstreamErrorEvent.from_event(event, dialect.name)
-                    finished = finished or kind is EventKind.FINISH
-                    yield (event, kind) if pairs else event
-                    if kind is EventKind.TERMINAL:
-                        return
-                deadline.set(_later(loop.time(), idle, total_at))
+                body.moved()
+        if dialect is not None and not dialect.complete_without_end(finished):
+            raise UpstreamTruncated(dialect.name)
     finally:
         deadline.close()
         if response is not None:
             await close_completely(_close(body, response))
+
+
+def _unchecked(event: ServerSentEvent) -> EventKind:
+    """The kind of every event of a stream checked in no dialect."""
+    return EventKind.OTHER
 
 
 def _timeout(settings: Settings, total_at: float | None, first: bool) -> UpstreamTimeout:
@@ -321,7 +307,7 @@ async def _send(
 ) -> httpx.Response:
     """Send ``request`` within the first-event deadline and check the answer: a 2xx event
     stream (see :func:`stream_events` for the errors)."""
-    deadline.set(_later(asyncio.get_running_loop().time(), settings.first_event_timeout, total_at))
+    deadline.set(_later(deadline.now(), settings.first_event_timeout, total_at))
     try:
         response: httpx.Response = await deadline.guard(client.send(request, stream=True))
     except TimeoutError:
@@ -353,33 +339,77 @@ async def _send(
 
 
 class _Body:
-    """How to read an upstream response's body: ``read()`` returns the next bytes (b"" at the
-    end), and raises one of ``errors`` when the connection breaks.
+    """The body of an upstream response, read within the stream's deadlines: ``read()``
+    returns the next bytes (b"" at the end), or raises ``UpstreamDisconnected`` (the
+    connection broke) or the ``UpstreamTimeout`` that passed.
 
     httpx-aiohttp (0.1.9 .. 0.2.x) wraps the aiohttp ``ClientResponse`` in its
     ``AiohttpResponseStream`` (``_aiohttp_response``), itself in httpx's ``BoundAsyncStream``
     (``_stream``); it asks aiohttp not to decompress. So for a body without content encoding,
-    ``read`` is the aiohttp ``StreamReader.readany`` (what is buffered, as it came) and
-    ``errors`` aiohttp's payload and connection errors, which httpx-aiohttp maps to
-    ``httpx.TransportError``; for any other transport or encoding, httpx's iterators
-    (``aiter_raw``, or ``aiter_bytes`` to decode) and ``httpx.TransportError``.
+    the bytes come from the aiohttp ``StreamReader.readany`` (what is buffered, as it came),
+    and aiohttp's payload and connection errors (which httpx-aiohttp maps to
+    ``httpx.TransportError``) mean a broken connection; for any other transport or encoding,
+    httpx's iterators (``aiter_raw``, or ``aiter_bytes`` to decode) and
+    ``httpx.TransportError``.
     """
 
-    __slots__ = ("chunks", "errors", "native", "read")
+    __slots__ = (
+        "_first",
+        "_next",
+        "_status",
+        "chunks",
+        "deadline",
+        "errors",
+        "native",
+        "settings",
+        "total_at",
+    )
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(
+        self,
+        response: httpx.Response,
+        deadline: Deadline,
+        settings: Settings,
+        total_at: float | None,
+    ) -> None:
+        self.deadline, self.settings, self.total_at = deadline, settings, total_at
+        self._status = response.status_code
+        self._first = True  # no event yet: the first-event timeout applies
         self.chunks: AsyncIterator[bytes] | None = None
-        self.native = _aiohttp_body(response)
-        self.read: Callable[[], Awaitable[bytes]]
+        self._next: Callable[[], Awaitable[bytes]]
         self.errors: tuple[type[BaseException], ...]
-        if self.native is not None:
-            self.read = self.native.readany
-            self.errors = _AIOHTTP_ERRORS
+        self.native = native = _aiohttp_body(response)  # the fast path's reader, or None
+        if native is not None:
+            self._next, self.errors = native.readany, _AIOHTTP_ERRORS
             return
         encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
         self.chunks = response.aiter_bytes() if encoded else response.aiter_raw()
-        self.read = functools.partial(_next_or_empty, self.chunks.__anext__)
+        self._next = functools.partial(_next_or_empty, self.chunks.__anext__)
         self.errors = (httpx.TransportError,)
+
+    async def read(self) -> bytes:
+        """The next bytes of the body; b"" at its end.
+
+        Raises:
+            UpstreamDisconnected: the connection broke (the transport's errors are looked at
+                first: some are ``TimeoutError``).
+            UpstreamTimeout: the first-event, idle or total timeout passed.
+        """
+        try:
+            chunk: bytes = await self.deadline.guard(self._next())
+        except self.errors as exc:
+            raise UpstreamDisconnected(
+                f"upstream connection broke mid-stream ({_httpx_name(exc)})",
+                upstream_status=self._status,
+            ) from None
+        except TimeoutError:
+            raise _timeout(self.settings, self.total_at, self._first) from None
+        return chunk
+
+    def moved(self) -> None:
+        """An event arrived: the idle deadline starts again (the total one stays)."""
+        self._first = False
+        self.deadline.set(_later(self.deadline.now(), self.settings.idle_timeout, self.total_at))
 
 
 async def _next_or_empty(next_chunk: Callable[[], Awaitable[bytes]]) -> bytes:
