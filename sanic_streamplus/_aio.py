@@ -86,6 +86,35 @@ class Deadline:
             self._fired = True
             self._task.cancel()
 
+    def enter(self) -> None:
+        """A guarded wait of the current task begins (what :meth:`guard` does around its
+        awaitable, for a caller that awaits by itself: one coroutine fewer per wait). Pair it
+        with :meth:`leave` in a ``finally``, and pass a ``CancelledError`` of the wait through
+        :meth:`expired`.
+
+        Raises:
+            TimeoutError: the deadline has passed already.
+        """
+        at = self._at
+        if at is not None and self._loop.time() >= at:
+            raise TimeoutError
+        self._task = asyncio.current_task()
+        self._waiting = True
+
+    def leave(self) -> None:
+        """The guarded wait is over (it returned or raised)."""
+        self._waiting = False
+
+    def expired(self) -> bool:
+        """Whether the ``CancelledError`` that ended the guarded wait is the deadline's (then
+        the cancellation is answered: the caller raises ``TimeoutError`` instead), not a
+        cancellation from outside (that wins when both came)."""
+        if not self._fired:
+            return False
+        self._fired = False
+        uncancel = getattr(self._task, "uncancel", None)
+        return uncancel is None or uncancel() <= 0
+
     async def guard(self, awaitable: Awaitable[Any]) -> Any:
         """Await ``awaitable``, cancelling it if the deadline passes first.
 
@@ -93,24 +122,18 @@ class Deadline:
             TimeoutError: the deadline passed before ``awaitable`` finished.
             asyncio.CancelledError: the task was cancelled from outside.
         """
-        at = self._at
-        if at is not None and self._loop.time() >= at:
+        try:
+            self.enter()
+        except TimeoutError:
             if asyncio.iscoroutine(awaitable):
                 awaitable.close()
-            raise TimeoutError
-        self._task = asyncio.current_task()
-        self._waiting = True
+            raise
         try:
             return await awaitable
         except asyncio.CancelledError:
-            if not self._fired:
-                raise
-            self._fired = False
-            task = self._task
-            uncancel = getattr(task, "uncancel", None)
-            if uncancel is not None and uncancel() > 0:
-                raise  # cancelled from outside as well: that wins
-            raise TimeoutError from None
+            if self.expired():
+                raise TimeoutError from None
+            raise
         finally:
             self._waiting = False
 
@@ -124,34 +147,41 @@ class Deadline:
 
 class Wake:
     """A wake-up for one waiting task: :meth:`set` from anywhere (a task, a callback);
-    :meth:`wait` returns at once if it was set since the last wait, else when it is set, and
-    clears it. ``asyncio.Event`` without its waiter deque (memory per stream) and its loop
-    look-ups (time per event): a future exists only while the task waits."""
+    ``await wake.wait()`` returns at once if it was set since the last wait, else when it is
+    set, and clears it. ``asyncio.Event`` without its waiter deque (memory per stream), its
+    loop look-ups and its coroutine per wait (time per event): a future exists only while the
+    task waits, and a wait that need not wait awaits one done future kept for it."""
 
-    __slots__ = ("_loop", "_set", "_waiter")
+    __slots__ = ("_done", "_loop", "_set", "_waiter")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._set = False
         self._waiter: asyncio.Future[None] | None = None
+        self._done: asyncio.Future[None] | None = None  # made at the first wait that is set
 
     def set(self) -> None:
         """Wake the waiting task, or the next :meth:`wait`."""
-        self._set = True
         waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
+        if waiter is not None:
+            self._waiter = None
+            if not waiter.done():  # (cancelled with its task: then the next wait)
+                waiter.set_result(None)
+                return
+        self._set = True
 
-    async def wait(self) -> None:
-        """Wait until set (return at once if set already), then clear.
+    def wait(self) -> Awaitable[None]:
+        """What to await until set (done at once if set already), clearing it.
 
-        Raises:
+        Raises (when awaited):
             asyncio.CancelledError: the task was cancelled while it waited.
         """
-        if not self._set:
-            self._waiter = waiter = self._loop.create_future()
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-        self._set = False
+        if self._set:
+            self._set = False
+            done = self._done
+            if done is None:
+                self._done = done = self._loop.create_future()
+                done.set_result(None)
+            return done
+        self._waiter = waiter = self._loop.create_future()
+        return waiter

@@ -90,10 +90,11 @@ def stream_error(exc: BaseException) -> StreamPlusError:
 
 
 def _events(source: AsyncIterable[Any], dialect: str) -> tuple[AsyncIterator[Any], bool]:
-    """The iterator to read ``source`` with, and whether it yields ``(event, kind)`` pairs: a
-    source that classifies its events in the stream's dialect already (its
-    ``classified(dialect)`` gives the pairs, e.g.
-    :class:`~sanic_streamplus.upstream.UpstreamEvents`) is not classified twice."""
+    """The iterator to read ``source`` with, and whether it yields batches (lists of
+    ``(event, kind)`` pairs): a source that classifies its events in the stream's dialect
+    already (its ``classified(dialect)`` gives the batches, e.g.
+    :class:`~sanic_streamplus.upstream.UpstreamEvents`, one per upstream read) is not
+    classified twice, and a read's events are pumped in one step."""
     classified = getattr(source, "classified", None)
     if callable(classified):
         pairs = classified(dialect)
@@ -265,10 +266,10 @@ class Pump:
         """The reader task: :meth:`_pump` the source, turn how it stopped into the machine's
         input, close the source (completely), run the hooks; the writer is woken at the end."""
         machine = self.machine
-        iterator, pairs = _events(source, machine.dialect.name)
+        iterator, batches = _events(source, machine.dialect.name)
         try:
             try:
-                await self._pump(iterator, pairs)
+                await self._pump(iterator, batches)
             except asyncio.CancelledError:
                 if machine.ending is None:  # not a CloseSource: the loop is going down
                     raise
@@ -282,30 +283,31 @@ class Pump:
         finally:
             self._wake.set()
 
-    async def _pump(self, iterator: AsyncIterator[Any], pairs: bool) -> None:
-        """Feed the machine each event of ``iterator`` (``(event, kind)`` pairs when
-        ``pairs``) until it ends or the stream does; the hot path queues the event's bytes for
-        the writer, waking it only when nothing was queued (else it knows already)."""
+    async def _pump(self, iterator: AsyncIterator[Any], batches: bool) -> None:
+        """Feed the machine each event of ``iterator`` (lists of ``(event, kind)`` pairs when
+        ``batches``) until it ends or the stream does; the hot path queues the event's bytes
+        for the writer, waking it only when nothing was queued (else it knows already)."""
         machine, downstream, watch, limit = self.machine, self.downstream, self.watch, self.limit
         put, wake, feed = downstream.put, self._wake, machine.feed
         kind_of, usage = machine.dialect.end_kind, machine.dialect.usage
         async for item in iterator:
-            if pairs:  # classified by the source, in this dialect
-                event, kind = item
+            if batches:  # one upstream read's events, classified by the source
+                batch = item
             else:
                 event = item if type(item) is ServerSentEvent else to_event(item)
-                kind = kind_of(event)
-            if watch is not None:
-                watch.event(usage(event))
-            data = feed(event, kind)
-            if data is not None:  # the hot path: one more write
-                if not downstream.queued:
-                    wake.set()
-                put(data, event)
-            elif not self._event(event, kind):
-                return
-            if downstream.queued >= limit and not await self._wait_for_writer():
-                return
+                batch = ((event, kind_of(event)),)
+            for event, kind in batch:
+                if watch is not None:
+                    watch.event(usage(event))
+                data = feed(event, kind)
+                if data is not None:  # the hot path: one more write
+                    if not downstream.queued:
+                        wake.set()
+                    put(data, event)
+                elif not self._event(event, kind):
+                    return
+                if downstream.queued >= limit and not await self._wait_for_writer():
+                    return
         self._run(machine.source_ended())
 
     def _event(self, event: ServerSentEvent, kind: EventKind) -> bool:

@@ -35,6 +35,7 @@ from .errors import (
     ExtensionMissing,
     FirstEventTimeout,
     IdleTimeout,
+    StreamPlusError,
     TotalTimeout,
     UpstreamBadResponse,
     UpstreamDisconnected,
@@ -189,7 +190,8 @@ class UpstreamEvents(AsyncIterator[ServerSentEvent]):
     iterator of :class:`ServerSentEvent` with ``aclose()``.
 
     A relay that drives the stream in the same dialect may take the events already
-    classified instead (:meth:`classified`), so that each event is classified once.
+    classified instead, a read's worth at a time (:meth:`classified`), so that each event is
+    classified once.
 
     Attributes:
         dialect: the name of the dialect the stream is checked in, or None (no check).
@@ -209,10 +211,11 @@ class UpstreamEvents(AsyncIterator[ServerSentEvent]):
         self.dialect = None if dialect is None else dialect.name
         self._events: AsyncGenerator[Any, None] | None = None
 
-    def _open(self, pairs: bool) -> AsyncGenerator[Any, None]:
+    def _open(self, batches: bool) -> AsyncGenerator[Any, None]:
         if self._events is not None:
             raise RuntimeError("the upstream stream is being read already")
-        self._events = _events(self._client, self._request, self._settings, self._dialect, pairs)
+        client, request, settings = self._client, self._request, self._settings
+        self._events = _events(client, request, settings, self._dialect, batches)
         return self._events
 
     def __aiter__(self) -> UpstreamEvents:
@@ -227,11 +230,15 @@ class UpstreamEvents(AsyncIterator[ServerSentEvent]):
         if self._events is not None:
             await self._events.aclose()
 
-    def classified(self, dialect: str) -> AsyncIterator[tuple[ServerSentEvent, EventKind]] | None:
-        """``(event, kind)`` pairs instead of events, where ``kind`` is
-        :meth:`~sanic_streamplus.framing.Dialect.end_kind`'s, when the stream is checked in the
-        dialect named ``dialect`` and its iteration has not started (the same rules; closing
-        the pairs closes the upstream); else None."""
+    def classified(
+        self, dialect: str
+    ) -> AsyncIterator[list[tuple[ServerSentEvent, EventKind]]] | None:
+        """The events classified already, one upstream read at a time: lists of
+        ``(event, kind)`` pairs (``kind``: :meth:`~sanic_streamplus.framing.Dialect.end_kind`'s;
+        never an empty list), when the stream is checked in the dialect named ``dialect`` and
+        its iteration has not started (the same rules; closing it closes the upstream); else
+        None. A relay takes a read's events in one step this way, not one ``__anext__``
+        each."""
         if dialect != self.dialect or self._events is not None:
             return None
         return self._open(True)
@@ -242,12 +249,12 @@ async def _events(
     request: httpx.Request,
     settings: Settings,
     dialect: Dialect | None,
-    pairs: bool,
+    batches: bool,
 ) -> AsyncGenerator[Any, None]:
-    """:func:`stream_events`' events, or ``(event, kind)`` pairs (``pairs``, with a
-    ``dialect``), classified and checked with the dialect's
-    :meth:`~sanic_streamplus.framing.Dialect.end_kind`; the idle deadline moves with each
-    read that completes an event. The response is closed, completely, whatever happens."""
+    """:func:`stream_events`' events, or (``batches``) one list of ``(event, kind)`` pairs per
+    upstream read (see :meth:`UpstreamEvents.classified`), checked by a :class:`_Check`; the
+    idle deadline moves with each read that completes an event. The response is closed,
+    completely, whatever happens."""
     deadline = Deadline()
     total_at = None if settings.total_timeout is None else deadline.now() + settings.total_timeout
     response: httpx.Response | None = None
@@ -256,32 +263,82 @@ async def _events(
         response = await _send(client, request, deadline, settings, total_at)
         body = _Body(response, deadline, settings, total_at)
         read, feed = body.read, SSEDecoder(settings.max_event_size, settings.max_line_length).feed
-        classify = _unchecked if dialect is None else dialect.end_kind  # never UPSTREAM_ERROR
-        name = "" if dialect is None else dialect.name
-        finished = False  # a FINISH event went by (OpenAI chat: complete without [DONE])
+        check = _Check(dialect)
         while chunk := await read():
             try:
-                events = feed(chunk)
-            except EventTooLarge as exc:
-                for event in exc.events:  # what came before it, unchecked; then the error
-                    yield (event, classify(event)) if pairs else event
-                raise
-            for event in events:
-                kind = classify(event)
-                if kind is EventKind.UPSTREAM_ERROR:
-                    raise UpstreamErrorEvent.from_event(event, name)
-                finished = finished or kind is EventKind.FINISH
-                yield (event, kind) if pairs else event
-                if kind is EventKind.TERMINAL:
-                    return
-            if events:
+                checked = check.pairs(feed(chunk))
+            except EventTooLarge as exc:  # what came before it, unchecked; then the error
+                checked, check.error = [(event, check.kind(event)) for event in exc.events], exc
+            if batches:
+                if checked:
+                    yield checked
+            else:
+                for event, _ in checked:
+                    yield event
+            if check.error is not None:
+                raise check.error
+            if check.ended:
+                return
+            if checked:
                 body.moved()
-        if dialect is not None and not dialect.complete_without_end(finished):
-            raise UpstreamTruncated(dialect.name)
+        check.source_ended()
     finally:
         deadline.close()
         if response is not None:
             await close_completely(_close(body, response))
+
+
+class _Check:
+    """The integrity check of one upstream stream in ``dialect``
+    (:meth:`~sanic_streamplus.framing.Dialect.end_kind`), one read's events at a time; with
+    no dialect, no check (every event OTHER, any end complete).
+
+    Attributes:
+        error: the upstream's error event as :class:`~sanic_streamplus.errors.UpstreamErrorEvent`
+            (or the ``EventTooLarge`` its decoder raised) once there is one, else None.
+        ended: the terminal event went by (nothing after it is read).
+    """
+
+    __slots__ = ("_dialect", "_finished", "ended", "error", "kind")
+
+    def __init__(self, dialect: Dialect | None) -> None:
+        self._dialect = dialect
+        self.kind: Callable[[ServerSentEvent], EventKind] = (
+            _unchecked if dialect is None else dialect.end_kind
+        )
+        self._finished = False  # a FINISH event went by (OpenAI chat: complete without [DONE])
+        self.error: StreamPlusError | None = None
+        self.ended = False
+
+    def pairs(self, events: list[ServerSentEvent]) -> list[tuple[ServerSentEvent, EventKind]]:
+        """``events`` with their kinds, up to the end of the stream: up to and with the
+        terminal event (then :attr:`ended`), or up to the upstream's error event (not
+        included: :attr:`error` is set)."""
+        kind_of = self.kind
+        out: list[tuple[ServerSentEvent, EventKind]] = []
+        for event in events:
+            kind = kind_of(event)
+            if kind is EventKind.UPSTREAM_ERROR:
+                assert self._dialect is not None  # (no dialect: every event is OTHER)
+                self.error = UpstreamErrorEvent.from_event(event, self._dialect.name)
+                break
+            out.append((event, kind))
+            if kind is EventKind.FINISH:
+                self._finished = True
+            elif kind is EventKind.TERMINAL:
+                self.ended = True
+                break
+        return out
+
+    def source_ended(self) -> None:
+        """The body ended without the terminal event.
+
+        Raises:
+            UpstreamTruncated: the dialect does not take that end as complete.
+        """
+        dialect = self._dialect
+        if dialect is not None and not dialect.complete_without_end(self._finished):
+            raise UpstreamTruncated(dialect.name)
 
 
 def _unchecked(event: ServerSentEvent) -> EventKind:
@@ -395,8 +452,10 @@ class _Body:
                 first: some are ``TimeoutError``).
             UpstreamTimeout: the first-event, idle or total timeout passed.
         """
+        deadline = self.deadline  # (its guard() inline: one coroutine fewer per read)
         try:
-            chunk: bytes = await self.deadline.guard(self._next())
+            deadline.enter()
+            chunk: bytes = await self._next()
         except self.errors as exc:
             raise UpstreamDisconnected(
                 f"upstream connection broke mid-stream ({_httpx_name(exc)})",
@@ -404,6 +463,12 @@ class _Body:
             ) from None
         except TimeoutError:
             raise _timeout(self.settings, self.total_at, self._first) from None
+        except asyncio.CancelledError:
+            if deadline.expired():
+                raise _timeout(self.settings, self.total_at, self._first) from None
+            raise
+        finally:
+            deadline.leave()
         return chunk
 
     def moved(self) -> None:

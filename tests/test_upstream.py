@@ -75,9 +75,11 @@ async def test_both_transports_give_the_same_checked_events(
         source = stream_events(
             client, "POST", "/chat/completions", settings=config, json=BODY, dialect=dialect
         )
-        pairs = source.classified("openai")
-        assert pairs is not None and source.classified("openai") is None  # once only
-        classified = [pair async for pair in pairs]
+        batches = source.classified("openai")
+        assert batches is not None and source.classified("openai") is None  # once only
+        reads = [batch async for batch in batches]
+        classified = [pair for batch in reads for pair in batch]
+    assert all(reads)  # one list per upstream read, never an empty one
     assert events[-1].data == "[DONE]" and len(events) == 5 + 3
     assert [event for event, _ in classified] == events
     assert [kind for _, kind in classified] == [dialect.end_kind(event) for event in events]
