@@ -1,10 +1,14 @@
 """Asyncio tools the relay, the producer and the upstream client share: a close that survives
-cancellation, closing an async iterator, a cheap resettable deadline and a cheap wake-up."""
+cancellation, closing an async iterator, one timer per event loop for every stream's timers,
+a cheap resettable deadline and a cheap wake-up."""
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable
+import heapq
+import itertools
+import weakref
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 
@@ -43,23 +47,111 @@ async def aclose_iterator(iterator: Any) -> None:
         await aclose()
 
 
+class Timers:
+    """Every stream's timers of one event loop on one loop timer (get it with
+    :func:`timers`).
+
+    A timer of the event loop costs about 700 bytes under uvloop (its handle, the libuv timer,
+    a copy of the context); a stream has two (the pump's heartbeat and send watchdog, the
+    upstream's deadline), so at a thousand idle streams the timers alone take 1.4 MB. Here a
+    timer is one small list in a heap (``[when, order, callback]``), and the loop has one timer
+    of its own, at the earliest of them. Callbacks run in the order of their times (then of
+    their scheduling), from the loop timer's callback, without a context of their own.
+    """
+
+    __slots__ = ("__weakref__", "_at", "_cancelled", "_handle", "_heap", "_loop", "_order")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self._heap: list[list[Any]] = []
+        self._order = itertools.count()
+        self._handle: asyncio.TimerHandle | None = None
+        self._at = 0.0  # when the loop timer fires (while there is one)
+        self._cancelled = 0  # entries of the heap whose callback was cancelled
+
+    def __len__(self) -> int:
+        """How many timers are scheduled (cancelled ones not counted)."""
+        return len(self._heap) - self._cancelled
+
+    def call_at(self, when: float, callback: Callable[[], object]) -> list[Any]:
+        """Call ``callback()`` at loop time ``when`` (seconds); the entry returned is the
+        timer, for :meth:`cancel` (``entry[0]`` is its time)."""
+        entry = [when, next(self._order), callback]
+        heapq.heappush(self._heap, entry)
+        if self._handle is None or when < self._at:
+            self._arm(when)
+        return entry
+
+    def cancel(self, entry: list[Any]) -> None:
+        """Cancel the timer ``entry`` (a no-op once it ran or was cancelled). Cancelled
+        entries leave the heap when their time comes, or all at once when they are half of it."""
+        if entry[2] is None:
+            return
+        entry[2] = None
+        self._cancelled += 1
+        if self._cancelled > 64 and 2 * self._cancelled > len(self._heap):
+            self._heap = [kept for kept in self._heap if kept[2] is not None]
+            heapq.heapify(self._heap)
+            self._cancelled = 0
+
+    def _arm(self, when: float) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+        self._at = when
+        self._handle = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        self._handle = None
+        heap, now = self._heap, self._loop.time()
+        while heap and (heap[0][2] is None or heap[0][0] <= now):
+            entry = heapq.heappop(heap)
+            callback = entry[2]
+            if callback is None:
+                self._cancelled -= 1
+                continue
+            entry[2] = None
+            try:
+                callback()
+            except Exception as exc:  # as the loop does for its own callbacks
+                self._loop.call_exception_handler(
+                    {"message": "Exception in a stream timer callback", "exception": exc}
+                )
+        if heap and (self._handle is None or heap[0][0] < self._at):  # (a callback may
+            self._arm(heap[0][0])  # have armed it for a later timer of its own)
+
+
+_TIMERS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, Timers] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def timers() -> Timers:
+    """The running loop's :class:`Timers` (made at the first call in the loop)."""
+    loop = asyncio.get_running_loop()
+    found = _TIMERS.get(loop)
+    if found is None:
+        _TIMERS[loop] = found = Timers(loop)
+    return found
+
+
 class Deadline:
     """A deadline that cancels one task while it waits inside :meth:`guard`.
 
-    Resetting it (:meth:`set`) costs one float assignment: a single ``loop.call_at`` timer
-    follows the deadline and re-arms itself when the deadline moved. The task is only cancelled
-    while it is inside ``guard()`` (e.g. waiting for upstream bytes), never while it is doing
-    something else (e.g. waiting for the client to drain), and the cancellation it causes comes
-    out of ``guard()`` as ``TimeoutError``.
+    Resetting it (:meth:`set`) costs one float assignment: a single timer (of the loop's
+    :class:`Timers`) follows the deadline and re-arms itself when the deadline moved. The task
+    is only cancelled while it is inside ``guard()`` (e.g. waiting for upstream bytes), never
+    while it is doing something else (e.g. waiting for the client to drain), and the
+    cancellation it causes comes out of ``guard()`` as ``TimeoutError``.
     """
 
-    __slots__ = ("_at", "_fired", "_handle", "_loop", "_task", "_waiting")
+    __slots__ = ("_at", "_fired", "_handle", "_loop", "_task", "_timers", "_waiting")
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self._timers = timers()
         self._task: asyncio.Task[Any] | None = None
         self._at: float | None = None
-        self._handle: asyncio.TimerHandle | None = None
+        self._handle: list[Any] | None = None  # the timer (Timers.call_at's entry)
         self._waiting = False
         self._fired = False
 
@@ -70,10 +162,10 @@ class Deadline:
     def set(self, at: float | None) -> None:
         """Move the deadline to loop time ``at`` (seconds), or remove it with None."""
         self._at = at
-        if at is not None and (self._handle is None or self._handle.when() > at):
+        if at is not None and (self._handle is None or self._handle[0] > at):
             if self._handle is not None:
-                self._handle.cancel()
-            self._handle = self._loop.call_at(at, self._check)
+                self._timers.cancel(self._handle)
+            self._handle = self._timers.call_at(at, self._check)
 
     def _check(self) -> None:
         self._handle = None
@@ -81,7 +173,7 @@ class Deadline:
         if at is None:
             return
         if self._loop.time() < at:
-            self._handle = self._loop.call_at(at, self._check)
+            self._handle = self._timers.call_at(at, self._check)
         elif self._waiting and self._task is not None and not self._fired:
             self._fired = True
             self._task.cancel()
@@ -141,7 +233,7 @@ class Deadline:
         """Cancel the timer."""
         self._at = None
         if self._handle is not None:
-            self._handle.cancel()
+            self._timers.cancel(self._handle)
             self._handle = None
 
 

@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from sanic.exceptions import SanicException
 
-from ._aio import Wake, aclose_iterator, close_completely
+from ._aio import Wake, aclose_iterator, close_completely, timers
 from .errors import InvalidRequest, SendTimeout, SlowClient, StreamPlusError, UpstreamErrorEvent
 from .framing import EventKind, to_event
 from .machine import (
@@ -182,7 +182,7 @@ class Pump:
         self._backlog: asyncio.Future[None] | None = None  # the reader waits for the writer
         self._commit: Commit | None = None  # a commit the writer makes before it writes
         self._cut: Cut | None = None  # the cut the writer makes instead of an end
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: list[Any] | None = None  # the loop's Timers' entry
         self._ended: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ outside inputs
@@ -232,7 +232,7 @@ class Pump:
             await self._abandon()
         finally:
             if self._timer is not None:
-                self._timer.cancel()
+                timers().cancel(self._timer)
             self._report()
 
     async def _abandon(self) -> None:
@@ -412,7 +412,7 @@ class Pump:
     def _arm(self) -> None:
         if self.beat_every or self.send_timeout:
             at = self.started + min(self.beat_every or _INFINITY, self.send_timeout or _INFINITY)
-            self._timer = self._loop.call_at(at, self._tick)
+            self._timer = timers().call_at(at, self._tick)
 
     def _tick(self) -> None:
         """The stream's one timer: a heartbeat when nothing was written for ``heartbeat``
@@ -435,7 +435,7 @@ class Pump:
                 self._run(machine.send_timed_out(SendTimeout(self.send_timeout)))
                 at = now + self.send_timeout
             due = min(due, at)
-        self._timer = self._loop.call_at(due, self._tick)
+        self._timer = timers().call_at(due, self._tick)
 
     # ------------------------------------------------------------------ the report
 
