@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -99,7 +98,6 @@ class StreamPlus(Extension):  # type: ignore[no-untyped-call]
         app.before_server_start(_check_methods)
         app.before_server_start(_open_client, priority=-10)
         app.before_server_start(prepare_stream_routes)  # before sanic-ext's document
-        app.after_server_start(_freeze_heap)
         app.before_server_stop(_end_streams)
         app.after_server_stop(_close_client)
 
@@ -134,17 +132,6 @@ async def _open_client(app: Sanic[Any, Any]) -> None:
         window=max(1, settings.resume_max_events // 2),
         max_producers=settings.max_producers or settings.max_streams,
     )
-
-
-def _freeze_heap(app: Sanic[Any, Any]) -> None:
-    """Once the server has started, collect, then move every object made so far (the app, its
-    routes, settings, modules: they live as long as the server) out of the garbage
-    collector's sight (``gc.freeze()``, as the CPython docs advise for long-lived servers), so
-    that each full collection walks only the objects of the streams. At hundreds of open
-    streams those collections otherwise stop the event loop for tens of milliseconds (the
-    tail of the time to first byte)."""
-    gc.collect()
-    gc.freeze()
 
 
 def _check_methods(app: Sanic[Any, Any]) -> None:
