@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Any
 
 from sanic.exceptions import SanicException
 
-from ._aio import Wake, aclose_iterator, close_completely
+from ._aio import Wake, aclose_iterator, close_completely, timers
 from .errors import InvalidRequest, SendTimeout, SlowClient, StreamPlusError, UpstreamErrorEvent
 from .framing import EventKind, to_event
 from .machine import (
@@ -90,10 +90,11 @@ def stream_error(exc: BaseException) -> StreamPlusError:
 
 
 def _events(source: AsyncIterable[Any], dialect: str) -> tuple[AsyncIterator[Any], bool]:
-    """The iterator to read ``source`` with, and whether it yields ``(event, kind)`` pairs: a
-    source that classifies its events in the stream's dialect already (its
-    ``classified(dialect)`` gives the pairs, e.g.
-    :class:`~sanic_streamplus.upstream.UpstreamEvents`) is not classified twice."""
+    """The iterator to read ``source`` with, and whether it yields batches (lists of
+    ``(event, kind)`` pairs): a source that classifies its events in the stream's dialect
+    already (its ``classified(dialect)`` gives the batches, e.g.
+    :class:`~sanic_streamplus.upstream.UpstreamEvents`, one per upstream read) is not
+    classified twice, and a read's events are pumped in one step."""
     classified = getattr(source, "classified", None)
     if callable(classified):
         pairs = classified(dialect)
@@ -181,7 +182,7 @@ class Pump:
         self._backlog: asyncio.Future[None] | None = None  # the reader waits for the writer
         self._commit: Commit | None = None  # a commit the writer makes before it writes
         self._cut: Cut | None = None  # the cut the writer makes instead of an end
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer: list[Any] | None = None  # the loop's Timers' entry
         self._ended: asyncio.Future[None] | None = None
 
     # ------------------------------------------------------------------ outside inputs
@@ -231,7 +232,7 @@ class Pump:
             await self._abandon()
         finally:
             if self._timer is not None:
-                self._timer.cancel()
+                timers().cancel(self._timer)
             self._report()
 
     async def _abandon(self) -> None:
@@ -262,36 +263,13 @@ class Pump:
     # ------------------------------------------------------------------ the reader
 
     async def _read(self, source: AsyncIterable[Any]) -> None:
-        machine, downstream, watch, limit = self.machine, self.downstream, self.watch, self.limit
-        put, wake, feed, event_in = downstream.put, self._wake, machine.feed, machine.event
-        kind_of, usage = machine.dialect.end_kind, machine.dialect.usage
-        dialect = machine.dialect.name
-        iterator, pairs = _events(source, dialect)
+        """The reader task: :meth:`_pump` the source, turn how it stopped into the machine's
+        input, close the source (completely), run the hooks; the writer is woken at the end."""
+        machine = self.machine
+        iterator, batches = _events(source, machine.dialect.name)
         try:
             try:
-                async for item in iterator:
-                    if pairs:  # classified by the source, in this dialect
-                        event, kind = item
-                    else:
-                        event = item if type(item) is ServerSentEvent else to_event(item)
-                        kind = kind_of(event)
-                    if watch is not None:
-                        watch.event(usage(event))
-                    data = feed(event, kind)
-                    if data is not None:  # the hot path: one more write
-                        if not downstream.queued:  # (else the writer knows already)
-                            wake.set()
-                        put(data, event)
-                    else:
-                        if kind is EventKind.UPSTREAM_ERROR:  # yielded, not raised: the same
-                            self.upstream_error = UpstreamErrorEvent.from_event(event, dialect)
-                        self._run(event_in(event, kind))
-                        if machine.phase not in _LIVE:
-                            break
-                    if downstream.queued >= limit and not await self._wait_for_writer():
-                        break
-                else:
-                    self._run(machine.source_ended())
+                await self._pump(iterator, batches)
             except asyncio.CancelledError:
                 if machine.ending is None:  # not a CloseSource: the loop is going down
                     raise
@@ -303,7 +281,42 @@ class Pump:
                 await close_completely(aclose_iterator(iterator))
             await self._before_final()
         finally:
-            wake.set()
+            self._wake.set()
+
+    async def _pump(self, iterator: AsyncIterator[Any], batches: bool) -> None:
+        """Feed the machine each event of ``iterator`` (lists of ``(event, kind)`` pairs when
+        ``batches``) until it ends or the stream does; the hot path queues the event's bytes
+        for the writer, waking it only when nothing was queued (else it knows already)."""
+        machine, downstream, watch, limit = self.machine, self.downstream, self.watch, self.limit
+        put, wake, feed = downstream.put, self._wake, machine.feed
+        kind_of, usage = machine.dialect.end_kind, machine.dialect.usage
+        async for item in iterator:
+            if batches:  # one upstream read's events, classified by the source
+                batch = item
+            else:
+                event = item if type(item) is ServerSentEvent else to_event(item)
+                batch = ((event, kind_of(event)),)
+            for event, kind in batch:
+                if watch is not None:
+                    watch.event(usage(event))
+                data = feed(event, kind)
+                if data is not None:  # the hot path: one more write
+                    if not downstream.queued:
+                        wake.set()
+                    put(data, event)
+                elif not self._event(event, kind):
+                    return
+                if downstream.queued >= limit and not await self._wait_for_writer():
+                    return
+        self._run(machine.source_ended())
+
+    def _event(self, event: ServerSentEvent, kind: EventKind) -> bool:
+        """An event off the hot path (the first, a START, FINISH, TERMINAL or upstream error
+        event): through :meth:`StreamMachine.event`; False once the stream is ending."""
+        if kind is EventKind.UPSTREAM_ERROR:  # yielded, not raised: the same
+            self.upstream_error = UpstreamErrorEvent.from_event(event, self.machine.dialect.name)
+        self._run(self.machine.event(event, kind))
+        return self.machine.phase in _LIVE
 
     def _inband(self, error: UpstreamErrorEvent) -> None:
         """The upstream reported an error in its stream: its own frame goes through as it came
@@ -399,7 +412,7 @@ class Pump:
     def _arm(self) -> None:
         if self.beat_every or self.send_timeout:
             at = self.started + min(self.beat_every or _INFINITY, self.send_timeout or _INFINITY)
-            self._timer = self._loop.call_at(at, self._tick)
+            self._timer = timers().call_at(at, self._tick)
 
     def _tick(self) -> None:
         """The stream's one timer: a heartbeat when nothing was written for ``heartbeat``
@@ -422,7 +435,7 @@ class Pump:
                 self._run(machine.send_timed_out(SendTimeout(self.send_timeout)))
                 at = now + self.send_timeout
             due = min(due, at)
-        self._timer = self._loop.call_at(due, self._tick)
+        self._timer = timers().call_at(due, self._tick)
 
     # ------------------------------------------------------------------ the report
 

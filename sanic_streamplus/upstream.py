@@ -35,6 +35,7 @@ from .errors import (
     ExtensionMissing,
     FirstEventTimeout,
     IdleTimeout,
+    StreamPlusError,
     TotalTimeout,
     UpstreamBadResponse,
     UpstreamDisconnected,
@@ -189,7 +190,8 @@ class UpstreamEvents(AsyncIterator[ServerSentEvent]):
     iterator of :class:`ServerSentEvent` with ``aclose()``.
 
     A relay that drives the stream in the same dialect may take the events already
-    classified instead (:meth:`classified`), so that each event is classified once.
+    classified instead, a read's worth at a time (:meth:`classified`), so that each event is
+    classified once.
 
     Attributes:
         dialect: the name of the dialect the stream is checked in, or None (no check).
@@ -209,10 +211,11 @@ class UpstreamEvents(AsyncIterator[ServerSentEvent]):
         self.dialect = None if dialect is None else dialect.name
         self._events: AsyncGenerator[Any, None] | None = None
 
-    def _open(self, pairs: bool) -> AsyncGenerator[Any, None]:
+    def _open(self, batches: bool) -> AsyncGenerator[Any, None]:
         if self._events is not None:
             raise RuntimeError("the upstream stream is being read already")
-        self._events = _events(self._client, self._request, self._settings, self._dialect, pairs)
+        client, request, settings = self._client, self._request, self._settings
+        self._events = _events(client, request, settings, self._dialect, batches)
         return self._events
 
     def __aiter__(self) -> UpstreamEvents:
@@ -227,11 +230,15 @@ class UpstreamEvents(AsyncIterator[ServerSentEvent]):
         if self._events is not None:
             await self._events.aclose()
 
-    def classified(self, dialect: str) -> AsyncIterator[tuple[ServerSentEvent, EventKind]] | None:
-        """``(event, kind)`` pairs instead of events, where ``kind`` is
-        :meth:`~sanic_streamplus.framing.Dialect.end_kind`'s, when the stream is checked in the
-        dialect named ``dialect`` and its iteration has not started (the same rules; closing
-        the pairs closes the upstream); else None."""
+    def classified(
+        self, dialect: str
+    ) -> AsyncIterator[list[tuple[ServerSentEvent, EventKind]]] | None:
+        """The events classified already, one upstream read at a time: lists of
+        ``(event, kind)`` pairs (``kind``: :meth:`~sanic_streamplus.framing.Dialect.end_kind`'s;
+        never an empty list), when the stream is checked in the dialect named ``dialect`` and
+        its iteration has not started (the same rules; closing it closes the upstream); else
+        None. A relay takes a read's events in one step this way, not one ``__anext__``
+        each."""
         if dialect != self.dialect or self._events is not None:
             return None
         return self._open(True)
@@ -242,65 +249,101 @@ async def _events(
     request: httpx.Request,
     settings: Settings,
     dialect: Dialect | None,
-    pairs: bool,
+    batches: bool,
 ) -> AsyncGenerator[Any, None]:
-    """:func:`stream_events`' events, or ``(event, kind)`` pairs (``pairs``, with a
-    ``dialect``), classified and checked with the dialect's
-    :meth:`~sanic_streamplus.framing.Dialect.end_kind`; the idle deadline moves with each
-    read that completes an event. The response is closed, completely, whatever happens."""
-    loop = asyncio.get_running_loop()
+    """:func:`stream_events`' events, or (``batches``) one list of ``(event, kind)`` pairs per
+    upstream read (see :meth:`UpstreamEvents.classified`), checked by a :class:`_Check`; the
+    idle deadline moves with each read that completes an event. The response is closed,
+    completely, whatever happens."""
     deadline = Deadline()
-    idle, total = settings.idle_timeout, settings.total_timeout
-    total_at = None if total is None else loop.time() + total
-    classify = dialect.end_kind if dialect is not None else None
+    total_at = None if settings.total_timeout is None else deadline.now() + settings.total_timeout
     response: httpx.Response | None = None
     body: _Body | None = None
     try:
         response = await _send(client, request, deadline, settings, total_at)
-        body = _Body(response)
-        read, broken, guard = body.read, body.errors, deadline.guard
-        feed = SSEDecoder(settings.max_event_size, settings.max_line_length).feed
-        first = True
-        finished = False  # a FINISH event went by (OpenAI chat: complete without [DONE])
-        while True:
+        body = _Body(response, deadline, settings, total_at)
+        read, feed = body.read, SSEDecoder(settings.max_event_size, settings.max_line_length).feed
+        check = _Check(dialect)
+        while chunk := await read():
             try:
-                chunk = await guard(read())
-            except broken as exc:  # the transport's errors first: some are TimeoutErrors
-                raise UpstreamDisconnected(
-                    f"upstream connection broke mid-stream ({_httpx_name(exc)})",
-                    upstream_status=response.status_code,
-                ) from None
-            except TimeoutError:
-                raise _timeout(settings, total_at, first) from None
-            if not chunk:  # the end of the body
-                if dialect is not None and not dialect.complete_without_end(finished):
-                    raise UpstreamTruncated(dialect.name)
+                checked = check.pairs(feed(chunk))
+            except EventTooLarge as exc:  # what came before it, unchecked; then the error
+                checked, check.error = [(event, check.kind(event)) for event in exc.events], exc
+            if batches:
+                if checked:
+                    yield checked
+            else:
+                for event, _ in checked:
+                    yield event
+            if check.error is not None:
+                raise check.error
+            if check.ended:
                 return
-            try:
-                events = feed(chunk)
-            except EventTooLarge as exc:
-                for event in exc.events:  # what came before it, unchecked; then the error
-                    yield (event, dialect.end_kind(event)) if pairs and dialect else event
-                raise
-            if events:
-                first = False
-                for event in events:
-                    if classify is None:
-                        yield event
-                        continue
-                    kind = classify(event)
-                    if kind is EventKind.UPSTREAM_ERROR:
-                        assert dialect is not None
-                        raise UpstreamErrorEvent.from_event(event, dialect.name)
-                    finished = finished or kind is EventKind.FINISH
-                    yield (event, kind) if pairs else event
-                    if kind is EventKind.TERMINAL:
-                        return
-                deadline.set(_later(loop.time(), idle, total_at))
+            if checked:
+                body.moved()
+        check.source_ended()
     finally:
         deadline.close()
         if response is not None:
             await close_completely(_close(body, response))
+
+
+class _Check:
+    """The integrity check of one upstream stream in ``dialect``
+    (:meth:`~sanic_streamplus.framing.Dialect.end_kind`), one read's events at a time; with
+    no dialect, no check (every event OTHER, any end complete).
+
+    Attributes:
+        error: the upstream's error event as :class:`~sanic_streamplus.errors.UpstreamErrorEvent`
+            (or the ``EventTooLarge`` its decoder raised) once there is one, else None.
+        ended: the terminal event went by (nothing after it is read).
+    """
+
+    __slots__ = ("_dialect", "_finished", "ended", "error", "kind")
+
+    def __init__(self, dialect: Dialect | None) -> None:
+        self._dialect = dialect
+        self.kind: Callable[[ServerSentEvent], EventKind] = (
+            _unchecked if dialect is None else dialect.end_kind
+        )
+        self._finished = False  # a FINISH event went by (OpenAI chat: complete without [DONE])
+        self.error: StreamPlusError | None = None
+        self.ended = False
+
+    def pairs(self, events: list[ServerSentEvent]) -> list[tuple[ServerSentEvent, EventKind]]:
+        """``events`` with their kinds, up to the end of the stream: up to and with the
+        terminal event (then :attr:`ended`), or up to the upstream's error event (not
+        included: :attr:`error` is set)."""
+        kind_of = self.kind
+        out: list[tuple[ServerSentEvent, EventKind]] = []
+        for event in events:
+            kind = kind_of(event)
+            if kind is EventKind.UPSTREAM_ERROR:
+                assert self._dialect is not None  # (no dialect: every event is OTHER)
+                self.error = UpstreamErrorEvent.from_event(event, self._dialect.name)
+                break
+            out.append((event, kind))
+            if kind is EventKind.FINISH:
+                self._finished = True
+            elif kind is EventKind.TERMINAL:
+                self.ended = True
+                break
+        return out
+
+    def source_ended(self) -> None:
+        """The body ended without the terminal event.
+
+        Raises:
+            UpstreamTruncated: the dialect does not take that end as complete.
+        """
+        dialect = self._dialect
+        if dialect is not None and not dialect.complete_without_end(self._finished):
+            raise UpstreamTruncated(dialect.name)
+
+
+def _unchecked(event: ServerSentEvent) -> EventKind:
+    """The kind of every event of a stream checked in no dialect."""
+    return EventKind.OTHER
 
 
 def _timeout(settings: Settings, total_at: float | None, first: bool) -> UpstreamTimeout:
@@ -321,7 +364,7 @@ async def _send(
 ) -> httpx.Response:
     """Send ``request`` within the first-event deadline and check the answer: a 2xx event
     stream (see :func:`stream_events` for the errors)."""
-    deadline.set(_later(asyncio.get_running_loop().time(), settings.first_event_timeout, total_at))
+    deadline.set(_later(deadline.now(), settings.first_event_timeout, total_at))
     try:
         response: httpx.Response = await deadline.guard(client.send(request, stream=True))
     except TimeoutError:
@@ -353,33 +396,85 @@ async def _send(
 
 
 class _Body:
-    """How to read an upstream response's body: ``read()`` returns the next bytes (b"" at the
-    end), and raises one of ``errors`` when the connection breaks.
+    """The body of an upstream response, read within the stream's deadlines: ``read()``
+    returns the next bytes (b"" at the end), or raises ``UpstreamDisconnected`` (the
+    connection broke) or the ``UpstreamTimeout`` that passed.
 
     httpx-aiohttp (0.1.9 .. 0.2.x) wraps the aiohttp ``ClientResponse`` in its
     ``AiohttpResponseStream`` (``_aiohttp_response``), itself in httpx's ``BoundAsyncStream``
     (``_stream``); it asks aiohttp not to decompress. So for a body without content encoding,
-    ``read`` is the aiohttp ``StreamReader.readany`` (what is buffered, as it came) and
-    ``errors`` aiohttp's payload and connection errors, which httpx-aiohttp maps to
-    ``httpx.TransportError``; for any other transport or encoding, httpx's iterators
-    (``aiter_raw``, or ``aiter_bytes`` to decode) and ``httpx.TransportError``.
+    the bytes come from the aiohttp ``StreamReader.readany`` (what is buffered, as it came),
+    and aiohttp's payload and connection errors (which httpx-aiohttp maps to
+    ``httpx.TransportError``) mean a broken connection; for any other transport or encoding,
+    httpx's iterators (``aiter_raw``, or ``aiter_bytes`` to decode) and
+    ``httpx.TransportError``.
     """
 
-    __slots__ = ("chunks", "errors", "native", "read")
+    __slots__ = (
+        "_first",
+        "_next",
+        "_status",
+        "chunks",
+        "deadline",
+        "errors",
+        "native",
+        "settings",
+        "total_at",
+    )
 
-    def __init__(self, response: httpx.Response) -> None:
+    def __init__(
+        self,
+        response: httpx.Response,
+        deadline: Deadline,
+        settings: Settings,
+        total_at: float | None,
+    ) -> None:
+        self.deadline, self.settings, self.total_at = deadline, settings, total_at
+        self._status = response.status_code
+        self._first = True  # no event yet: the first-event timeout applies
         self.chunks: AsyncIterator[bytes] | None = None
-        self.native = _aiohttp_body(response)
-        self.read: Callable[[], Awaitable[bytes]]
+        self._next: Callable[[], Awaitable[bytes]]
         self.errors: tuple[type[BaseException], ...]
-        if self.native is not None:
-            self.read = self.native.readany
-            self.errors = _AIOHTTP_ERRORS
+        self.native = native = _aiohttp_body(response)  # the fast path's reader, or None
+        if native is not None:
+            self._next, self.errors = native.readany, _AIOHTTP_ERRORS
             return
         encoded = response.headers.get("content-encoding", "identity").lower() != "identity"
         self.chunks = response.aiter_bytes() if encoded else response.aiter_raw()
-        self.read = functools.partial(_next_or_empty, self.chunks.__anext__)
+        self._next = functools.partial(_next_or_empty, self.chunks.__anext__)
         self.errors = (httpx.TransportError,)
+
+    async def read(self) -> bytes:
+        """The next bytes of the body; b"" at its end.
+
+        Raises:
+            UpstreamDisconnected: the connection broke (the transport's errors are looked at
+                first: some are ``TimeoutError``).
+            UpstreamTimeout: the first-event, idle or total timeout passed.
+        """
+        deadline = self.deadline  # (its guard() inline: one coroutine fewer per read)
+        try:
+            deadline.enter()
+            chunk: bytes = await self._next()
+        except self.errors as exc:
+            raise UpstreamDisconnected(
+                f"upstream connection broke mid-stream ({_httpx_name(exc)})",
+                upstream_status=self._status,
+            ) from None
+        except TimeoutError:
+            raise _timeout(self.settings, self.total_at, self._first) from None
+        except asyncio.CancelledError:
+            if deadline.expired():
+                raise _timeout(self.settings, self.total_at, self._first) from None
+            raise
+        finally:
+            deadline.leave()
+        return chunk
+
+    def moved(self) -> None:
+        """An event arrived: the idle deadline starts again (the total one stays)."""
+        self._first = False
+        self.deadline.set(_later(self.deadline.now(), self.settings.idle_timeout, self.total_at))
 
 
 async def _next_or_empty(next_chunk: Callable[[], Awaitable[bytes]]) -> bytes:

@@ -190,16 +190,18 @@ class Classified(Source):
         super().__init__(items)
         self.dialect, self.kinds = dialect, kinds
 
-    def classified(self, dialect: str) -> AsyncIterator[tuple[ServerSentEvent, EventKind]] | None:
+    def classified(
+        self, dialect: str
+    ) -> AsyncIterator[list[tuple[ServerSentEvent, EventKind]]] | None:
         if dialect != self.dialect:
             return None
-        return self._pairs()
+        return self._batches()
 
-    async def _pairs(self) -> AsyncIterator[tuple[ServerSentEvent, EventKind]]:
-        try:
+    async def _batches(self) -> AsyncIterator[list[tuple[ServerSentEvent, EventKind]]]:
+        try:  # one event per batch, as from an upstream that writes one event per read
             for item, kind in zip(self.items, self.kinds, strict=True):
                 self.pulled += 1
-                yield ServerSentEvent(item), kind
+                yield [(ServerSentEvent(item), kind)]
         finally:
             self.closed += 1
 

@@ -12,6 +12,7 @@ import aiohttp
 import httpx
 import pytest
 
+from sanic_streamplus._aio import Deadline
 from sanic_streamplus.config import Settings
 from sanic_streamplus.errors import UpstreamDisconnected
 from sanic_streamplus.framing import EventKind, get_dialect
@@ -43,11 +44,12 @@ async def fake() -> AsyncIterator[FakeUpstream]:
 
 
 async def test_the_aiohttp_transport_is_read_directly(fake: FakeUpstream) -> None:
-    async with create_client(settings(fake.url, "aiohttp")) as client:
+    config = settings(fake.url, "aiohttp")
+    async with create_client(config) as client:
         request = client.build_request("POST", "/chat/completions", json=BODY)
         response = await client.send(request, stream=True)
         try:
-            body = _Body(response)
+            body = _Body(response, Deadline(), config, None)
             assert isinstance(body.native, aiohttp.StreamReader)  # the fast path
             assert body.chunks is None  # httpx's iterators are never made
             events = await read_all(body)
@@ -73,9 +75,11 @@ async def test_both_transports_give_the_same_checked_events(
         source = stream_events(
             client, "POST", "/chat/completions", settings=config, json=BODY, dialect=dialect
         )
-        pairs = source.classified("openai")
-        assert pairs is not None and source.classified("openai") is None  # once only
-        classified = [pair async for pair in pairs]
+        batches = source.classified("openai")
+        assert batches is not None and source.classified("openai") is None  # once only
+        reads = [batch async for batch in batches]
+        classified = [pair for batch in reads for pair in batch]
+    assert all(reads)  # one list per upstream read, never an empty one
     assert events[-1].data == "[DONE]" and len(events) == 5 + 3
     assert [event for event, _ in classified] == events
     assert [kind for _, kind in classified] == [dialect.end_kind(event) for event in events]
@@ -85,12 +89,13 @@ async def test_both_transports_give_the_same_checked_events(
 async def test_httpx_default_transport_streams_over_its_own_iterators(
     fake: FakeUpstream,
 ) -> None:
-    async with create_client(settings(fake.url, "httpcore")) as client:
+    config = settings(fake.url, "httpcore")
+    async with create_client(config) as client:
         assert isinstance(client._transport, httpx.AsyncHTTPTransport)
         request = client.build_request("POST", "/chat/completions", json=BODY)
         response = await client.send(request, stream=True)
         try:
-            body = _Body(response)
+            body = _Body(response, Deadline(), config, None)
             assert body.native is None and body.chunks is not None
             events = await read_all(body)
         finally:
